@@ -1,0 +1,31 @@
+# edgepack entry points. `make target=NAME` builds the digits CNN for a target (default goal).
+# Every goal installs .venv first when it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgepack-installed
+target ?= android-arm64
+model ?= models/digits_cnn.py
+out ?= dist
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := build
+.PHONY: build setup test clean
+
+build: $(STAMP)
+	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that lies on this machine's disk (see pyproject.toml).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,efficientnet]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf dist .pytest_cache

@@ -1,0 +1,236 @@
+"""The bundle on disk: manifest (pydantic + JSON Schema), golden I/O, atomic write.
+
+A bundle is built in a temp dir beside its destination and renamed into place, so a failed
+or interrupted build never leaves half a bundle and never removes the last good one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    name: str
+    shape: list[int]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+class FileEntry(_Strict):
+    path: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ArtifactIO(_Strict):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class GoldenFiles(_Strict):
+    inputs: str
+    outputs: str
+
+
+class ArtifactEntry(_Strict):
+    name: str
+    format: str
+    precision: str
+    status: Literal["ok", "parity-failed", "budget-exceeded", "failed"]
+    error: str | None = None
+    file: str | None = None
+    files: list[FileEntry] = Field(default_factory=list)
+    bytes: int | None = None
+    zip_bytes: int | None = None
+    sha256: str | None = None
+    runtime: str | None = None
+    runtime_version: str | None = None
+    config: dict[str, Any]
+    export: dict[str, Any] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    io: ArtifactIO | None = None
+    golden: GoldenFiles | None = None
+    parity: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    size: dict[str, Any] | None = None
+    accuracy: dict[str, float] | None = None
+    budgets: dict[str, Any] | None = None
+
+
+class ModelInfo(_Strict):
+    name: str
+    source: str
+    source_sha256: str
+    params: int
+    nonzero_params: int
+    macs: int
+    bytes: int
+    notes: list[str] = Field(default_factory=list)
+
+
+class TargetInfo(_Strict):
+    name: str
+    source: str
+    profile_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    profile: dict[str, Any]
+
+
+class ReferenceInfo(_Strict):
+    format: Literal["onnx"] = "onnx"
+    precision: Literal["fp32"] = "fp32"
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    runtime_version: str
+    bytes: int
+    torch_parity: dict[str, Any]
+    latency: dict[str, Any] | None = None
+
+
+class GoldenInfo(_Strict):
+    inputs: str
+    reference_outputs: str
+    samples: int = Field(ge=1)
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
+    status: Literal["passed", "failed"]
+    failures: list[str] = Field(default_factory=list)
+    edgepack_version: str
+    model: ModelInfo
+    target: TargetInfo
+    io: ArtifactIO
+    stages: list[dict[str, Any]] = Field(default_factory=list)
+    reference: ReferenceInfo
+    artifacts: list[ArtifactEntry]
+    accuracy: dict[str, Any] = Field(default_factory=dict)
+    golden: GoldenInfo
+    toolchain: dict[str, str]
+    host: dict[str, Any]
+
+
+def manifest_json_schema() -> dict:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "edgepack bundle manifest"
+    return schema
+
+
+def load_json_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path, root: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Deterministic .npz (fixed zip timestamps come from numpy; keys keep insertion order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def write_manifest(path: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+    path.write_text(text)
+
+
+# --- atomic placement --------------------------------------------------------------------
+
+def staging_dir(dest: Path) -> Path:
+    """A fresh temp dir beside ``dest`` (same filesystem, so the final rename is atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    path = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    return path
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2). Returns False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def commit_dir(staged: Path, dest: Path) -> None:
+    """Put ``staged`` at ``dest`` whole. Readers see the old bundle or the new one, never a mix."""
+    if dest.exists() and _exchange(staged, dest):
+        shutil.rmtree(staged)  # ``staged`` now holds the previous bundle
+        return
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+        os.rename(staged, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staged, dest)
+
+
+def commit_file(staged: Path, dest: Path) -> None:
+    os.replace(staged, dest)
+
+
+def load_bundle_manifest(bundle_dir: Path) -> Manifest:
+    """Read and check a bundle's manifest.json against the JSON Schema and the pydantic model."""
+    import jsonschema
+
+    from .errors import BundleError
+
+    path = Path(bundle_dir) / "manifest.json"
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: not a bundle directory", "pass dist/<model>/<target>")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing", "the bundle is incomplete; rebuild it")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON: {exc}", "the manifest is corrupt; rebuild the bundle") from None
+    try:
+        jsonschema.validate(data, load_json_schema())
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise BundleError(f"{path}: does not match the manifest schema at {where}: {exc.message[:300]}",
+                          "the manifest was edited or comes from another version; rebuild the bundle") from None
+    return Manifest.model_validate(data)

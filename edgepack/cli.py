@@ -1,0 +1,207 @@
+"""Command line. Exit codes (stable; README "Exit codes"):
+0 ok; 1 parity or budget failure; 2 usage, spec, profile or bundle error; 3 export or runtime error;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors exit 2, like every other input error
+        self.print_usage(sys.stderr)
+        err_console.print(f"[bold red]error:[/] {message}")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgepack", description="Compress, export, validate and package a PyTorch model for a device.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    build = sub.add_parser("build", help="build a bundle for one target")
+    build.add_argument("spec", help="models/x.py or package.module:function")
+    build.add_argument("--target", "-t", required=True, help="target name (see `edgepack targets`) or a YAML path")
+    build.add_argument("--out", default="dist", help="output root (default: dist)")
+    build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    build.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    build.add_argument("--keep-going", action="store_true",
+                       help="build the other formats when one fails (the exit code is still non-zero)")
+
+    targets = sub.add_parser("targets", help="list target profiles, or show one resolved")
+    targets.add_argument("action", nargs="?", choices=["show"], help="show one profile")
+    targets.add_argument("name", nargs="?", help="target name or YAML path")
+    targets.add_argument("--json", action="store_true")
+
+    inspect = sub.add_parser("inspect", help="print a bundle's manifest as a table")
+    inspect.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
+    inspect.add_argument("--json", action="store_true")
+    return parser
+
+
+def _progress(args):
+    if getattr(args, "quiet", False):
+        return None
+    return lambda message: err_console.print(f"[dim]·[/] {message}")
+
+
+def cmd_build(args) -> int:
+    from .pipeline import BuildOptions, build
+    from .spec import load_spec
+    from .target import load_target
+
+    profile = load_target(args.target)
+    spec = load_spec(args.spec)
+    for note in spec.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=_progress(args))
+    result = build(spec, profile, str(args.target), options)
+    if args.json:
+        sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
+    elif not args.quiet:
+        print_manifest(result.manifest, out_console)
+    if result.exit_code:
+        for message in result.messages:
+            err_console.print(f"[bold red]failed:[/] {message}")
+        err_console.print(f"report written to {result.bundle_dir}; the last good bundle was left untouched")
+    elif not args.quiet:
+        err_console.print(f"[green]bundle:[/] {result.bundle_dir}")
+    return result.exit_code
+
+
+def cmd_targets(args) -> int:
+    from .target import dump_profile, known_targets, load_target
+
+    if args.action == "show":
+        if not args.name:
+            raise EdgepackError("targets show needs a NAME", "run `edgepack targets` to list them")
+        profile = load_target(args.name)
+        if args.json:
+            sys.stdout.write(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
+        else:
+            sys.stdout.write(dump_profile(profile))
+        return 0
+    names = known_targets()
+    if args.json:
+        rows = []
+        for name in names:
+            profile = load_target(name)
+            rows.append({"name": name, "description": profile.description,
+                         "formats": [f"{a.format}:{a.precision}" for a in profile.artifacts]})
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    table = Table(title="targets")
+    for column in ("name", "artifacts", "description"):
+        table.add_column(column)
+    for name in names:
+        profile = load_target(name)
+        table.add_row(name, ", ".join(f"{a.file_name} ({a.precision})" for a in profile.artifacts), profile.description)
+    out_console.print(table)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .bundle import load_bundle_manifest
+
+    manifest = load_bundle_manifest(Path(args.bundle))
+    if args.json:
+        sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+    else:
+        print_manifest(manifest, out_console)
+    return 0
+
+
+def print_manifest(manifest, console: Console) -> None:
+    console.print(f"[bold]{manifest.model.name}[/] for [bold]{manifest.target.name}[/]: "
+                  f"{'[green]passed[/]' if manifest.status == 'passed' else '[red]failed[/]'}  "
+                  f"({manifest.model.params:,} params, {manifest.model.macs:,} MACs)")
+    if manifest.stages:
+        stages = Table(title="stages")
+        for column in ("stage", "params", "nonzero", "MACs", "seconds"):
+            stages.add_column(column, justify="right" if column != "stage" else "left")
+        for record in manifest.stages:
+            b, a = record["before"], record["after"]
+            stages.add_row(record["name"], f"{b['params']:,} -> {a['params']:,}",
+                           f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
+                           f"{record['seconds']:.1f}")
+        console.print(stages)
+    table = Table(title="artifacts")
+    for column in ("file", "precision", "status", "bytes", "zip", "x float", "cosine min", "SQNR dB", "top-1", "p50 ms", "accuracy"):
+        table.add_column(column, justify="left" if column in ("file", "precision", "status") else "right")
+    for art in manifest.artifacts:
+        if art.status == "failed":
+            table.add_row(f"{art.name}.{art.format}", art.precision, "[red]failed[/]", "", "", "", "", "", "", "",
+                          (art.error or "")[:60])
+            continue
+        outputs = art.parity["outputs"]
+        cos = min(o["cosine_min"] for o in outputs)
+        sqnr = min(o["sqnr_db"] for o in outputs)
+        top1 = [o["top1_agreement"] for o in outputs if o["top1_agreement"] is not None]
+        acc = ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items())
+        style = "green" if art.status == "ok" else "red"
+        table.add_row(art.file, art.precision, f"[{style}]{art.status}[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
+                      f"{art.size['ratio_to_float']:.3f}", f"{cos:.5f}", f"{sqnr:.1f}",
+                      f"{min(top1):.1%}" if top1 else "-", f"{art.latency['p50_ms']:.3f}", acc)
+    console.print(table)
+    if manifest.accuracy.get("float"):
+        console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
+    for failure in manifest.failures:
+        console.print(f"[red]failure:[/] {failure}")
+
+
+COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect}
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgepackError as exc:
+        if args.debug:
+            traceback.print_exc()
+        err_console.print(f"[bold red]{exc.kind}:[/] " + _escape(exc.message))
+        if exc.hint:
+            err_console.print(f"  [dim]hint:[/] " + _escape(exc.hint))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/] no bundle was written; the previous one is untouched")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        if args.debug:
+            traceback.print_exc()
+        what = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
+                errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
+        err_console.print(f"[bold red]output error:[/] {_escape(str(exc.filename or ''))}: {what}")
+        err_console.print("  [dim]hint:[/] free space or choose a writable --out; the previous bundle is untouched")
+        return EXIT_USAGE
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

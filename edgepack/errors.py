@@ -1,0 +1,90 @@
+"""Error hierarchy. Every error carries a one-line hint saying what to do.
+
+Only cli.py turns these into exit codes (see EXIT_CODES and the README).
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Base of every error edgepack reports to a user."""
+
+    exit_code = 2
+    kind = "error"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ConfigError(EdgepackError):
+    """A target profile (YAML) is missing, malformed or invalid."""
+
+    kind = "profile error"
+
+
+class SpecError(EdgepackError):
+    """A model spec cannot be loaded or does not describe a usable model."""
+
+    kind = "spec error"
+
+
+class StageError(EdgepackError):
+    """A compression stage failed on the model."""
+
+    exit_code = 3
+    kind = "stage error"
+
+
+class ExportError(EdgepackError):
+    """An exporter could not produce an artifact."""
+
+    exit_code = 3
+    kind = "export error"
+
+
+class RuntimeUnavailable(EdgepackError):
+    """A runtime or exporter package is not installed."""
+
+    exit_code = 2
+    kind = "runtime unavailable"
+
+
+class RuntimeCheckError(EdgepackError):
+    """A runtime failed, crashed or hung while running an artifact."""
+
+    exit_code = 3
+    kind = "runtime error"
+
+
+class BundleError(EdgepackError):
+    """A bundle on disk is missing files, tampered with or malformed."""
+
+    exit_code = 2
+    kind = "bundle error"
+
+
+class ParityError(EdgepackError):
+    """An artifact's outputs differ from the float reference beyond the profile's tolerance."""
+
+    exit_code = 1
+    kind = "parity failure"
+
+
+class BudgetError(EdgepackError):
+    """An artifact exceeds the profile's size or latency budget."""
+
+    exit_code = 1
+    kind = "budget exceeded"
+
+
+# Documented in README.md ("Exit codes"). Stable: pipelines depend on them.
+EXIT_OK = 0
+EXIT_PARITY_OR_BUDGET = 1
+EXIT_USAGE = 2
+EXIT_EXPORT_OR_RUNTIME = 3
+EXIT_INTERRUPTED = 130

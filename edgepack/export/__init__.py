@@ -1,0 +1,38 @@
+"""Exporters, one per format. Add a format: one module here + its name below + a test."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+from .base import ArtifactConfig
+
+# Module names under edgepack.export that define an exporter (CONFIG class and export()).
+EXPORTER_MODULES: tuple[str, ...] = (
+    "onnx",
+)
+
+
+@dataclass(frozen=True)
+class ExporterEntry:
+    format: str
+    config: type[ArtifactConfig]
+    module: ModuleType
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, ExporterEntry]:
+    entries: dict[str, ExporterEntry] = {}
+    for module_name in EXPORTER_MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        fmt = module.CONFIG.model_fields["format"].default
+        if fmt in entries:
+            raise RuntimeError(f"format {fmt!r} registered twice (export/{module_name}.py)")
+        entries[fmt] = ExporterEntry(format=fmt, config=module.CONFIG, module=module)
+    return entries
+
+
+# Which runner module (edgepack.runtimes.<name>) runs each format.
+RUNTIME_FOR_FORMAT: dict[str, str] = {"onnx": "onnxruntime", "pte": "executorch", "tflite": "litert"}

@@ -1,0 +1,70 @@
+"""What every exporter takes and returns.
+
+An exporter module (one per format) defines:
+  - a pydantic config class (subclass of ArtifactConfig) with ``format: Literal[...]``
+    and the precisions and options it supports, validated when the profile loads;
+  - ``export(config, ctx: ExportContext) -> ExportResult``.
+It imports its heavy toolchain (executorch, litert_torch, onnxruntime) inside export(),
+so that loading profiles stays fast, and raises RuntimeUnavailable naming the package
+when the toolchain is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+InputTuple = tuple[torch.Tensor, ...]
+
+
+class ArtifactConfig(BaseModel):
+    """Common fields of one artifact to produce. Subclasses add ``format`` and options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(default="model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="file stem inside the bundle, e.g. model -> model.onnx")
+    precision: str
+
+    @property
+    def extension(self) -> str:  # overridden by each format
+        raise NotImplementedError
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.{self.extension}"
+
+
+@dataclass
+class ExportContext:
+    """Everything an exporter may use. The model is the float model after the torch stages."""
+
+    model: nn.Module
+    example_inputs: InputTuple
+    calibration: list[InputTuple]
+    input_names: list[str]
+    output_names: list[str]
+    workdir: Path
+    threads: int = 1
+    seed: int = 0
+    train_data: Iterable[tuple[InputTuple, torch.Tensor]] | None = None
+    loss: Callable[..., torch.Tensor] | None = None
+    # Reference float ONNX file (exported once per build), for exporters that start from ONNX.
+    reference_onnx: Path | None = None
+    # Per-stage hints for exporters, e.g. {"qat": GraphModule} left by a QAT stage.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    """Files written (the main file first, then any side files such as ONNX external data)."""
+
+    files: list[Path]
+    runtime: str
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,341 @@
+"""build(spec, profile) -> bundle. The only place that knows the order of the steps.
+
+    spec --stages--> float model --ONNX--> reference (onnxruntime)
+         --exporter per artifact--> file --its runtime (child process)--> parity, latency, accuracy
+         --> manifest + golden I/O, written atomically to dist/<model>/<target>/
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import bundle as bundle_mod
+from .bundle import ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo
+from .errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
+                     RuntimeCheckError, RuntimeUnavailable)
+from .export import RUNTIME_FOR_FORMAT, registry as exporter_registry
+from .export.base import ExportContext
+from .export.onnx import export_float_onnx
+from .measure import latency_summary, zip_bytes
+from .modelstats import model_stats
+from .parity import compare
+from .runtimes.base import from_native, to_native
+from .runtimes.session import RuntimeSession
+from .spec import ModelSpec, calibration_list
+from .stage import StageContext, run_stages, torch_outputs_fn
+
+# Used to check the reference export against torch eager when the profile has no fp32 entry.
+DEFAULT_FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}
+MAX_CALIBRATION = 1024
+TOOLCHAIN_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "executorch", "torchao",
+                      "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "torch-pruning")
+
+
+@dataclass
+class BuildOptions:
+    out_dir: Path = Path("dist")
+    keep_going: bool = False
+    progress: Callable[[str], None] | None = None
+    runtime_timeout_s: float = 300.0
+    # Test hook: called with the step name before each step; raising there simulates a failure.
+    step_hook: Callable[[str], None] | None = None
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    bundle_dir: Path
+    exit_code: int
+    messages: list[str] = field(default_factory=list)
+
+
+def edgepack_version() -> str:
+    try:
+        return importlib.metadata.version("edgepack")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def toolchain_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "edgepack": edgepack_version()}
+    for name in TOOLCHAIN_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def host_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "system": platform.system(), "cpu": cpu, "cpu_count": os.cpu_count()}
+
+
+def _np_inputs(sample: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() for t in sample]
+
+
+def _stack(samples: list[list[np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    return {name: np.stack([s[i] for s in samples]) for i, name in enumerate(names)}
+
+
+class _Builder:
+    def __init__(self, spec: ModelSpec, profile, profile_source: str, options: BuildOptions):
+        self.spec, self.profile, self.options = spec, profile, options
+        self.profile_source = profile_source
+        self.threads = min(profile.device.threads, os.cpu_count() or 1)
+        self.failures: list[str] = []
+        self.exit_code = EXIT_OK
+        self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
+
+    def say(self, message: str) -> None:
+        if self.options.progress:
+            self.options.progress(message)
+
+    def step(self, name: str) -> None:
+        if self.options.step_hook:
+            self.options.step_hook(name)
+
+    def fail(self, message: str, code: int) -> None:
+        self.failures.append(message)
+        self.exit_code = max(self.exit_code, code)
+
+    # -- the build ------------------------------------------------------------------------
+    def run(self, staged: Path, scratch: Path) -> Manifest:
+        spec, profile = self.spec, self.profile
+        torch.manual_seed(0)
+        np.random.seed(0)
+        example = spec.example_inputs
+        calibration = calibration_list(spec.calibration, f"{spec.source}: calibration", example, MAX_CALIBRATION)
+        holdout = (calibration_list(spec.holdout, f"{spec.source}: holdout", example, profile.parity.holdout_samples)
+                   if spec.holdout is not None else [])
+        input_names = spec.resolved_input_names()
+        with torch.no_grad():
+            first = spec.model(*example)
+        n_outputs = len(first) if isinstance(first, (tuple, list)) else 1
+        output_names = spec.resolved_output_names(n_outputs)
+
+        self.step("stages")
+        if profile.stages:
+            self.say(f"compressing: {len(profile.stages)} stage(s)")
+        stage_ctx = StageContext(example_inputs=example, calibration=calibration, teacher=spec.model,
+                                 train_data=spec.train_data, loss=spec.loss, evaluate=spec.evaluate,
+                                 student=spec.student)
+        model, records = run_stages(spec.model, list(profile.stages), stage_ctx,
+                                    on_stage=lambda t: self.say(f"stage {t}"))
+
+        self.step("reference")
+        self.say("exporting the float reference to ONNX")
+        ref_files = export_float_onnx(model, example, scratch / "reference" / "reference.onnx", input_names, output_names)
+        parity_samples = calibration[: profile.parity.calibration_samples] + holdout
+        parity_inputs = [_np_inputs(s) for s in parity_samples]
+        with RuntimeSession("onnxruntime", ref_files[0], self.threads, self.options.runtime_timeout_s) as ref:
+            reference = [ref.run(x) for x in parity_inputs]
+            ref_bench = ref.bench(parity_inputs[0], profile.latency.warmup, profile.latency.runs)
+            ref_version = ref.info.get("version", "")
+        torch_outputs = [[o.numpy() for o in torch_outputs_fn(model)(s)] for s in parity_samples]
+        fp32_tol = (profile.tolerances["fp32"].model_dump() if "fp32" in profile.tolerances else DEFAULT_FP32_TOLERANCE)
+        torch_parity = compare(reference, torch_outputs, fp32_tol, output_names, self.score_outputs)
+        if not torch_parity.passed:
+            self.fail("the float ONNX reference does not match the torch model: " + torch_parity.summary(),
+                      EXIT_PARITY_OR_BUDGET)
+        ref_bytes = sum(p.stat().st_size for p in ref_files)
+
+        self.step("golden")
+        golden_dir = staged / "golden"
+        bundle_mod.save_npz(golden_dir / "inputs.npz", _stack(parity_inputs, input_names))
+        bundle_mod.save_npz(golden_dir / "reference_outputs.npz", _stack(reference, output_names))
+
+        accuracy: dict[str, Any] = {}
+        if spec.evaluate is not None:
+            self.say("evaluating the float model")
+            accuracy["float"] = _metrics(spec.evaluate(torch_outputs_fn(spec.model)))
+            if profile.stages:
+                accuracy["compressed_float"] = _metrics(spec.evaluate(torch_outputs_fn(model)))
+
+        export_ctx = ExportContext(model=model, example_inputs=example, calibration=calibration,
+                                   input_names=input_names, output_names=output_names, workdir=staged,
+                                   threads=self.threads, train_data=spec.train_data, loss=spec.loss,
+                                   reference_onnx=ref_files[0], extras=stage_ctx.extras)
+        artifacts = []
+        for config in profile.artifacts:
+            self.step(f"artifact:{config.file_name}")
+            artifacts.append(self.build_artifact(config, export_ctx, staged, parity_inputs, reference,
+                                                 output_names, ref_bytes))
+
+        base_stats = model_stats(spec.model, example)
+        ref_lat = latency_summary(ref_bench["times_ms"])
+        ref_lat.update({"threads": self.threads, "warmup": profile.latency.warmup})
+        manifest = Manifest(
+            status="passed" if not self.failures else "failed",
+            failures=self.failures,
+            edgepack_version=edgepack_version(),
+            model=ModelInfo(name=spec.name, source=spec.source, source_sha256=spec.source_sha256,
+                            notes=list(spec.notes), **base_stats),
+            target=TargetInfo(name=profile.name, source=self.profile_source, profile_sha256=profile.sha256(),
+                              profile=profile.model_dump(mode="json")),
+            io=ArtifactIO(
+                inputs=[{"name": n, "shape": list(t.shape), "dtype": str(t.numpy().dtype)} for n, t in zip(input_names, example)],
+                outputs=[{"name": n, "shape": list(o.shape), "dtype": str(o.dtype)} for n, o in zip(output_names, reference[0])],
+            ),
+            stages=[r.to_dict() for r in records],
+            reference=ReferenceInfo(runtime_version=ref_version, bytes=ref_bytes, torch_parity=torch_parity.to_dict(),
+                                    latency=ref_lat),
+            artifacts=artifacts,
+            accuracy=accuracy,
+            golden=GoldenInfo(inputs="golden/inputs.npz", reference_outputs="golden/reference_outputs.npz",
+                              samples=len(parity_inputs)),
+            toolchain=toolchain_versions(),
+            host=host_info(),
+        )
+        self.step("manifest")
+        bundle_mod.write_manifest(staged / "manifest.json", manifest)
+        return manifest
+
+    def build_artifact(self, config, ctx: ExportContext, staged: Path, parity_inputs, reference, output_names,
+                       ref_bytes: int) -> ArtifactEntry:
+        profile = self.profile
+        entry = exporter_registry()[config.format]
+        label = f"{config.file_name} ({config.format}, {config.precision})"
+        base = {"name": config.name, "format": config.format, "precision": config.precision,
+                "config": config.model_dump(mode="json")}
+        self.say(f"exporting {label}")
+        try:
+            result = entry.module.export(config, ctx)
+        except (ExportError, RuntimeUnavailable) as exc:
+            if not self.options.keep_going:
+                raise
+            self.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            return ArtifactEntry(status="failed", error=exc.message, **base)
+        files = result.files
+        main = files[0]
+        self.say(f"validating {label} in {result.runtime}")
+        try:
+            with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], main, self.threads,
+                                self.options.runtime_timeout_s) as session:
+                native_inputs = [to_native(x, session.inputs) for x in parity_inputs]
+                native_outputs = [session.run(x) for x in native_inputs]
+                outputs = [from_native(o, session.outputs) for o in native_outputs]
+                bench = session.bench(native_inputs[0], profile.latency.warmup, profile.latency.runs)
+                accuracy = None
+                if self.spec.evaluate is not None:
+                    accuracy = _metrics(self.spec.evaluate(_session_fn(session)))
+                io = ArtifactIO(inputs=[t.to_dict() for t in session.inputs],
+                                outputs=[t.to_dict() for t in session.outputs])
+                load_ms, info = session.load_ms, session.info
+        except RuntimeCheckError as exc:
+            if not self.options.keep_going:
+                raise
+            self.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            for path in files:
+                path.unlink(missing_ok=True)
+            return ArtifactEntry(status="failed", error=exc.message, **base)
+
+        tolerance = profile.tolerance_for(config.precision).model_dump()
+        parity = compare(reference, outputs, tolerance, output_names, self.score_outputs)
+        golden_in = f"golden/{config.file_name}.inputs.npz"
+        golden_out = f"golden/{config.file_name}.outputs.npz"
+        bundle_mod.save_npz(staged / golden_in, _stack(native_inputs, [t.name for t in io.inputs]))
+        bundle_mod.save_npz(staged / golden_out, _stack(native_outputs, [t.name for t in io.outputs]))
+
+        total_bytes = sum(p.stat().st_size for p in files)
+        latency = latency_summary(bench["times_ms"])
+        latency.update({"source": "host", "runtime": result.runtime, "threads": self.threads,
+                        "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
+                        "peak_rss_mb": round(bench["peak_rss_mb"], 1)})
+        budgets = _check_budgets(profile.budgets, total_bytes, latency["p50_ms"])
+        status = "ok"
+        if not parity.passed:
+            status = "parity-failed"
+            self.fail(f"{label}: parity failed\n" + parity.summary(), EXIT_PARITY_OR_BUDGET)
+        elif budgets and not budgets["passed"]:
+            status = "budget-exceeded"
+            self.fail(f"{label}: budget exceeded: " + "; ".join(budgets["failures"]), EXIT_PARITY_OR_BUDGET)
+        return ArtifactEntry(
+            status=status, file=main.name,
+            files=[bundle_mod.file_entry(p, staged) for p in files],
+            bytes=total_bytes, zip_bytes=zip_bytes(files), sha256=bundle_mod.sha256_file(main),
+            runtime=result.runtime, runtime_version=str(info.get("version", "")),
+            export=result.details, notes=result.notes, io=io,
+            golden=GoldenFiles(inputs=golden_in, outputs=golden_out),
+            parity=parity.to_dict(), latency=latency,
+            size={"bytes": total_bytes, "float_reference_bytes": ref_bytes,
+                  "ratio_to_float": round(total_bytes / ref_bytes, 4)},
+            accuracy=accuracy, budgets=budgets, **base,
+        )
+
+
+def _metrics(values: dict) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def _session_fn(session: RuntimeSession):
+    def fn(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        feeds = to_native(_np_inputs(inputs), session.inputs)
+        outputs = from_native(session.run(feeds), session.outputs)
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
+
+    return fn
+
+
+def _check_budgets(budgets, total_bytes: int, p50_ms: float) -> dict | None:
+    if budgets.max_bytes is None and budgets.max_latency_ms is None:
+        return None
+    failures = []
+    if budgets.max_bytes is not None and total_bytes > budgets.max_bytes:
+        failures.append(f"{total_bytes} bytes > max_bytes {budgets.max_bytes}")
+    if budgets.max_latency_ms is not None and p50_ms > budgets.max_latency_ms:
+        failures.append(f"host p50 {p50_ms:.3f} ms > max_latency_ms {budgets.max_latency_ms}")
+    return {"max_bytes": budgets.max_bytes, "max_latency_ms": budgets.max_latency_ms, "latency_source": "host",
+            "passed": not failures, "failures": failures}
+
+
+def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
+    return Path(out_dir) / model_name / target_name
+
+
+def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions | None = None) -> BuildResult:
+    """Build, validate and package; place the bundle atomically.
+
+    A passing build replaces dist/<model>/<target>/ whole. A build whose parity or budget
+    fails writes its complete report to dist/<model>/<target>.failed/ and leaves the last
+    good bundle untouched. A build that raises leaves nothing behind.
+    """
+    options = options or BuildOptions()
+    dest = bundle_path(options.out_dir, spec.name, profile.name)
+    builder = _Builder(spec, profile, profile_source, options)
+    try:
+        staged = bundle_mod.staging_dir(dest)
+    except OSError as exc:
+        raise EdgepackError(f"{dest.parent}: cannot write the bundle there: {exc.strerror or exc}",
+                            "choose a writable --out directory") from exc
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
+            manifest = builder.run(staged, Path(scratch))
+        final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
+        builder.step("commit")
+        bundle_mod.commit_dir(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.exit_code, messages=builder.failures)

@@ -1,0 +1,147 @@
+"""Run an artifact in its runtime inside a child process, with a timeout.
+
+A segfault, abort or hang in onnxruntime, ExecuTorch or LiteRT becomes a RuntimeCheckError
+naming the artifact and the signal; edgepack itself keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RuntimeCheckError
+from .base import TensorIO
+from .protocol import decode_arrays, encode_arrays, read_message, write_message
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class RuntimeSession:
+    """One artifact loaded in a worker process. Use as a context manager."""
+
+    def __init__(self, runtime: str, path: Path | str, threads: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.runtime = runtime
+        self.path = Path(path)
+        self.threads = threads
+        self.timeout_s = timeout_s
+        self.process: subprocess.Popen | None = None
+        self.inputs: list[TensorIO] = []
+        self.outputs: list[TensorIO] = []
+        self.info: dict = {}
+        self.load_ms = 0.0
+
+    def __enter__(self) -> "RuntimeSession":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
+        self._stderr = tempfile.TemporaryFile()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgepack.runtimes.worker", str(child_read), str(child_write)],
+            pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL, stdout=self._stderr,
+            stderr=self._stderr, env=env, start_new_session=True,
+        )
+        os.close(child_read)
+        os.close(child_write)
+        self._read_fd, self._write_fd = parent_read, parent_write
+        reply, _ = self._request({"cmd": "load", "runtime": self.runtime, "path": str(self.path.resolve()),
+                                  "threads": self.threads}, what="loading")
+        self.inputs = [TensorIO(**t) for t in reply["inputs"]]
+        self.outputs = [TensorIO(**t) for t in reply["outputs"]]
+        self.info = reply.get("info", {})
+        self.load_ms = float(reply["load_ms"])
+
+    def run(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        _, payload = self._request({"cmd": "run"}, encode_arrays(feeds), what="running")
+        return decode_arrays(payload)
+
+    def bench(self, feeds: list[np.ndarray], warmup: int, runs: int) -> dict:
+        reply, _ = self._request({"cmd": "bench", "warmup": warmup, "runs": runs}, encode_arrays(feeds),
+                                 what="benchmarking")
+        return {"times_ms": reply["times_ms"], "peak_rss_mb": reply["peak_rss_mb"]}
+
+    def close(self) -> None:
+        if self.process is None:
+            return
+        try:
+            if self.process.poll() is None:
+                try:
+                    write_message(self._write_fd, {"cmd": "exit"})
+                    self.process.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    self._kill()
+        finally:
+            for fd in (self._read_fd, self._write_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._stderr.close()
+            self.process = None
+
+    def _kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
+    def _stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0)
+            text = self._stderr.read().decode(errors="replace").strip()
+        except (OSError, ValueError):
+            return ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        return "\n    ".join(lines[-6:])
+
+    def _died(self, what: str) -> RuntimeCheckError:
+        code = self.process.wait() if self.process else None
+        if code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        tail = self._stderr_tail()
+        return RuntimeCheckError(
+            f"{self.runtime} {how} while {what} {self.path.name}" + (f"\n    {tail}" if tail else ""),
+            "the artifact or the runtime is broken; re-export it, or report the artifact with this message",
+        )
+
+    def _request(self, header: dict, payload: bytes = b"", what: str = "running") -> tuple[dict, bytes]:
+        assert self.process is not None
+        try:
+            write_message(self._write_fd, header, payload)
+        except (BrokenPipeError, OSError):
+            raise self._died(what) from None
+        ready, _, _ = select.select([self._read_fd], [], [], self.timeout_s)
+        if not ready:
+            self._kill()
+            raise RuntimeCheckError(
+                f"{self.runtime} did not answer within {self.timeout_s:.0f} s while {what} {self.path.name}; killed it",
+                "the runtime hangs on this artifact; re-export it or raise the timeout",
+            )
+        try:
+            reply, out = read_message(self._read_fd)
+        except EOFError:
+            raise self._died(what) from None
+        if not reply.get("ok"):
+            raise RuntimeCheckError(
+                f"{self.runtime} failed while {what} {self.path.name}: {reply.get('type')}: {reply.get('error')}",
+                "the artifact may be corrupt or use an op this runtime lacks (run with --debug for details)",
+            )
+        return reply, out

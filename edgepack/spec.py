@@ -1,0 +1,227 @@
+"""ModelSpec: what a user hands edgepack, and how it is loaded.
+
+A spec comes from a Python file exposing ``spec() -> ModelSpec`` or from
+``package.module:function``. Spec files are code: loading one runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import math
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import SpecError
+
+InputTuple = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class ModelSpec:
+    """A model and the data edgepack needs to compress, export and validate it.
+
+    name: short identifier used in bundle paths (``dist/<name>/<target>``).
+    model: the float torch model.
+    example_inputs: one input tuple (batch 1) fixing shapes and dtypes of the export.
+    calibration: re-iterable of input tuples, real samples used for quantization
+        calibration and parity.
+    holdout: optional re-iterable of held-out input tuples, added to the parity set.
+    evaluate: optional ``evaluate(fn) -> dict[str, float]`` where ``fn`` maps an input
+        tuple to a tuple of output tensors; used to measure the float model and every
+        artifact (run in its own runtime) on held-out data.
+    train_data: optional re-iterable of ``(inputs_tuple, target)`` for stages that fine-tune.
+    loss: optional ``loss(outputs_tuple, target) -> Tensor`` (default: cross-entropy on output 0).
+    student: optional ``student() -> nn.Module`` for distillation into a smaller model.
+    input_names / output_names: optional names; default ``input_0..`` / ``output_0..``.
+    """
+
+    name: str
+    model: nn.Module
+    example_inputs: InputTuple
+    calibration: Iterable[InputTuple]
+    holdout: Iterable[InputTuple] | None = None
+    evaluate: Callable[[Callable[[InputTuple], tuple[torch.Tensor, ...]]], dict[str, float]] | None = None
+    train_data: Iterable[tuple[InputTuple, torch.Tensor]] | None = None
+    loss: Callable[..., torch.Tensor] | None = None
+    student: Callable[[], nn.Module] | None = None
+    input_names: Sequence[str] | None = None
+    output_names: Sequence[str] | None = None
+    score_outputs: Sequence[str] | None = None
+    source: str = ""
+    source_sha256: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def resolved_input_names(self) -> list[str]:
+        if self.input_names:
+            return list(self.input_names)
+        return [f"input_{i}" for i in range(len(self.example_inputs))]
+
+    def resolved_output_names(self, n_outputs: int) -> list[str]:
+        if self.output_names:
+            return list(self.output_names)
+        return [f"output_{i}" for i in range(n_outputs)]
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _call_spec_fn(fn: Callable[[], Any], where: str) -> Any:
+    try:
+        return fn()
+    except SpecError:
+        raise
+    except Exception as exc:  # a user's spec() may raise anything; report it with its location
+        tb = traceback.extract_tb(exc.__traceback__)
+        frame = tb[-1] if tb else None
+        at = f" at {frame.filename}:{frame.lineno}" if frame else ""
+        raise SpecError(
+            f"{where}: spec() raised {type(exc).__name__}: {exc}{at}",
+            "fix the spec function so that it returns a ModelSpec (run with --debug for the traceback)",
+        ) from exc
+
+
+def load_spec(ref: str) -> ModelSpec:
+    """Load a ModelSpec from ``path/to/spec.py`` or ``package.module:function`` and check it."""
+    path = Path(ref)
+    if ref.endswith(".py") or path.exists() or "/" in ref:
+        if not path.is_file():
+            raise SpecError(f"{ref}: spec file not found", "pass a Python file that defines spec() -> ModelSpec")
+        module_name = f"edgepack_spec_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        try:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise SpecError(f"{ref}: not a loadable Python file", "pass a .py file defining spec()")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module
+            # Let a spec import siblings (models/_common.py) by putting its folder on the path.
+            sys.path.insert(0, str(path.resolve().parent))
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        except SyntaxError as exc:
+            raise SpecError(
+                f"{ref}:{exc.lineno}:{exc.offset}: Python syntax error: {exc.msg}",
+                "fix the syntax error in the spec file",
+            ) from exc
+        except SpecError:
+            raise
+        except Exception as exc:
+            raise SpecError(
+                f"{ref}: importing the spec file raised {type(exc).__name__}: {exc}",
+                "fix the spec file so that it imports cleanly (run with --debug for the traceback)",
+            ) from exc
+        fn = getattr(module, "spec", None)
+        if not callable(fn):
+            raise SpecError(f"{ref}: no function spec() found", "define spec() -> edgepack.ModelSpec in the file")
+        source, digest = str(path), _sha256_file(path)
+    else:
+        if ":" not in ref:
+            raise SpecError(
+                f"{ref}: not a spec file nor a 'package.module:function' reference",
+                "pass models/x.py or package.module:function",
+            )
+        mod_name, fn_name = ref.split(":", 1)
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception as exc:
+            raise SpecError(f"{ref}: cannot import module {mod_name!r}: {exc}", "check the module is importable") from exc
+        fn = getattr(module, fn_name, None)
+        if not callable(fn):
+            raise SpecError(f"{ref}: module {mod_name!r} has no callable {fn_name!r}", "name a function returning a ModelSpec")
+        source = ref
+        mod_file = getattr(module, "__file__", None)
+        digest = _sha256_file(Path(mod_file)) if mod_file else ""
+    result = _call_spec_fn(fn, ref)
+    if not isinstance(result, ModelSpec):
+        raise SpecError(
+            f"{ref}: spec() returned {type(result).__name__}, not edgepack.ModelSpec",
+            "return edgepack.ModelSpec(name=..., model=..., example_inputs=..., calibration=...)",
+        )
+    result.source = source
+    result.source_sha256 = digest
+    check_spec(result, ref)
+    return result
+
+
+def check_spec(spec: ModelSpec, where: str) -> None:
+    """Validate a spec's fields and run the model once on its example inputs."""
+    if not isinstance(spec.name, str) or not spec.name or any(c in spec.name for c in "/\\ ") or spec.name.startswith("."):
+        raise SpecError(f"{where}: name {spec.name!r} is not usable in a path", "use a short name like 'digits-cnn'")
+    if not isinstance(spec.model, nn.Module):
+        raise SpecError(f"{where}: model is {type(spec.model).__name__}, not torch.nn.Module", "set model= to an nn.Module")
+    if not isinstance(spec.example_inputs, tuple) or not spec.example_inputs or not all(
+        isinstance(t, torch.Tensor) for t in spec.example_inputs
+    ):
+        raise SpecError(
+            f"{where}: example_inputs must be a non-empty tuple of tensors",
+            "pass example_inputs=(torch.randn(1, ...),)",
+        )
+    if spec.model.training:
+        spec.model.eval()
+        spec.notes.append("the model was in training mode; edgepack put it in eval mode")
+    try:
+        with torch.no_grad():
+            out = spec.model(*spec.example_inputs)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for t in spec.example_inputs)
+        raise SpecError(
+            f"{where}: the model does not run on example_inputs ({shapes}): {type(exc).__name__}: {exc}",
+            "make example_inputs match the model's forward() signature and shapes",
+        ) from exc
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    if not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise SpecError(f"{where}: the model must return a tensor or a tuple of tensors", "return tensors from forward()")
+    n_inputs = len(spec.example_inputs)
+    if spec.input_names is not None and len(spec.input_names) != n_inputs:
+        raise SpecError(f"{where}: {len(spec.input_names)} input_names for {n_inputs} inputs", "give one name per input")
+    if spec.output_names is not None and len(spec.output_names) != len(outputs):
+        raise SpecError(f"{where}: {len(spec.output_names)} output_names for {len(outputs)} outputs", "give one name per output")
+    samples = calibration_list(spec.calibration, f"{where}: calibration", example=spec.example_inputs)
+    if not samples:
+        raise SpecError(f"{where}: calibration is empty", "give at least one real input sample in calibration")
+    if spec.holdout is not None:
+        calibration_list(spec.holdout, f"{where}: holdout", example=spec.example_inputs)
+
+
+def calibration_list(samples: Iterable[InputTuple], where: str, example: InputTuple, limit: int | None = None) -> list[InputTuple]:
+    """Materialise up to ``limit`` samples, checking each one's arity, shape, dtype and finiteness."""
+    out: list[InputTuple] = []
+    for index, sample in enumerate(samples):
+        if limit is not None and index >= limit:
+            break
+        if isinstance(sample, torch.Tensor):
+            sample = (sample,)
+        if not isinstance(sample, tuple) or len(sample) != len(example):
+            raise SpecError(
+                f"{where}: sample {index} is not a tuple of {len(example)} tensor(s)",
+                "yield one tuple of input tensors per sample, like example_inputs",
+            )
+        for pos, (tensor, ref) in enumerate(zip(sample, example)):
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != ref.shape or tensor.dtype != ref.dtype:
+                got = f"{tuple(tensor.shape)}:{tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise SpecError(
+                    f"{where}: sample {index} input {pos} is {got}, expected {tuple(ref.shape)}:{ref.dtype}",
+                    "make every sample match example_inputs in shape and dtype",
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SpecError(
+                    f"{where}: sample {index} input {pos} has {bad} NaN/Inf value(s)",
+                    "remove or fix that sample; calibration must be real, finite data",
+                )
+        out.append(tuple(sample))
+    return out
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(float(value))

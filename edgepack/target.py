@@ -1,0 +1,221 @@
+"""TargetProfile: one YAML per device class, validated strictly when it loads.
+
+A profile names the device, the ordered compression stages, the artifacts to produce
+(format + precision + recipe), parity tolerances per precision and optional budgets.
+Unknown keys, wrong types and out-of-range values are errors naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PROFILE_SCHEMA_VERSION = 1
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSpec(_Strict):
+    arch: str = Field(description="CPU architecture, e.g. arm64-v8a, x86_64")
+    cores: int = Field(ge=1)
+    threads: int = Field(ge=1, description="threads the runtimes use, on the device and in host checks")
+    peak_gops: dict[Literal["fp32", "fp16", "int8", "int4"], Annotated[float, Field(gt=0)]] = Field(
+        description="peak giga-ops/s per precision (1 MAC = 2 ops), for the latency estimate")
+    memory_gbps: float = Field(gt=0, description="sustained memory bandwidth, GB/s")
+    ram_mb: int = Field(gt=0)
+    accelerator: str | None = None
+
+
+class Tolerance(_Strict):
+    """Parity thresholds. Every threshold given must hold; float paths use atol/rtol,
+    quantized paths use cosine, SQNR and top-1 agreement."""
+
+    atol: float | None = Field(default=None, ge=0)
+    rtol: float | None = Field(default=None, ge=0)
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+    min_sqnr_db: float | None = Field(default=None, ge=-50.0, le=200.0)
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _something_checked(self) -> "Tolerance":
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("a tolerance must set at least one threshold")
+        if (self.atol is None) != (self.rtol is None):
+            raise ValueError("atol and rtol go together: set both or neither")
+        return self
+
+
+class Budgets(_Strict):
+    max_bytes: int | None = Field(default=None, gt=0, description="per artifact, all its files")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="p50, per artifact")
+
+
+class ParitySettings(_Strict):
+    calibration_samples: int = Field(default=16, ge=0, le=10_000, description="calibration samples in the parity set")
+    holdout_samples: int = Field(default=16, ge=0, le=10_000, description="held-out samples in the parity set")
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> "ParitySettings":
+        if self.calibration_samples + self.holdout_samples == 0:
+            raise ValueError("the parity set needs at least one sample")
+        return self
+
+
+class LatencySettings(_Strict):
+    warmup: int = Field(default=5, ge=0, le=10_000)
+    runs: int = Field(default=30, ge=20, le=100_000)
+
+
+def _stage_union():
+    from .compress import registry
+
+    configs = tuple(entry.config for entry in registry().values())
+    return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
+
+
+def _artifact_union():
+    from .export import registry
+
+    configs = tuple(entry.config for entry in registry().values())
+    return Annotated[Union[configs], Field(discriminator="format")]  # type: ignore[valid-type]
+
+
+@lru_cache(maxsize=1)
+def profile_model() -> type[BaseModel]:
+    """Build the TargetProfile model from the registered stages and exporters."""
+    stage_t = _stage_union()
+    artifact_t = _artifact_union()
+
+    class TargetProfile(_Strict):
+        schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
+        name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+        description: str = ""
+        device: DeviceSpec
+        stages: list[stage_t] = Field(default_factory=list)  # type: ignore[valid-type]
+        artifacts: list[artifact_t] = Field(min_length=1)  # type: ignore[valid-type]
+        tolerances: dict[Precision, Tolerance]
+        budgets: Budgets = Budgets()
+        parity: ParitySettings = ParitySettings()
+        latency: LatencySettings = LatencySettings()
+
+        @field_validator("artifacts")
+        @classmethod
+        def _unique_files(cls, artifacts: list) -> list:
+            names = [a.file_name for a in artifacts]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"two artifacts write the same file {dupes}; give them distinct 'name's")
+            return artifacts
+
+        @model_validator(mode="after")
+        def _tolerance_per_precision(self):
+            missing = sorted({a.precision for a in self.artifacts} - set(self.tolerances))
+            if missing:
+                raise ValueError(f"tolerances has no entry for precision(s) {missing} used by artifacts")
+            return self
+
+        def tolerance_for(self, precision: str) -> Tolerance:
+            return self.tolerances[precision]
+
+        def sha256(self) -> str:
+            return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+
+    return TargetProfile
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def targets_dir() -> Path:
+    env = os.environ.get("EDGEPACK_TARGETS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "targets"
+
+
+def known_targets() -> list[str]:
+    directory = targets_dir()
+    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+
+
+def _loc(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.endswith("Config") or x in ("function-after",)))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the profile schema)"
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            kind = "format" if ctx.get("discriminator") == "'format'" else "stage type"
+            tag = ctx.get("tag")
+            known = ctx.get("expected_tags")
+            msg = f"{kind} {tag!r} is not available in this install (known: {known})"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {_loc(loc)}: {msg}")
+    first, rest = lines[0], lines[1:]
+    message = first + "".join(f"\n  {line}" for line in rest)
+    return ConfigError(message, "fix the profile; `edgepack targets show x86-64` prints a valid one")
+
+
+def parse_profile(data: Any, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a profile must be a YAML mapping, got {type(data).__name__}",
+                          "start from one of the shipped profiles in targets/")
+    try:
+        return profile_model().model_validate(data)
+    except ValidationError as exc:
+        raise _format_validation_error(source, exc) from None
+
+
+def load_target(ref: str | os.PathLike):
+    """Load a profile by name (targets/<name>.yaml) or by path to a YAML file."""
+    ref = str(ref)
+    path = Path(ref)
+    if not (ref.endswith((".yaml", ".yml")) or os.sep in ref or path.is_file()):
+        path = targets_dir() / f"{ref}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown target {ref!r}; known targets: {', '.join(known_targets()) or '(none)'}",
+                              "pass one of the known names or a path to your own YAML profile")
+    if not path.is_file():
+        raise ConfigError(f"{ref}: profile file not found", "pass an existing YAML file or a known target name")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read profile: {exc}", "check the file's permissions and encoding") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}", "fix the YAML syntax at that line and column") from None
+    profile = parse_profile(data, str(path))
+    return profile
+
+
+def dump_profile(profile) -> str:
+    return yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests run the real exporters and runtimes on small models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+TEST_MODELS = Path(__file__).resolve().parent / "models"
+TARGETS = REPO / "targets"
+
+
+@pytest.fixture(scope="session")
+def digits_spec():
+    """The digits CNN spec, trained once per test session (cache: EDGEPACK_CACHE or ~/.cache/edgepack)."""
+    from edgepack.spec import load_spec
+
+    return load_spec(str(MODELS / "digits_cnn.py"))
+
+
+def write_profile(tmp_path: Path, base: str, name: str | None = None, **changes) -> Path:
+    """Copy a shipped profile with top-level keys replaced; returns the new YAML path."""
+    data = yaml.safe_load((TARGETS / f"{base}.yaml").read_text())
+    data.update(changes)
+    if name:
+        data["name"] = name
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgepack.cli", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Temp dirs a build may leave beside its bundle (there must be none)."""
+    return [p for p in root.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
