@@ -51,11 +51,44 @@ class GoldenFiles(_Strict):
     outputs: str
 
 
+class ReproducibilityCheck(_Strict):
+    """Whether exporting the same model twice gives the same bytes (package.check_reproducible)."""
+
+    reproducible: bool
+    method: str
+    files: list[str] = Field(default_factory=list)
+    differing: list[str] = Field(default_factory=list)
+    detail: str | None = None
+
+
+class DeviceLatency(_Strict):
+    """Latency measured on a real device (``edgepack ingest`` of a device_report.json)."""
+
+    source: Literal["device"] = "device"
+    tool: str
+    device: dict[str, Any]
+    runtime: str | None = None
+    runtime_version: str | None = None
+    threads: int | None = None
+    warmup: int | None = None
+    runs: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    min_ms: float | None = None
+    mean_ms: float | None = None
+    budget_statistic: Literal["p50_ms", "mean_ms"]
+    parity_passed: bool | None = None
+    budgets: dict[str, Any] | None = None
+    report_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class ArtifactEntry(_Strict):
     name: str
     format: str
     precision: str
-    status: Literal["ok", "parity-failed", "budget-exceeded", "failed"]
+    # ok; parity-failed / budget-exceeded / slower-than-float fail the build; failed: no artifact
+    # (export or runtime error, with --keep-going); replaced-by-float: profile said keep_float.
+    status: Literal["ok", "parity-failed", "budget-exceeded", "slower-than-float", "replaced-by-float", "failed"]
     error: str | None = None
     file: str | None = None
     files: list[FileEntry] = Field(default_factory=list)
@@ -74,6 +107,8 @@ class ArtifactEntry(_Strict):
     size: dict[str, Any] | None = None
     accuracy: dict[str, float] | None = None
     budgets: dict[str, Any] | None = None
+    reproducible: ReproducibilityCheck | None = None
+    device_latency: DeviceLatency | None = None
 
 
 class ModelInfo(_Strict):
@@ -110,10 +145,35 @@ class GoldenInfo(_Strict):
     samples: int = Field(ge=1)
 
 
+class PackageInfo(_Strict):
+    """What the bundle ships besides manifest.json, and a digest of it that is stable across builds."""
+
+    files: list[FileEntry]
+    payload_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    payload_sha256_method: str
+    kit: list[str] = Field(default_factory=list)
+    device_report_schema_version: int = 1
+
+
+class DeviceMeasurement(_Strict):
+    """One device_report.json merged by ``edgepack ingest``."""
+
+    report: str
+    report_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_by: str
+    created_at: str | None = None
+    ingested_at: str
+    device: dict[str, Any]
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+    artifacts: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = MANIFEST_SCHEMA_VERSION
     status: Literal["passed", "failed"]
     failures: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
     edgepack_version: str
     model: ModelInfo
     target: TargetInfo
@@ -125,6 +185,8 @@ class Manifest(_Strict):
     golden: GoldenInfo
     toolchain: dict[str, str]
     host: dict[str, Any]
+    package: PackageInfo | None = None
+    device_measurements: list[DeviceMeasurement] = Field(default_factory=list)
 
 
 def manifest_json_schema() -> dict:

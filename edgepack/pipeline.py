@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import bundle as bundle_mod
+from .costmodel import estimate_latency
 from .bundle import ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo
 from .errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
                      RuntimeCheckError, RuntimeUnavailable)
@@ -105,6 +106,7 @@ class _Builder:
         self.profile_source = profile_source
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.failures: list[str] = []
+        self.warnings: list[str] = []
         self.exit_code = EXIT_OK
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
 
@@ -182,6 +184,8 @@ class _Builder:
             self.step(f"artifact:{config.file_name}")
             artifacts.append(self.build_artifact(config, export_ctx, staged, parity_inputs, reference,
                                                  output_names, ref_bytes))
+        self.step("float-comparison")
+        self.compare_with_float(list(profile.artifacts), artifacts, export_ctx, scratch, parity_inputs[0], staged)
 
         base_stats = model_stats(spec.model, example)
         ref_lat = latency_summary(ref_bench["times_ms"])
@@ -189,6 +193,7 @@ class _Builder:
         manifest = Manifest(
             status="passed" if not self.failures else "failed",
             failures=self.failures,
+            warnings=self.warnings,
             edgepack_version=edgepack_version(),
             model=ModelInfo(name=spec.name, source=spec.source, source_sha256=spec.source_sha256,
                             notes=list(spec.notes), **base_stats),
@@ -263,6 +268,7 @@ class _Builder:
         latency.update({"source": "host", "runtime": result.runtime, "threads": self.threads,
                         "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
                         "peak_rss_mb": round(bench["peak_rss_mb"], 1)})
+        latency["device_estimate"] = estimate_latency(ctx.reference_onnx, config.precision, profile.device)
         budgets = _check_budgets(profile.budgets, total_bytes, latency["p50_ms"])
         status = "ok"
         if not parity.passed:
@@ -283,6 +289,58 @@ class _Builder:
                   "ratio_to_float": round(total_bytes / ref_bytes, 4)},
             accuracy=accuracy, budgets=budgets, **base,
         )
+
+
+    def compare_with_float(self, configs, entries: list[ArtifactEntry], ctx: ExportContext, scratch: Path,
+                           feeds: list[np.ndarray], staged: Path) -> None:
+        """Record each quantized artifact's host latency against a float sibling of its format,
+        measured in this build, and apply the profile's slower_than_float policy."""
+        policy = self.profile.slower_than_float
+        floats = {(c.format): e for c, e in zip(configs, entries) if c.precision == "fp32" and e.status == "ok"}
+        for config, entry in zip(configs, entries):
+            if config.precision == "fp32" or entry.latency is None:
+                continue
+            sibling = floats.get(config.format)
+            if sibling is not None:
+                float_p50, source = sibling.latency["p50_ms"], f"artifact {sibling.file}"
+            else:
+                float_p50 = self.baseline_float_p50(config, ctx, scratch, feeds)
+                source = "fp32 baseline exported for this comparison (not shipped)"
+            speedup = float_p50 / entry.latency["p50_ms"]
+            entry.latency["float_comparison"] = {"float_p50_ms": float_p50, "speedup_vs_float": round(speedup, 3),
+                                                 "ratio_to_float": round(1 / speedup, 3), "float_source": source}
+            if speedup > 1.0:
+                continue
+            finding = (f"{entry.file}: {config.precision} is not faster than float on this host "
+                       f"(p50 {entry.latency['p50_ms']:.3f} ms vs {float_p50:.3f} ms, {speedup:.2f}x)")
+            if policy == "warn":
+                self.warnings.append(finding + "; host latency is not device latency")
+                entry.notes.append(finding)
+            elif policy == "fail" and entry.status == "ok":
+                entry.status = "slower-than-float"
+                self.fail(finding + " (profile: slower_than_float: fail)", EXIT_PARITY_OR_BUDGET)
+            elif policy == "keep_float" and entry.status == "ok":
+                for item in entry.files:
+                    (staged / item.path).unlink(missing_ok=True)
+                for golden in (entry.golden.inputs, entry.golden.outputs):
+                    (staged / golden).unlink(missing_ok=True)
+                entry.status, entry.files, entry.golden = "replaced-by-float", [], None
+                entry.notes.append(finding + f"; not shipped, use {sibling.file} (profile: slower_than_float: keep_float)")
+                self.warnings.append(entry.notes[-1])
+
+    def baseline_float_p50(self, config, ctx: ExportContext, scratch: Path, feeds: list[np.ndarray]) -> float:
+        entry = exporter_registry()[config.format]
+        baseline = entry.config.model_validate({"format": config.format, "precision": "fp32",
+                                                "name": f"{config.name}-float-baseline"})
+        workdir = scratch / "float-baseline"
+        workdir.mkdir(exist_ok=True)
+        self.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency")
+        result = entry.module.export(baseline, dataclasses.replace(ctx, workdir=workdir))
+        with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], result.files[0], self.threads,
+                            self.options.runtime_timeout_s) as session:
+            bench = session.bench(to_native(feeds, session.inputs), self.profile.latency.warmup,
+                                  self.profile.latency.runs)
+        return latency_summary(bench["times_ms"])["p50_ms"]
 
 
 def _metrics(values: dict) -> dict[str, float]:

@@ -110,6 +110,9 @@ def profile_model() -> type[BaseModel]:
         budgets: Budgets = Budgets()
         parity: ParitySettings = ParitySettings()
         latency: LatencySettings = LatencySettings()
+        # What to do when a quantized artifact is not faster than its float sibling on the build
+        # host (both measured in the same build): fail the build, warn, or ship the float one.
+        slower_than_float: Literal["fail", "warn", "keep_float"] = "warn"
 
         @field_validator("artifacts")
         @classmethod
@@ -125,6 +128,16 @@ def profile_model() -> type[BaseModel]:
             missing = sorted({a.precision for a in self.artifacts} - set(self.tolerances))
             if missing:
                 raise ValueError(f"tolerances has no entry for precision(s) {missing} used by artifacts")
+            return self
+
+        @model_validator(mode="after")
+        def _keep_float_needs_sibling(self):
+            if self.slower_than_float == "keep_float":
+                floats = {a.format for a in self.artifacts if a.precision == "fp32"}
+                lonely = sorted({a.file_name for a in self.artifacts if a.precision != "fp32" and a.format not in floats})
+                if lonely:
+                    raise ValueError(f"slower_than_float: keep_float needs an fp32 artifact of the same format "
+                                     f"for {lonely}; add one or use warn/fail")
             return self
 
         def tolerance_for(self, precision: str) -> Tolerance:
