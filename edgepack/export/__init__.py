@@ -12,6 +12,7 @@ from .base import ArtifactConfig
 # Module names under edgepack.export that define an exporter (CONFIG class and export()).
 EXPORTER_MODULES: tuple[str, ...] = (
     "onnx",
+    "executorch",
 )
 
 

@@ -1,0 +1,309 @@
+"""ExecuTorch (.pte) exporter, XNNPACK backend.
+
+torch.export -> [quantize] -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch.
+
+Precisions:
+  fp32          float graph, delegated to XNNPACK as is.
+  int8          PT2E static int8 (XNNPACKQuantizer, calibrated), per-channel or per-tensor weights.
+  int8-dynamic  PT2E int8 weights + int8 activations quantized at run time, no calibration.
+                In practice only nn.Linear is quantized (2-D convs stay fp32 with this
+                quantizer version); XNNPACK only delegates it with per-channel weights.
+  int4-weight   torchao Int8DynamicActivationIntxWeightConfig (int4 groupwise weights, int8
+                dynamic activations) on nn.Linear layers whose in_features divide group_size;
+                other layers stay fp32.
+Every precision keeps float32 inputs and outputs: the quantize/dequantize at the edges runs
+inside the delegate, so the .pte is fed exactly what the torch model is fed.
+
+The pip ExecuTorch runtime registers no portable kernels for quantize/dequantize ops, so an
+export that leaves any of them outside the delegate is rejected here rather than at run time.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from collections import Counter
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..errors import EdgepackError, ExportError, RuntimeUnavailable
+from .base import ArtifactConfig, ExportContext, ExportResult
+
+_INSTALL_HINT = "pip install executorch==1.5.1 (brings torchao 0.18)"
+# Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
+_QUANT_NAMESPACES = ("quantized_decomposed", "torchao")
+
+
+class ExecuTorchArtifact(ArtifactConfig):
+    """One .pte artifact lowered to XNNPACK."""
+
+    format: Literal["pte"] = "pte"
+    precision: Literal["fp32", "int8", "int8-dynamic", "int4-weight"]
+    granularity: Literal["per-channel", "per-tensor"] = Field(
+        default="per-channel", description="int8 weight scales: one per output channel or one per tensor")
+    calibration_samples: int = Field(default=64, ge=1, description="cap on calibration inputs (int8)")
+    group_size: int = Field(default=32, ge=32, description="int4-weight: input channels per scale")
+    backend: Literal["xnnpack"] = "xnnpack"
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "ExecuTorchArtifact":
+        if self.precision == "int8-dynamic" and self.granularity == "per-tensor":
+            raise ValueError("pte int8-dynamic needs granularity per-channel: XNNPACK does not "
+                             "delegate dynamically quantized linear/conv with per-tensor weights")
+        if self.precision == "int4-weight" and self.granularity == "per-tensor":
+            raise ValueError("pte int4-weight is groupwise (group_size); granularity per-tensor "
+                             "does not apply, leave it at per-channel")
+        if self.group_size % 32:
+            raise ValueError(f"pte group_size must be a multiple of 32 (XNNPACK), got {self.group_size}")
+        # Compare with the default, not model_fields_set, so a dumped config loads back.
+        if self.group_size != 32 and self.precision != "int4-weight":
+            raise ValueError("pte group_size only applies to precision int4-weight")
+        return self
+
+    @property
+    def extension(self) -> str:
+        return "pte"
+
+
+CONFIG = ExecuTorchArtifact
+
+
+def export(config: ExecuTorchArtifact, ctx: ExportContext) -> ExportResult:
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.utils.configs import get_xnnpack_executorch_backend_config
+        from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+        from executorch.version import __version__ as et_version
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"executorch is not installed ({exc})", _INSTALL_HINT) from exc
+
+    example = tuple(ctx.example_inputs)
+    with _eval_mode(ctx.model):
+        program, quantization, notes = _exported_program(config, ctx, example)
+        with _stage("lower"):
+            # As executorch's XNNPACK example: check the IR (an op outside core ATen is then
+            # named) for float graphs; quantized graphs carry q/dq ops outside core ATen.
+            edge = to_edge_transform_and_lower(
+                program, partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=config.precision == "fp32"))
+        delegated = _delegated_ops(edge.exported_program().graph_module)
+        _reject_undelegated_quant_ops(edge.exported_program().graph_module)
+        with _stage("lower"):
+            et_program = edge.to_executorch(get_xnnpack_executorch_backend_config())
+
+    plan = et_program.executorch_program.execution_plan[0]
+    portable_ops = _portable_ops(plan)
+    _reject_missing_kernels(portable_ops)
+    path = ctx.workdir / config.file_name
+    path.write_bytes(et_program.buffer)
+    details = {
+        "backend": config.backend,
+        "precision": config.precision,
+        "executorch_version": et_version,
+        "delegates": len(plan.delegates),
+        "delegated_ops": sum(delegated.values()),
+        "delegated_op_counts": dict(sorted(delegated.items())),
+        "portable_ops": portable_ops,
+        # Index 0 of non_const_buffer_sizes is reserved for constants; the rest are arenas.
+        "planned_memory_bytes": int(sum(plan.non_const_buffer_sizes[1:])),
+        "quantization": quantization,
+        "bytes": path.stat().st_size,
+    }
+    if details["delegates"] == 0:
+        notes.append("no op was delegated to XNNPACK; the model runs on portable kernels only (slow)")
+    return ExportResult(files=[path], runtime="executorch", details=details, notes=notes)
+
+
+def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
+                      example: tuple) -> tuple[Any, dict | None, list[str]]:
+    """The ExportedProgram to lower, the quantization recipe (None for fp32) and notes."""
+    notes: list[str] = []
+    if config.precision == "fp32":
+        with _stage("torch.export"):
+            return torch.export.export(ctx.model, example), None, notes
+    if config.precision == "int4-weight":
+        model, quantization = _int4_weight(ctx.model, config.group_size)
+        if quantization["skipped_layers"]:
+            notes.append(f"{len(quantization['skipped_layers'])} Linear layer(s) kept fp32: "
+                         f"in_features not divisible by group_size {config.group_size}")
+        with _stage("torch.export"):
+            return torch.export.export(model, example), quantization, notes
+
+    from ..compress.pt2e import quantize_pt2e_xnnpack
+
+    with _stage("quantize"):
+        converted, quantization = quantize_pt2e_xnnpack(
+            ctx.model, example, ctx.calibration,
+            per_channel=config.granularity == "per-channel",
+            dynamic=config.precision == "int8-dynamic",
+            calibration_samples=config.calibration_samples)
+    if quantization["calibration_samples"] < config.calibration_samples and not quantization["dynamic"]:
+        notes.append(f"calibrated on {quantization['calibration_samples']} samples "
+                     f"(cap {config.calibration_samples})")
+    with _stage("torch.export"):
+        return torch.export.export(converted, example), quantization, notes
+
+
+def _int4_weight(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
+    """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_)."""
+    try:
+        from torchao.quantization import quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", _INSTALL_HINT) from exc
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    eligible = sorted(name for name, m in linears.items() if m.in_features % group_size == 0)
+    if not eligible:
+        raise ExportError(
+            f"pte int4-weight: no nn.Linear layer has in_features divisible by group_size {group_size}",
+            "use fp32/int8 for this model, or a group_size that divides the Linear in_features")
+    quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
+    wanted = set(eligible)
+    with _stage("quantize"):
+        quantize_(quantized,
+                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                        weight_granularity=PerGroup(group_size)),
+                  filter_fn=lambda module, fqn: fqn in wanted)
+    return quantized, {
+        "method": "torchao-quantize_",
+        "quantizer": "Int8DynamicActivationIntxWeightConfig",
+        "granularity": f"per-group({group_size})",
+        "dynamic": True,
+        "weights": "int4 symmetric groupwise (nn.Linear only)",
+        "activations": "int8 affine per-token, dynamic (runtime)",
+        "calibration_samples": 0,
+        "quantized_layers": eligible,
+        "skipped_layers": sorted(set(linears) - wanted),
+    }
+
+
+def _op_name(target: Any) -> str:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        overload = schema.overload_name or "default"
+        return f"{schema.name}.{overload}"
+    return getattr(target, "__name__", str(target))
+
+
+def _lowered_modules(graph_module: torch.fx.GraphModule) -> Iterator[Any]:
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            attr = getattr(graph_module, node.target)
+            if isinstance(attr, LoweredBackendModule):
+                yield attr
+
+
+def _delegated_ops(graph_module: torch.fx.GraphModule) -> Counter:
+    """Op name -> count of ops inside the delegates (tuple unpacking excluded)."""
+    counts: Counter = Counter()
+    for lowered in _lowered_modules(graph_module):
+        for node in lowered.original_module.graph.nodes:
+            if node.op == "call_function" and node.target is not operator.getitem:
+                counts[_op_name(node.target)] += 1
+    return counts
+
+
+def _reject_undelegated_quant_ops(graph_module: torch.fx.GraphModule) -> None:
+    left = sorted({
+        _op_name(node.target) for node in graph_module.graph.nodes
+        if node.op == "call_function" and _op_name(node.target).split("::")[0] in _QUANT_NAMESPACES
+    })
+    if left:
+        raise ExportError(
+            f"pte export failed during lower: quantize/dequantize ops left outside the XNNPACK "
+            f"delegate ({', '.join(left)}); the ExecuTorch runtime has no portable kernels for them",
+            "the quantized op next to them is not supported by XNNPACK with this recipe; "
+            "try granularity per-channel, another precision, or fp32")
+
+
+def _reject_missing_kernels(portable_ops: list[dict]) -> None:
+    """Fail now, naming the ops, if the ExecuTorch runtime has no kernel for some of them.
+
+    Otherwise the .pte is written and only fails to load (OperatorMissing, op not named).
+    """
+    try:
+        from executorch.runtime import Runtime
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"executorch runtime is not installed ({exc})", _INSTALL_HINT) from exc
+    available = Runtime.get().operator_registry.operator_names
+    # The registry spells a default overload either "ns::op" or "ns::op.default".
+    missing = [entry["op"] for entry in portable_ops
+               if entry["op"] not in available and entry["op"].removesuffix(".default") not in available]
+    if missing:
+        raise ExportError(
+            f"pte export failed during lower (op: {', '.join(missing)}): not delegated to XNNPACK "
+            f"and the ExecuTorch runtime has no portable kernel for it",
+            "replace the op in the model (or keep it out of the exported forward), or use another format")
+
+
+def _portable_ops(plan: Any) -> list[dict]:
+    """Kernel calls the method makes outside any delegate, from the serialized plan."""
+    counts: Counter = Counter()
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            op_index = getattr(instruction.instr_args, "op_index", None)
+            if op_index is not None:
+                op = plan.operators[op_index]
+                counts[f"{op.name}.{op.overload or 'default'}"] += 1
+    return [{"op": name, "count": count} for name, count in sorted(counts.items())]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Export in eval mode (batch norm uses running stats), then restore the caller's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+_OP_PATTERN = re.compile(
+    r"\b(?:torch\.ops\.)?((?:aten|prims|quantized_decomposed|torchao|quantized|higher_order)"
+    r"(?:::|\.)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)")
+
+
+def _offending_ops(exc: BaseException) -> list[str]:
+    """Ops named in the message; else the fx node a failing pass was visiting, if any."""
+    named = sorted(set(_OP_PATTERN.findall(str(exc))))[:5]
+    if named:
+        return named
+    visited = None
+    traceback = exc.__traceback__
+    while traceback is not None:  # innermost frame last: keep the deepest node seen
+        node = traceback.tb_frame.f_locals.get("node")
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            visited = node
+        traceback = traceback.tb_next
+    return [_op_name(visited.target)] if visited is not None else []
+
+
+@contextmanager
+def _stage(stage: str) -> Iterator[None]:
+    """Re-raise a toolchain failure as ExportError naming the format, stage and op."""
+    try:
+        yield
+    except EdgepackError:
+        raise
+    except Exception as exc:  # the toolchains raise many unrelated types; we re-raise, never swallow
+        text = str(exc).strip()
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        ops = _offending_ops(exc)
+        op_part = f" (op: {', '.join(ops)})" if ops else ""
+        hints = {
+            "torch.export": "make the model traceable by torch.export (no data-dependent Python "
+                            "control flow, no unsupported ops); see the error above",
+            "quantize": "check the calibration inputs match the example inputs, or use fp32",
+            "lower": "the op may be unsupported by ExecuTorch/XNNPACK; try another precision or fp32",
+        }
+        raise ExportError(f"pte export failed during {stage}{op_part}: {type(exc).__name__}: "
+                          f"{first_line}", hints[stage]) from exc
