@@ -13,6 +13,7 @@ from .base import ArtifactConfig
 EXPORTER_MODULES: tuple[str, ...] = (
     "onnx",
     "executorch",
+    "tflite",
 )
 
 

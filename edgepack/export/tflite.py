@@ -1,0 +1,418 @@
+"""LiteRT (.tflite) exporter: litert-torch converts PyTorch straight to TFLite, no TensorFlow.
+
+Precisions and how each is made (litert-torch 0.10.0, ai-edge-quantizer 0.10.0):
+
+- fp32: ``litert_torch.convert(model, example_inputs)``.
+- fp16: the fp32 flatbuffer through ai-edge-quantizer's weight-only FLOAT_CASTING recipe
+  (float16 weight tensors + DEQUANTIZE ops, float32 compute). This is the float16 form the
+  LiteRT GPU delegate consumes natively; CPU kernels dequantize once at load.
+- int8: full-integer static quantization calibrated on ``ctx.calibration``, by either
+  PT2E (torchao prepare/convert with litert-torch's PT2EQuantizer, then convert) or
+  ai-edge-quantizer's static recipe applied to the fp32 flatbuffer. See AUTO_QUANTIZER.
+- int8-dynamic: dynamic-range (int8 weights, activations quantized at run time by kernels).
+
+Both int8 paths emit a graph whose IO tensors are already int8. ``io: float`` (the default)
+wraps them in QUANTIZE/DEQUANTIZE ops with the calibrated parameters, so the float-IO and
+int8-IO artifacts compute exactly the same integers. Inputs keep the PyTorch layout (NCHW):
+the converter inserts the TRANSPOSE ops, so golden inputs are fed as-is.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..errors import EdgepackError, ExportError, RuntimeUnavailable
+from .base import ArtifactConfig, ExportContext, ExportResult
+
+Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
+
+# "auto" = PT2E: on conv/linear graphs it ties ai-edge-quantizer (AEQ, as calibrated here)
+# within 0.7 dB either way, and it is clearly better where a graph has ops PT2E leaves in
+# float (out1 below), so its worst case is the better one. Outputs vs torch float on 100-200
+# held-out inputs, static int8 per-channel, 32-64 calibration samples, litert-torch 0.10.0,
+# ai-edge-quantizer 0.10.0 (reproduce: export with each quantizer, compare as
+# tests/test_tflite.py::_compare does):
+#                                  PT2E                  AEQ, global min/max    AEQ default (EMA)
+#   3x conv-bn-relu + fc, trained  cos .99997  41.7 dB   cos .99998  41.8 dB    cos .99912  24.0 dB
+#   same, random init              cos .99998  43.3 dB   cos .99998  44.0 dB    cos .99987  34.5 dB
+#   test TinyCNN (conv-bn-relu-    cos .99990  35.3 dB   cos .99991  35.7 dB    cos .99570  18.1 dB
+#     pool-fc), top-1 agreement    96%                   98%                    94%
+#   test TwoInTwoOut, out0 / out1  29.0 / 46.0 dB        29.0 / 32.3 dB         11.4 / 12.7 dB
+#   per-tensor weights (trained)   39.4 dB               39.3 dB                23.9 dB
+# Why: AEQ's Quantizer.calibrate() merges per-sample min/max with an exponential moving
+# average (0.95): a range is a weighted average of per-sample ranges, not their union, so it
+# clips every sample wider than average (and early samples weigh most);
+# we calibrate AEQ with a global min/max instead (``_aeq_calibrate``), which closes the gap on
+# conv/linear. PT2E's histogram observer also resists outlier samples. PT2E only annotates
+# conv/linear/add/mul/cat/pooling: other ops (TwoInTwoOut's SUM) stay float between
+# DEQUANTIZE/QUANTIZE, which is where its out1 advantage comes from. details["float_compute_ops"]
+# lists them; pick quantizer: ai-edge-quantizer for integer-only accelerators (every op int8).
+# int8-dynamic: identical numerics (46.4 dB both), PT2E file 4% smaller, so auto = PT2E too.
+AUTO_QUANTIZER = "pt2e"
+
+_SIGNATURE = "serving_default"  # litert_torch.model.DEFAULT_SIGNATURE_NAME
+_HINT_INSTALL = "pip install litert-torch==0.10.0 ai-edge-quantizer ai-edge-litert==2.3.*"
+
+
+class TFLiteArtifact(ArtifactConfig):
+    format: Literal["tflite"] = "tflite"
+    precision: Precision
+    granularity: Literal["per-channel", "per-tensor"] = Field(
+        default="per-channel", description="int8 weight scales: one per output channel, or one per tensor")
+    calibration_samples: int = Field(default=64, ge=1, description="int8: calibration inputs used (first N)")
+    quantizer: Literal["auto", "pt2e", "ai-edge-quantizer"] = Field(
+        default="auto", description="int8/int8-dynamic: which quantizer; auto = the one measured best (pt2e)")
+    io: Literal["float", "int8"] = Field(
+        default="float", description="int8 only: whether the model takes/returns int8 tensors")
+
+    @model_validator(mode="after")
+    def _options_fit_precision(self) -> "TFLiteArtifact":
+        quantized = self.precision in ("int8", "int8-dynamic")
+        if self.io == "int8" and self.precision != "int8":
+            raise ValueError(f"io: int8 needs precision: int8 (precision {self.precision} has float activations)")
+        if not quantized and self.granularity != "per-channel":
+            raise ValueError(f"granularity applies to int8 / int8-dynamic, not precision {self.precision}")
+        if self.precision == "fp32" and self.quantizer != "auto":
+            raise ValueError("quantizer does not apply to precision fp32")
+        if self.precision == "fp16" and self.quantizer == "pt2e":
+            raise ValueError("fp16 is made by ai-edge-quantizer (float16 weights); use quantizer: auto")
+        return self
+
+    @property
+    def extension(self) -> str:
+        return "tflite"
+
+    @property
+    def resolved_quantizer(self) -> str | None:
+        if self.precision == "fp32":
+            return None
+        if self.precision == "fp16":
+            return "ai-edge-quantizer"
+        return AUTO_QUANTIZER if self.quantizer == "auto" else self.quantizer
+
+
+CONFIG = TFLiteArtifact
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _op_in(text: str) -> str | None:
+    """The op an exception names, e.g. 'Lowering not found: aten.special_zeta.default'."""
+    match = re.search(r"(?:torch\.ops\.)?(aten\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text) or re.search(
+        r"'((?:tfl|stablehlo|chlo|mhlo)\.[A-Za-z0-9_]+)'", text)
+    return match.group(1) if match else None
+
+
+@contextmanager
+def _step(name: str, hint: str = "run with --debug for the full error"):
+    """Turn a toolchain failure into an ExportError naming format, step and op."""
+    try:
+        yield
+    except EdgepackError:
+        raise
+    except Exception as exc:  # the toolchains raise anything (RuntimeError, AssertionError, jax errors)
+        text = str(exc)
+        op = _op_in(text)
+        first = text.strip().splitlines()[0][:300] if text.strip() else ""
+        raise ExportError(
+            f"tflite: {name} failed{' on op ' + op if op else ''}: {type(exc).__name__}: {first}",
+            "replace the op with one litert-torch lowers, or drop the tflite artifact from the profile"
+            if op else hint,
+        ) from exc
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _import_toolchain():
+    # litert-torch prints a rich progress tree on every convert(); edgepack has its own.
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    try:
+        import litert_torch
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"litert-torch is not installed ({exc})", _HINT_INSTALL) from exc
+    return litert_torch
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Convert in eval mode (BatchNorm folding, no dropout) without changing the caller's model."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _to_float_flatbuffer(litert_torch, model, example_inputs) -> bytes:
+    with _step("convert"):
+        return bytes(litert_torch.convert(model, example_inputs).model_content())
+
+
+def _pt2e(litert_torch, model, example_inputs, calibration, per_channel: bool, dynamic: bool) -> bytes:
+    try:
+        from litert_torch.quantize import pt2e_quantizer
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install torchao") from exc
+
+    with _step("quantize (pt2e)", "try quantizer: ai-edge-quantizer, which quantizes the converted graph"):
+        quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+            pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic))
+        graph = torch.export.export(model, example_inputs, strict=False).module()
+        graph = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            # dynamic: one pass only initialises the per-channel weight observers
+            for sample in (calibration if not dynamic else [example_inputs]):
+                graph(*sample)
+        graph = convert_pt2e(graph, fold_quantize=False)
+        move_exported_model_to_eval(graph)
+        graph.training = False  # the flag litert-torch checks; the ops are already eval-mode ops
+    with _step("convert"):
+        edge = litert_torch.convert(graph, example_inputs, quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        return bytes(edge.model_content())
+
+
+def _aeq(float_model: bytes, precision: str, per_channel: bool = True, calibration=None,
+         threads: int = 1) -> bytes:
+    """Apply an ai-edge-quantizer recipe to the float flatbuffer: fp16 weights, dynamic-range
+    int8, or static int8 (calibrated)."""
+    try:
+        from ai_edge_quantizer import qtyping, quantizer as aeq
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"ai-edge-quantizer is not installed ({exc})", _HINT_INSTALL) from exc
+    every_op = qtyping.TFLOperationName.ALL_SUPPORTED
+    granularity = qtyping.QuantGranularity.CHANNELWISE if per_channel else qtyping.QuantGranularity.TENSORWISE
+    with _step("quantize (ai-edge-quantizer)"):
+        qz = aeq.Quantizer(float_model)
+        if precision == "fp16":
+            qz.add_weight_only_config(".*", every_op, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+        elif precision == "int8-dynamic":
+            qz.add_dynamic_config(".*", every_op, 8, granularity)
+        else:
+            qz.add_static_config(".*", every_op, 8, 8, granularity)
+        ranges = _aeq_calibrate(float_model, qz, calibration, threads) if precision == "int8" else None
+        return bytes(qz.quantize(ranges, enable_progress_report=False).quantized_model)
+
+
+def _aeq_calibrate(float_model: bytes, qz, calibration, threads: int) -> dict:
+    """Quantizer.calibrate() with one change: ranges are the global min/max over all samples,
+    not AEQ's default moving average of per-sample ranges, which clips (see the measurements
+    above AUTO_QUANTIZER)."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    recipe = recipe_manager.RecipeManager()
+    recipe.load_quantization_recipe(qz.get_quantization_recipe())
+    calib = calibrator.Calibrator(float_model, num_threads=max(1, threads),
+                                  qsv_update_func=qsv_utils.min_max_update)
+    samples = [{f"args_{i}": t.detach().cpu().numpy() for i, t in enumerate(s)} for s in calibration]
+    calib.calibrate({_SIGNATURE: samples}, recipe)
+    return calib.get_model_qsvs()
+
+
+def _build(config: TFLiteArtifact, ctx: ExportContext, litert_torch) -> bytes:
+    model, inputs = ctx.model, tuple(ctx.example_inputs)
+    calibration = [tuple(sample) for sample in ctx.calibration[: config.calibration_samples]]
+    if config.precision == "int8" and not calibration:
+        raise ExportError("tflite: int8 needs calibration inputs and the model spec gave none",
+                          "add calibration data to the model spec, or use precision int8-dynamic")
+    if config.resolved_quantizer == "pt2e":
+        return _pt2e(litert_torch, model, inputs, calibration, per_channel=config.granularity == "per-channel",
+                     dynamic=config.precision == "int8-dynamic")
+    float_model = _to_float_flatbuffer(litert_torch, model, inputs)
+    if config.precision == "fp32":
+        return float_model
+    return _aeq(float_model, config.precision, config.granularity == "per-channel", calibration, ctx.threads)
+
+
+# --------------------------------------------------------------------------- flatbuffer edits / facts
+
+_QUANTIZED_IO = {9: 2, 3: 1}  # TensorType INT8 / UINT8 -> QUANTIZE/DEQUANTIZE op version
+
+
+def float_io(buffer: bytes) -> bytes:
+    """Give a model with int8 IO float32 IO: QUANTIZE after each int8 input, DEQUANTIZE before
+    each int8 output, reusing the tensors' own scale/zero point (what TFLite's old converter
+    emitted for inference_input_type=float). The float tensors take over the original names and
+    signature entries, so a device feeds float32 under the same names."""
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(buffer))
+
+    def opcode(code: int, version: int) -> int:
+        for index, oc in enumerate(model.operatorCodes):
+            if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code and oc.version == version:
+                return index
+        oc = fb.OperatorCodeT()
+        oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
+        model.operatorCodes.append(oc)
+        return len(model.operatorCodes) - 1
+
+    for sg_index, sg in enumerate(model.subgraphs):
+        signatures = [s for s in (model.signatureDefs or []) if s.subgraphIndex == sg_index]
+        if sg_index and not signatures:
+            continue  # control-flow body subgraphs keep their internal int8 tensors
+        added = {True: [], False: []}
+        for is_input, indices in ((True, sg.inputs), (False, sg.outputs)):
+            for pos, q_index in enumerate(indices):
+                q = sg.tensors[q_index]
+                if q.type not in _QUANTIZED_IO:
+                    continue
+                f = fb.TensorT()
+                f.name, f.type, f.buffer, f.hasRank = q.name, fb.TensorType.FLOAT32, 0, q.hasRank
+                f.shape = list(q.shape)
+                f.shapeSignature = None if q.shapeSignature is None else list(q.shapeSignature)
+                q.name = (q.name.decode() if isinstance(q.name, bytes) else q.name) + "_int8"
+                sg.tensors.append(f)
+                f_index = len(sg.tensors) - 1
+                op = fb.OperatorT()
+                if is_input:
+                    op.opcodeIndex = opcode(fb.BuiltinOperator.QUANTIZE, _QUANTIZED_IO[q.type])
+                    op.inputs, op.outputs = [f_index], [q_index]
+                else:
+                    op.opcodeIndex = opcode(fb.BuiltinOperator.DEQUANTIZE, _QUANTIZED_IO[q.type])
+                    op.inputs, op.outputs = [q_index], [f_index]
+                added[is_input].append(op)
+                indices[pos] = f_index
+                for signature in signatures:
+                    for entry in (signature.inputs if is_input else signature.outputs):
+                        if entry.tensorIndex == q_index:
+                            entry.tensorIndex = f_index
+        sg.operators = added[True] + list(sg.operators) + added[False]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+_TYPE_BYTES = {0: 4, 1: 2, 2: 4, 3: 1, 4: 8, 6: 1, 7: 2, 9: 1, 10: 8, 15: 4, 16: 2, 18: 2}
+_NUMPY_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16",
+                9: "int8", 10: "float64", 15: "uint32", 16: "uint16", 18: "bfloat16"}
+
+
+def describe(buffer: bytes) -> dict[str, Any]:
+    """Facts read from the flatbuffer itself (not the interpreter, which shows XNNPACK's
+    DELEGATE node instead of the ops): builtin op counts, ops still computing in float,
+    signature IO dtypes, and an upper bound on activation memory (ai-edge-litert 2.3's
+    Interpreter does not expose its arena size; the arena reuses memory, so it is smaller)."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    model = fb.Model.GetRootAs(buffer, 0)
+    sg = model.Subgraphs(0)
+    ops: dict[str, int] = {}
+    float_ops: dict[str, int] = {}
+    for i in range(sg.OperatorsLength()):
+        op = sg.Operators(i)
+        oc = model.OperatorCodes(op.OpcodeIndex())
+        name = names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), oc.CustomCode() or "CUSTOM")
+        name = name.decode() if isinstance(name, bytes) else name
+        ops[name] = ops.get(name, 0) + 1
+        outputs = [sg.Tensors(op.Outputs(j)).Type() for j in range(op.OutputsLength()) if op.Outputs(j) >= 0]
+        if name not in ("QUANTIZE", "DEQUANTIZE") and 0 in outputs:
+            float_ops[name] = float_ops.get(name, 0) + 1
+    activation_bytes = 0
+    for i in range(sg.TensorsLength()):
+        tensor = sg.Tensors(i)
+        buf = model.Buffers(tensor.Buffer())
+        if buf is not None and (buf.DataLength() or buf.Size()):
+            continue  # constant
+        numel = 1
+        for d in range(tensor.ShapeLength()):
+            numel *= max(1, tensor.Shape(d))
+        activation_bytes += numel * _TYPE_BYTES.get(tensor.Type(), 4)
+    io: dict[str, dict[str, str]] = {"inputs": {}, "outputs": {}}
+    if model.SignatureDefsLength():
+        sig = model.SignatureDefs(0)
+        for key, count, get in (("inputs", sig.InputsLength(), sig.Inputs), ("outputs", sig.OutputsLength(), sig.Outputs)):
+            for j in range(count):
+                entry = get(j)
+                io[key][entry.Name().decode()] = _NUMPY_NAMES.get(sg.Tensors(entry.TensorIndex()).Type(), "other")
+    return {"ops": dict(sorted(ops.items())), "float_compute_ops": dict(sorted(float_ops.items())),
+            "signature_io": io, "activation_bytes_upper_bound": activation_bytes}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _quantization_record(config: TFLiteArtifact, ctx: ExportContext) -> dict[str, Any] | None:
+    quantizer = config.resolved_quantizer
+    if quantizer is None:
+        return None
+    record: dict[str, Any] = {"quantizer": quantizer, "precision": config.precision}
+    if config.precision == "fp16":
+        record["recipe"] = "weight-only float16 (FLOAT_CASTING), float32 compute"
+        return record
+    record["weights"] = "int8 symmetric"
+    record["granularity"] = config.granularity
+    if config.precision == "int8-dynamic":
+        record["activations"] = "float32, quantized per inference by the kernels"
+    else:
+        record["activations"] = "int8 per-tensor affine, " + (
+            "histogram observer" if quantizer == "pt2e" else "global min/max")
+        record["calibration_samples"] = min(config.calibration_samples, len(ctx.calibration))
+    return record
+
+
+def _notes(config: TFLiteArtifact, ctx: ExportContext, facts: dict[str, Any]) -> list[str]:
+    notes = []
+    io = facts["signature_io"]
+    float_io_tensors = [name for group in io.values() for name, dtype in group.items() if dtype != "int8"]
+    if config.precision == "int8" and config.io == "int8" and float_io_tensors:
+        notes.append(f"tflite int8: IO {', '.join(float_io_tensors)} remain float32 ({config.resolved_quantizer} "
+                     "did not quantize the op next to them); the runner reports them without scale")
+    if config.precision == "int8" and facts["float_compute_ops"]:
+        notes.append(f"tflite int8: ops still computing in float: {facts['float_compute_ops']}")
+    if any(t.dtype in (torch.int64, torch.float64) for t in ctx.example_inputs):
+        notes.append("tflite: 64-bit inputs/outputs are 32-bit in the .tflite (litert-torch enable_x64=False); "
+                     "to_native casts golden inputs to the runner's dtype")
+    return notes
+
+
+def export(config: TFLiteArtifact, ctx: ExportContext) -> ExportResult:
+    litert_torch = _import_toolchain()
+    with _eval_mode(ctx.model):
+        flatbuffer = _build(config, ctx, litert_torch)
+    if config.precision == "int8" and config.io == "float":
+        with _step("quantize (float io)"):
+            flatbuffer = float_io(flatbuffer)
+
+    path = Path(ctx.workdir) / config.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(flatbuffer)
+    os.replace(partial, path)
+
+    facts = describe(flatbuffer)
+    details = {
+        "quantization": _quantization_record(config, ctx),
+        "io": {"type": config.io if config.precision == "int8" else "float", **facts["signature_io"]},
+        "layout": "inputs keep the PyTorch layout (e.g. NCHW); the converter inserts TRANSPOSE ops",
+        "signature": _SIGNATURE,
+        "ops": facts["ops"],
+        # only meaningful for int8: the ops an integer-only accelerator could not take
+        "float_compute_ops": facts["float_compute_ops"] if config.precision == "int8" else None,
+        "activation_bytes_upper_bound": facts["activation_bytes_upper_bound"],
+        "toolchain": {name: _version(name) for name in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert")},
+    }
+    return ExportResult(files=[path], runtime="litert", details=details, notes=_notes(config, ctx, facts))
