@@ -105,6 +105,9 @@ class ExecuTorchRunner:
         # execute() returns clones (clone_outputs=True), so the arrays do not alias the arena.
         return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outputs]
 
+    def info(self) -> dict:
+        return info()
+
 
 def _check_header(path: Path) -> None:
     """Reject files that are clearly not ExecuTorch programs with a readable message."""
