@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -41,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="dist", help="output root (default: dist)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    build.add_argument("--no-repro-check", action="store_true",
+                       help="skip exporting each artifact twice to check its bytes are reproducible")
+    build.add_argument("--no-zip", action="store_true", help="do not write dist/<model>-<target>.zip")
     build.add_argument("--keep-going", action="store_true",
                        help="build the other formats when one fails (the exit code is still non-zero)")
 
@@ -52,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print a bundle's manifest as a table")
     inspect.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
     inspect.add_argument("--json", action="store_true")
+
+    validate = sub.add_parser("validate", help="re-run parity from a bundle (directory or .zip) on this host")
+    validate.add_argument("bundle", help="bundle directory (dist/<model>/<target>) or its .zip")
+    validate.add_argument("--artifact", help="validate only this file, e.g. model.onnx")
+    validate.add_argument("--threads", type=int, help="runtime threads (default: the profile's, capped at the CPUs)")
+    validate.add_argument("--timeout", type=float, default=300.0, help="seconds a runtime may take per call")
+    validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
+    ingest = sub.add_parser("ingest", help="merge a device_report.json into a bundle's manifest")
+    ingest.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
+    ingest.add_argument("report", help="device_report.json from device/validate.py or device/run_android.sh")
+    ingest.add_argument("--json", action="store_true", help="print the updated manifest as JSON on stdout")
     return parser
 
 
@@ -70,7 +87,8 @@ def cmd_build(args) -> int:
     spec = load_spec(args.spec)
     for note in spec.notes:
         err_console.print(f"[yellow]note:[/] {note}")
-    options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=_progress(args))
+    options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=_progress(args),
+                           check_reproducible=not args.no_repro_check, write_zip=not args.no_zip)
     result = build(spec, profile, str(args.target), options)
     if args.json:
         sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
@@ -81,7 +99,7 @@ def cmd_build(args) -> int:
             err_console.print(f"[bold red]failed:[/] {message}")
         err_console.print(f"report written to {result.bundle_dir}; the last good bundle was left untouched")
     elif not args.quiet:
-        err_console.print(f"[green]bundle:[/] {result.bundle_dir}")
+        err_console.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else ""))
     return result.exit_code
 
 
@@ -127,6 +145,65 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from .validate import validate_bundle
+
+    progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
+    result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
+                             timeout_s=args.timeout, progress=progress)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+        return result.exit_code
+    table = Table(title=f"{result.manifest.model.name} for {result.manifest.target.name}: re-validated on this host")
+    for column in ("file", "runtime", "result", "cosine min", "SQNR dB", "max|err|", "top-1", "vs build host"):
+        table.add_column(column, justify="left" if column in ("file", "runtime", "result") else "right")
+    for check in result.artifacts:
+        outputs = check.parity.outputs
+        top1 = [o.top1_agreement for o in outputs if o.top1_agreement is not None]
+        agreement = check.host_agreement
+        same = "identical" if agreement["identical"] else "max diff " + ", ".join(
+            f"{o.get('max_abs_diff', 0):.3g}" for o in agreement["outputs"])
+        table.add_row(check.file, f"{check.runtime} {check.runtime_version}",
+                      "[green]pass[/]" if check.passed else "[red]PARITY FAILED[/]",
+                      f"{min(o.cosine_min for o in outputs):.5f}", f"{min(o.sqnr_db for o in outputs):.1f}",
+                      f"{max(o.max_abs_error for o in outputs):.3g}", f"{min(top1):.1%}" if top1 else "-", same)
+    out_console.print(table)
+    for note in result.skipped:
+        err_console.print(f"[yellow]skipped:[/] {_escape(note)}")
+    for check in result.artifacts:
+        if not check.passed:
+            err_console.print(f"[bold red]parity failure:[/] {check.file}\n" + _escape(check.parity.summary()))
+    if result.exit_code == 0:
+        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s), {result.files_verified} file(s) verified")
+    return result.exit_code
+
+
+def cmd_ingest(args) -> int:
+    from .ingest import ingest_report
+
+    result = ingest_report(Path(args.bundle), Path(args.report))
+    if args.json:
+        sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
+    else:
+        device = result.measurement.device
+        err_console.print(f"device: {_escape(str(device.get('label') or device.get('machine') or 'unknown'))} "
+                          f"({_escape(result.measurement.created_by)})")
+        for summary in result.measurement.artifacts:
+            line = f"  {summary['file']}: {summary['status']}"
+            latency = summary.get("latency")
+            if latency:
+                figure = latency.get("p50_ms") if latency.get("p50_ms") is not None else latency.get("mean_ms")
+                which = "p50" if latency.get("p50_ms") is not None else "mean"
+                line += f", {which} {figure:.3f} ms ({latency.get('tool')}, {latency.get('threads')} thread(s))"
+            if summary.get("budgets"):
+                line += ", within budget" if summary["budgets"]["passed"] else ", OVER BUDGET"
+            err_console.print(_escape(line))
+    for message in result.messages:
+        err_console.print(f"[bold red]failed:[/] {_escape(message)}")
+    err_console.print(f"manifest updated: {Path(args.bundle) / 'manifest.json'}")
+    return result.exit_code
+
+
 def print_manifest(manifest, console: Console) -> None:
     console.print(f"[bold]{manifest.model.name}[/] for [bold]{manifest.target.name}[/]: "
                   f"{'[green]passed[/]' if manifest.status == 'passed' else '[red]failed[/]'}  "
@@ -165,7 +242,8 @@ def print_manifest(manifest, console: Console) -> None:
         console.print(f"[red]failure:[/] {failure}")
 
 
-COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect}
+COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
+            "ingest": cmd_ingest}
 
 
 def _on_sigterm(signum, frame):
@@ -175,6 +253,12 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not args.debug:
+        # Exporters' deprecation chatter is not for the user of a build; --debug shows it.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except EdgepackError as exc:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import bundle as bundle_mod
+from . import package
 from .costmodel import estimate_latency
 from .bundle import ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo
 from .errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
@@ -51,6 +52,10 @@ class BuildOptions:
     keep_going: bool = False
     progress: Callable[[str], None] | None = None
     runtime_timeout_s: float = 300.0
+    # Export every artifact twice and record whether the bytes are identical (doubles export time).
+    check_reproducible: bool = True
+    # Also write dist/<model>-<target>.zip (deterministic) beside the bundle directory.
+    write_zip: bool = True
     # Test hook: called with the step name before each step; raising there simulates a failure.
     step_hook: Callable[[str], None] | None = None
 
@@ -61,6 +66,7 @@ class BuildResult:
     bundle_dir: Path
     exit_code: int
     messages: list[str] = field(default_factory=list)
+    zip_path: Path | None = None
 
 
 def edgepack_version() -> str:
@@ -234,6 +240,10 @@ class _Builder:
             return ArtifactEntry(status="failed", error=exc.message, **base)
         files = result.files
         main = files[0]
+        reproducible = None
+        if self.options.check_reproducible:
+            self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
+            reproducible = package.check_reproducible(entry.module.export, config, ctx, files)
         self.say(f"validating {label} in {result.runtime}")
         try:
             with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], main, self.threads,
@@ -287,7 +297,7 @@ class _Builder:
             parity=parity.to_dict(), latency=latency,
             size={"bytes": total_bytes, "float_reference_bytes": ref_bytes,
                   "ratio_to_float": round(total_bytes / ref_bytes, 4)},
-            accuracy=accuracy, budgets=budgets, **base,
+            accuracy=accuracy, budgets=budgets, reproducible=reproducible, **base,
         )
 
 
@@ -389,11 +399,19 @@ def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions |
                             "choose a writable --out directory") from exc
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
-            manifest = builder.run(staged, Path(scratch))
+            builder.run(staged, Path(scratch))
+        builder.step("package")
+        package.install_kit(staged)
+        manifest = package.seal_bundle(staged)
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
         builder.step("commit")
         bundle_mod.commit_dir(staged, final)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.exit_code, messages=builder.failures)
+    zip_path = None
+    if options.write_zip and manifest.status == "passed":
+        zip_path = Path(options.out_dir) / f"{spec.name}-{profile.name}.zip"
+        package.write_zip(final, zip_path)
+    return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.exit_code, messages=builder.failures,
+                       zip_path=zip_path)

@@ -1,0 +1,229 @@
+"""Merge a device_report.json (from device/validate.py or device/run_android.sh) into a bundle.
+
+    edgepack ingest dist/<model>/<target> device_report.json
+
+For each artifact the report measured (matched by file name and sha256), the manifest gets
+``artifacts[].device_latency`` (source "device", the tool, the device, p50/p90/min/mean) and the
+profile's budgets are checked again with the device figure (p50, or the mean when the tool
+reports only a mean). The report itself is summarised in ``device_measurements``.
+
+A device parity failure or a budget exceeded on the device marks the artifact and the manifest
+failed and exits 1; a runtime error on the device exits 3. Ingest adds failures, it never
+clears one recorded by the build or an earlier ingest: rebuild to start again. Ingesting the
+same report twice replaces its earlier entry. manifest.json is rewritten atomically and is
+checked against the JSON Schema before it is written; payload_sha256 does not cover it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .bundle import DeviceLatency, DeviceMeasurement, Manifest, load_bundle_manifest, load_json_schema
+from .errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError
+from .package import write_manifest_atomic
+
+REPORT_KIND = "edgepack-device-report"
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # newer kits may add fields
+
+
+class ReportLatency(_Lenient):
+    source: Literal["device"]
+    tool: str
+    runtime: str | None = None
+    runtime_version: str | None = None
+    threads: int | None = None
+    warmup: int | None = None
+    runs: int | None = None
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    min_ms: float | None = None
+    mean_ms: float | None = None
+
+
+class ReportArtifact(_Lenient):
+    file: str
+    sha256: str | None = None
+    # passed / parity-failed: validate.py checked parity; measured: latency only (benchmark tools)
+    status: Literal["passed", "parity-failed", "measured", "skipped", "error"]
+    reason: str | None = None
+    runtime: str | None = None
+    runtime_version: str | None = None
+    parity: dict[str, Any] | None = None
+    latency: ReportLatency | None = None
+
+
+class DeviceReport(_Lenient):
+    schema_version: Literal[1]
+    kind: Literal["edgepack-device-report"]
+    created_by: str
+    created_at: str | None = None
+    bundle: dict[str, Any] | None = None
+    device: dict[str, Any] = {}
+    artifacts: list[ReportArtifact] = []
+    error: str | None = None
+
+
+@dataclass
+class IngestResult:
+    manifest: Manifest
+    measurement: DeviceMeasurement
+    exit_code: int
+    messages: list[str] = field(default_factory=list)
+
+
+def read_report(path: Path) -> tuple[DeviceReport, str]:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the device report ({exc.strerror or exc})",
+                          "pass the device_report.json written by device/validate.py") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})", "pass the device_report.json written by the kit") from None
+    try:
+        report = DeviceReport.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise BundleError(f"{path}: not an edgepack device report: {where}: {err['msg']}",
+                          "pass the device_report.json written by device/validate.py or run_android.sh") from None
+    return report, hashlib.sha256(raw).hexdigest()
+
+
+def _label(device: dict[str, Any]) -> str:
+    return str(device.get("label") or device.get("model") or device.get("machine") or "device")
+
+
+def _parity_failures(parity: dict[str, Any] | None) -> str:
+    if not parity:
+        return "no figures in the report"
+    bits = [f"{o.get('name')}: " + "; ".join(o.get("failures") or []) for o in parity.get("outputs") or []
+            if not o.get("passed", True)]
+    return ", ".join(bits) or "see the report"
+
+
+def ingest_report(bundle_dir: Path, report_path: Path) -> IngestResult:
+    root = Path(bundle_dir)
+    manifest = load_bundle_manifest(root)
+    report, report_sha = read_report(report_path)
+    report_path = Path(report_path)
+    if report.error:
+        raise BundleError(f"{report_path}: the device run stopped before measuring: {report.error}",
+                          "fix that on the device and run device/validate.py again")
+    if report.bundle:
+        for key, mine in (("model", manifest.model.name), ("target", manifest.target.name)):
+            theirs = report.bundle.get(key)
+            if theirs is not None and theirs != mine:
+                raise BundleError(f"{report_path}: measured {key} {theirs!r}, this bundle is {key} {mine!r}",
+                                  "ingest the report into the bundle it was made from")
+    by_file = {a.file: a for a in manifest.artifacts if a.file}
+    budgets = manifest.target.profile.get("budgets") or {}
+    label = _label(report.device)
+    failures: list[str] = []
+    summaries: list[dict[str, Any]] = []
+    exit_code = EXIT_OK
+    updated = {}
+    for rep in report.artifacts:
+        art = by_file.get(rep.file)
+        if art is None:
+            raise BundleError(f"{report_path}: reports {rep.file!r}, which this bundle does not ship",
+                              "ingest the report into the bundle it was made from")
+        if rep.sha256 and art.sha256 and rep.sha256 != art.sha256:
+            raise BundleError(f"{report_path}: measured a different {rep.file} (sha256 {rep.sha256[:16]}..., "
+                              f"bundle {art.sha256[:16]}...)", "ingest the report into the bundle it was made from")
+        summary: dict[str, Any] = {"file": rep.file, "status": rep.status, "runtime": rep.runtime,
+                                   "runtime_version": rep.runtime_version}
+        summaries.append(summary)
+        if rep.status == "skipped":
+            summary["reason"] = rep.reason
+            continue
+        mine: list[str] = []
+        if rep.status == "error":
+            summary["reason"] = rep.reason
+            mine.append(f"{rep.file}: the runtime failed on {label}: {rep.reason}")
+            exit_code = max(exit_code, EXIT_EXPORT_OR_RUNTIME)
+        parity_passed = {"passed": True, "parity-failed": False}.get(rep.status)
+        if rep.parity is not None:
+            summary["parity"] = rep.parity
+        if parity_passed is False:
+            mine.append(f"{rep.file}: parity failed on {label}: {_parity_failures(rep.parity)}")
+            exit_code = max(exit_code, EXIT_PARITY_OR_BUDGET)
+        entry = art
+        lat = rep.latency
+        if lat is not None and (lat.p50_ms is not None or lat.mean_ms is not None):
+            statistic = "p50_ms" if lat.p50_ms is not None else "mean_ms"
+            value = float(getattr(lat, statistic))
+            over = []
+            if budgets.get("max_latency_ms") is not None and value > budgets["max_latency_ms"]:
+                over.append(f"device {statistic[:-3]} {value:.3f} ms > max_latency_ms {budgets['max_latency_ms']}")
+            if budgets.get("max_bytes") is not None and (art.bytes or 0) > budgets["max_bytes"]:
+                over.append(f"{art.bytes} bytes > max_bytes {budgets['max_bytes']}")
+            budget = None
+            if budgets.get("max_latency_ms") is not None or budgets.get("max_bytes") is not None:
+                budget = {"max_bytes": budgets.get("max_bytes"), "max_latency_ms": budgets.get("max_latency_ms"),
+                          "latency_source": "device", "statistic": statistic, "latency_ms": value,
+                          "passed": not over, "failures": over}
+            if over:
+                mine.append(f"{rep.file}: budget exceeded on {label} ({lat.tool}): " + "; ".join(over))
+                exit_code = max(exit_code, EXIT_PARITY_OR_BUDGET)
+            device_latency = DeviceLatency(
+                tool=lat.tool, device=report.device, runtime=lat.runtime or rep.runtime,
+                runtime_version=lat.runtime_version or rep.runtime_version, threads=lat.threads,
+                warmup=lat.warmup, runs=lat.runs, p50_ms=lat.p50_ms, p90_ms=lat.p90_ms, min_ms=lat.min_ms,
+                mean_ms=lat.mean_ms, budget_statistic=statistic, parity_passed=parity_passed, budgets=budget,
+                report_sha256=report_sha)
+            summary["latency"] = lat.model_dump()
+            summary["budgets"] = budget
+            entry = entry.model_copy(update={"device_latency": device_latency})
+        elif rep.status in ("passed", "measured"):
+            summary["note"] = "no latency in the report"
+        # A runtime error on the device fails the manifest but keeps the artifact's host verdict.
+        if entry.status == "ok" and parity_passed is False:
+            entry = entry.model_copy(update={"status": "parity-failed"})
+        elif entry.status == "ok" and summary.get("budgets") and not summary["budgets"]["passed"]:
+            entry = entry.model_copy(update={"status": "budget-exceeded"})
+        failures += mine
+        updated[rep.file] = entry
+    if not any(s["status"] != "skipped" for s in summaries):
+        raise BundleError(f"{report_path}: measured nothing (every artifact was skipped or none was listed)",
+                          "install a runtime on the device (see device/README.md) and run the kit again")
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    measurement = DeviceMeasurement(report=report_path.name, report_sha256=report_sha, created_by=report.created_by,
+                                    created_at=report.created_at, ingested_at=now, device=report.device,
+                                    passed=not failures, failures=failures, artifacts=summaries)
+    manifest_failures = list(manifest.failures)
+    for message in failures:
+        text = f"device: {message}"
+        if text not in manifest_failures:
+            manifest_failures.append(text)
+    new = manifest.model_copy(update={
+        "artifacts": [updated.get(a.file, a) if a.file else a for a in manifest.artifacts],
+        "device_measurements": [m for m in manifest.device_measurements if m.report_sha256 != report_sha]
+        + [measurement],
+        "failures": manifest_failures,
+        "status": "failed" if manifest_failures else manifest.status,
+    })
+    data = json.loads(new.model_dump_json())
+    try:
+        jsonschema.validate(data, load_json_schema())
+    except jsonschema.ValidationError as exc:  # a bug here, not in the user's files: say so plainly
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise BundleError(f"ingest produced a manifest that fails the schema at {where}: {exc.message[:200]}",
+                          "manifest.json was left unchanged; report this as an edgepack bug") from None
+    new = Manifest.model_validate(data)
+    write_manifest_atomic(root, new)
+    return IngestResult(manifest=new, measurement=measurement, exit_code=exit_code, messages=failures)

@@ -1,0 +1,295 @@
+"""Re-validate a bundle on this host from the bundle alone (no spec, no torch model).
+
+    edgepack validate dist/<model>/<target>        or        edgepack validate out/<model>-<target>.zip
+
+1. the manifest must match the JSON Schema (BundleError, exit 2);
+2. every file the manifest lists must have its recorded sha256 (BundleError naming the file, exit 2);
+3. each artifact runs in its own runtime in a child process with a timeout (RuntimeSession;
+   a crash or hang is a RuntimeCheckError, exit 3), fed exactly golden/<file>.inputs.npz;
+4. its dequantized outputs are compared with golden/reference_outputs.npz under the manifest's
+   thresholds with edgepack.parity (exit 1 when any artifact fails).
+
+A .zip is checked before anything is extracted: absolute paths, '..' components, symlinks and
+duplicate names are refused; it is then extracted to a temp dir that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+import numpy as np
+
+from .bundle import ArtifactEntry, Manifest, load_bundle_manifest, load_npz, sha256_file
+from .errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
+from .export import RUNTIME_FOR_FORMAT
+from .package import MANIFEST, zip_payload_sha256
+from .parity import ParityReport, compare
+from .runtimes.base import TensorIO, from_native
+from .runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
+
+# Importable module(s) each runner needs; the first one found is enough.
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "executorch": ("executorch",),
+                   "litert": ("ai_edge_litert", "tflite_runtime")}
+RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "executorch": "executorch==1.5.1",
+                    "litert": "ai-edge-litert==2.3.*"}
+
+
+@dataclass
+class ArtifactCheck:
+    file: str
+    format: str
+    precision: str
+    runtime: str
+    runtime_version: str
+    parity: ParityReport
+    host_agreement: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.parity.passed
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "format": self.format, "precision": self.precision, "runtime": self.runtime,
+                "runtime_version": self.runtime_version, "passed": self.passed, "parity": self.parity.to_dict(),
+                "host_agreement": self.host_agreement}
+
+
+@dataclass
+class ValidationResult:
+    source: Path
+    manifest: Manifest
+    files_verified: int
+    artifacts: list[ArtifactCheck] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if all(a.passed for a in self.artifacts) else EXIT_PARITY_OR_BUDGET
+
+    def to_dict(self) -> dict:
+        return {"source": str(self.source), "model": self.manifest.model.name, "target": self.manifest.target.name,
+                "passed": self.exit_code == EXIT_OK, "exit_code": self.exit_code,
+                "files_verified": self.files_verified, "artifacts": [a.to_dict() for a in self.artifacts],
+                "skipped": self.skipped}
+
+
+def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | None = None,
+                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    progress: Callable[[str], None] | None = None) -> ValidationResult:
+    """Validate a bundle directory or a bundle .zip. Raises BundleError / RuntimeCheckError /
+    RuntimeUnavailable; a parity failure is reported in the result (exit_code 1), not raised."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
+            root, payload = extract_bundle_zip(path, Path(scratch))
+            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload)
+    if path.is_file():
+        raise BundleError(f"{path}: neither a bundle directory nor a zip", "pass dist/<model>/<target> or its .zip")
+    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None)
+
+
+# --- zip ---------------------------------------------------------------------------------
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def check_zip_entries(archive: zipfile.ZipFile, zip_path: Path) -> None:
+    """Refuse entries that would land outside the extraction dir, before extracting anything."""
+    seen: set[str] = set()
+    for info in archive.infolist():
+        name = info.filename
+        why = None
+        if name.startswith(("/", "\\")) or _DRIVE.match(name):
+            why = "is an absolute path"
+        elif "\\" in name:
+            why = "contains a backslash"
+        elif ".." in PurePosixPath(name).parts:
+            why = "has a '..' component"
+        elif stat_is_symlink(info):
+            why = "is a symlink"
+        elif name in seen:
+            why = "appears twice"
+        if why:
+            raise BundleError(f"{zip_path}: entry {name!r} {why}; refusing to extract",
+                              "the archive was not written by edgepack or was tampered with; rebuild the bundle")
+        seen.add(name)
+
+
+def stat_is_symlink(info: zipfile.ZipInfo) -> bool:
+    return info.create_system == 3 and (info.external_attr >> 16) & 0o170000 == 0o120000
+
+
+def extract_bundle_zip(zip_path: Path, scratch: Path) -> tuple[Path, str]:
+    """Check and extract; return the bundle root (the zip's top folder, or the zip root) and the
+    payload digest of the zip's entries."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{zip_path}: not a readable zip ({exc})", "copy or rebuild the archive") from None
+    with archive:
+        check_zip_entries(archive, zip_path)
+        names = [i.filename for i in archive.infolist() if not i.is_dir()]
+        if MANIFEST in names:
+            prefix = ""
+        else:
+            tops = {n.split("/", 1)[0] for n in names}
+            if len(tops) != 1 or f"{next(iter(tops))}/{MANIFEST}" not in names:
+                raise BundleError(f"{zip_path}: no manifest.json at the top or in a single top folder",
+                                  "pass a zip written by edgepack build")
+            prefix = next(iter(tops)) + "/"
+        try:
+            archive.extractall(scratch)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:  # CRC errors, truncation
+            raise BundleError(f"{zip_path}: cannot extract ({exc})", "copy or rebuild the archive") from None
+        root = scratch / prefix.rstrip("/") if prefix else scratch
+        manifest = load_bundle_manifest(root)
+        if manifest.package is not None:
+            listed = {e.path for e in manifest.package.files} | {MANIFEST}
+            extra = sorted(n[len(prefix):] for n in names if n[len(prefix):] not in listed)
+            if extra:
+                raise BundleError(f"{zip_path}: entries the manifest does not list: {extra[:5]}",
+                                  "the archive was modified after the build; rebuild it")
+        digest = zip_payload_sha256(archive, prefix)
+    return root, digest
+
+
+# --- files -------------------------------------------------------------------------------
+
+def _inside(root: Path, relative: str) -> Path:
+    parts = PurePosixPath(relative).parts
+    if PurePosixPath(relative).is_absolute() or ".." in parts:
+        raise BundleError(f"manifest.json names {relative!r}, outside the bundle", "rebuild the bundle")
+    return root.joinpath(*parts)
+
+
+def verify_files(root: Path, manifest: Manifest) -> int:
+    """Check the size and sha256 of every file the manifest lists; returns how many."""
+    entries = {}
+    if manifest.package is not None:
+        entries.update({e.path: e for e in manifest.package.files})
+    for art in manifest.artifacts:
+        entries.update({e.path: e for e in art.files})
+    needed = [manifest.golden.inputs, manifest.golden.reference_outputs]
+    for art in manifest.artifacts:
+        if art.golden is not None:
+            needed += [art.golden.inputs, art.golden.outputs]
+    for relative in needed:
+        if not _inside(root, relative).is_file():
+            raise BundleError(f"{root / relative}: missing", "the bundle is incomplete; copy or rebuild it")
+    for relative in sorted(entries):
+        entry, path = entries[relative], _inside(root, relative)
+        if not path.is_file():
+            raise BundleError(f"{path}: missing", "the bundle is incomplete; copy or rebuild it")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise BundleError(f"{path}: checksum mismatch (sha256 {actual[:16]}..., manifest {entry.sha256[:16]}...)",
+                              "the file was modified or damaged since the build; copy or rebuild the bundle")
+    return len(entries)
+
+
+def runnable(art: ArtifactEntry) -> bool:
+    return bool(art.file and art.files and art.golden and art.io and art.parity)
+
+
+# --- running -----------------------------------------------------------------------------
+
+def _require_runtime(runtime: str, file: str) -> None:
+    if not any(importlib.util.find_spec(m) is not None for m in RUNTIME_MODULES[runtime]):
+        raise RuntimeUnavailable(f"{file} needs {runtime}, which is not installed here",
+                                 f"pip install {RUNTIME_PACKAGES[runtime]}")
+
+
+def _io_key(t: TensorIO | dict) -> tuple:
+    d = t if isinstance(t, dict) else t.to_dict()
+    return d["name"], d["dtype"], list(d["shape"]), d.get("scale"), d.get("zero_point")
+
+
+def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: int,
+                   timeout_s: float) -> ArtifactCheck:
+    runtime = RUNTIME_FOR_FORMAT.get(art.format)
+    if runtime is None:
+        raise BundleError(f"{art.file}: unknown format {art.format!r}", "validate with the edgepack that built it")
+    _require_runtime(runtime, art.file)
+    in_specs = [TensorIO(**t.model_dump()) for t in art.io.inputs]
+    out_specs = [TensorIO(**t.model_dump()) for t in art.io.outputs]
+    output_names = [t.name for t in manifest.io.outputs]
+    inputs = load_npz(_inside(root, art.golden.inputs))
+    reference = load_npz(_inside(root, manifest.golden.reference_outputs))
+    host = load_npz(_inside(root, art.golden.outputs))
+    for label, data, names in ((art.golden.inputs, inputs, [t.name for t in in_specs]),
+                               (manifest.golden.reference_outputs, reference, output_names),
+                               (art.golden.outputs, host, [t.name for t in out_specs])):
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise BundleError(f"{root / label}: no array(s) {missing}", "the bundle is inconsistent; rebuild it")
+    samples = len(reference[output_names[0]])
+    feeds = [[np.ascontiguousarray(inputs[t.name][i]) for t in in_specs] for i in range(samples)]
+    ref_rows = [[reference[n][i] for n in output_names] for i in range(samples)]
+    with RuntimeSession(runtime, _inside(root, art.file), threads, timeout_s) as session:
+        got_in, got_out = [_io_key(t) for t in session.inputs], [_io_key(t) for t in session.outputs]
+        if got_in != [_io_key(t) for t in in_specs] or got_out != [_io_key(t) for t in out_specs]:
+            raise RuntimeCheckError(
+                f"{art.file}: its IO in {runtime} {session.info.get('version', '')} ({got_in} -> {got_out}) "
+                f"differs from the manifest ({[_io_key(t) for t in in_specs]} -> {[_io_key(t) for t in out_specs]})",
+                f"validate with the runtime version that built it ({art.runtime} {art.runtime_version})")
+        native = [session.run(x) for x in feeds]
+        version = str(session.info.get("version", ""))
+    outputs = [from_native(o, out_specs) for o in native]
+    recorded = art.parity.get("outputs") or []
+    scores = ([o["name"] for o in recorded if o.get("top1_agreement") is not None]
+              if len(recorded) == len(output_names) else None)
+    parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, scores)
+    return ArtifactCheck(file=art.file, format=art.format, precision=art.precision, runtime=runtime,
+                         runtime_version=version, parity=parity, host_agreement=_agreement(native, host, out_specs))
+
+
+def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], specs: list[TensorIO]) -> dict:
+    rows = []
+    for index, spec in enumerate(specs):
+        mine = np.stack([sample[index] for sample in native]).astype(np.float64)
+        theirs = np.asarray(host[spec.name], dtype=np.float64)
+        if mine.shape != theirs.shape:
+            rows.append({"name": spec.name, "identical": False, "detail": f"shape {mine.shape} vs {theirs.shape}"})
+            continue
+        diff = np.abs(mine - theirs)
+        rows.append({"name": spec.name, "identical": bool(np.array_equal(mine, theirs)),
+                     "max_abs_diff": float(np.nanmax(diff)) if diff.size else 0.0,
+                     "mismatched_values": int(np.count_nonzero(diff)), "values": int(diff.size)})
+    return {"identical": all(r["identical"] for r in rows), "outputs": rows}
+
+
+def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int | None, timeout_s: float,
+                  progress: Callable[[str], None] | None, zip_payload: str | None) -> ValidationResult:
+    say = progress or (lambda message: None)
+    manifest = load_bundle_manifest(root)
+    count = verify_files(root, manifest)
+    say(f"sha256 of {count} file(s) match the manifest")
+    if zip_payload is not None and manifest.package is not None and zip_payload != manifest.package.payload_sha256:
+        # Every listed file matched and no entry is unlisted, so the manifest's own digest is wrong.
+        raise BundleError(f"{source}: payload_sha256 of the entries ({zip_payload[:16]}...) differs from the "
+                          f"manifest's ({manifest.package.payload_sha256[:16]}...)", "rebuild the bundle")
+    candidates = [a for a in manifest.artifacts if runnable(a)]
+    if artifact is not None:
+        chosen = [a for a in candidates if a.file == artifact]
+        if not chosen:
+            raise BundleError(f"{source}: no artifact {artifact!r}",
+                              "choose one of: " + (", ".join(a.file for a in candidates) or "(none)"))
+        candidates = chosen
+    if not candidates:
+        raise BundleError(f"{source}: the manifest lists no shipped artifact to validate", "rebuild the bundle")
+    profile_threads = int(manifest.target.profile.get("device", {}).get("threads", 1))
+    threads = threads or max(1, min(profile_threads, os.cpu_count() or 1))
+    result = ValidationResult(source=source, manifest=manifest, files_verified=count)
+    result.skipped = [f"{a.file or a.name + '.' + a.format}: status {a.status}, nothing to run"
+                      for a in manifest.artifacts if not runnable(a) and artifact is None]
+    for art in candidates:
+        say(f"running {art.file} in {RUNTIME_FOR_FORMAT.get(art.format, art.format)}")
+        result.artifacts.append(check_artifact(root, manifest, art, threads, timeout_s))
+    return result
