@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup test clean
+.PHONY: build setup test bench fuzz clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -26,6 +26,14 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Benchmarks are not tests: they take as long as they need and never gate CI.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+# Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one).
+fuzz: $(STAMP)
+	$(BIN)/python -m edgepack.fuzz --cases 2000
 
 clean:
 	rm -rf dist .pytest_cache

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MANIFEST_SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
@@ -257,17 +259,27 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def commit_dir(staged: Path, dest: Path) -> None:
-    """Put ``staged`` at ``dest`` whole. Readers see the old bundle or the new one, never a mix."""
-    if dest.exists() and _exchange(staged, dest):
+    """Put ``staged`` at ``dest`` whole. Readers see the old bundle or the new one, never a mix;
+    when two builds race, the last one to commit wins whole."""
+    if not dest.exists():
+        try:
+            os.rename(staged, dest)
+            return
+        except OSError as exc:  # another build landed first: swap with it instead
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if _exchange(staged, dest):
         shutil.rmtree(staged)  # ``staged`` now holds the previous bundle
         return
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    # No atomic exchange on this system: move the old bundle aside, then rename.
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
         os.rename(dest, old)
-        os.rename(staged, dest)
+    except FileNotFoundError:
+        old = None
+    os.rename(staged, dest)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staged, dest)
 
 
 def commit_file(staged: Path, dest: Path) -> None:
@@ -289,10 +301,25 @@ def load_bundle_manifest(bundle_dir: Path) -> Manifest:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON: {exc}", "the manifest is corrupt; rebuild the bundle") from None
+    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise BundleError(f"{path}: does not match the manifest schema at {where}: {error.message[:300]}",
+                          "the manifest was edited or comes from another version; rebuild the bundle")
     try:
-        jsonschema.validate(data, load_json_schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise BundleError(f"{path}: does not match the manifest schema at {where}: {exc.message[:300]}",
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "/".join(str(p) for p in first["loc"]) or "(top level)"
+        raise BundleError(f"{path}: invalid manifest at {where}: {first['msg'][:300]}",
                           "the manifest was edited or comes from another version; rebuild the bundle") from None
-    return Manifest.model_validate(data)
+
+
+@lru_cache(maxsize=1)
+def _schema_validator():
+    import jsonschema
+
+    schema = load_json_schema()
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    return validator_cls(schema)

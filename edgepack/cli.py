@@ -137,7 +137,10 @@ def cmd_targets(args) -> int:
 def cmd_inspect(args) -> int:
     from .bundle import load_bundle_manifest
 
+    from .validate import verify_files
+
     manifest = load_bundle_manifest(Path(args.bundle))
+    verify_files(Path(args.bundle), manifest)  # a bundle whose files don't match is not shown as valid
     if args.json:
         sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
     else:
@@ -275,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         what = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
-                errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
-        err_console.print(f"[bold red]output error:[/] {_escape(str(exc.filename or ''))}: {what}")
+                errno.EROFS: "read-only file system", errno.EFBIG: "file too large (file-size limit or full disk)",
+                errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+        where = str(exc.filename or getattr(args, "out", None) or "")
+        err_console.print("[bold red]output error:[/] " + _escape(f"{where}: {what}" if where else what))
         err_console.print("  [dim]hint:[/] free space or choose a writable --out; the previous bundle is untouched")
         return EXIT_USAGE
 

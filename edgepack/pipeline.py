@@ -36,7 +36,7 @@ from .modelstats import model_stats
 from .parity import compare
 from .runtimes.base import from_native, to_native
 from .runtimes.session import RuntimeSession
-from .spec import ModelSpec, calibration_list
+from .spec import ModelSpec, calibration_list, guarded_evaluate
 from .stage import StageContext, run_stages, torch_outputs_fn
 
 # Used to check the reference export against torch eager when the profile has no fp32 entry.
@@ -115,6 +115,8 @@ class _Builder:
         self.warnings: list[str] = []
         self.exit_code = EXIT_OK
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
+        # evaluate is user code: whatever it raises becomes a SpecError naming it.
+        self.evaluate = guarded_evaluate(spec.evaluate, spec.source or spec.name) if spec.evaluate else None
 
     def say(self, message: str) -> None:
         if self.options.progress:
@@ -147,14 +149,20 @@ class _Builder:
         if profile.stages:
             self.say(f"compressing: {len(profile.stages)} stage(s)")
         stage_ctx = StageContext(example_inputs=example, calibration=calibration, teacher=spec.model,
-                                 train_data=spec.train_data, loss=spec.loss, evaluate=spec.evaluate,
+                                 train_data=spec.train_data, loss=spec.loss, evaluate=self.evaluate,
                                  student=spec.student)
         model, records = run_stages(spec.model, list(profile.stages), stage_ctx,
                                     on_stage=lambda t: self.say(f"stage {t}"))
 
         self.step("reference")
         self.say("exporting the float reference to ONNX")
-        ref_files = export_float_onnx(model, example, scratch / "reference" / "reference.onnx", input_names, output_names)
+        try:
+            ref_files = export_float_onnx(model, example, scratch / "reference" / "reference.onnx", input_names,
+                                          output_names)
+        except ExportError as exc:
+            raise ExportError(f"the float reference (ONNX, what every artifact is checked against): {exc.message}",
+                              "every build exports the float model to ONNX to check the artifacts; replace the op "
+                              "with one ONNX supports (run with --debug for the full error)") from exc
         parity_samples = calibration[: profile.parity.calibration_samples] + holdout
         parity_inputs = [_np_inputs(s) for s in parity_samples]
         with RuntimeSession("onnxruntime", ref_files[0], self.threads, self.options.runtime_timeout_s) as ref:
@@ -175,11 +183,11 @@ class _Builder:
         bundle_mod.save_npz(golden_dir / "reference_outputs.npz", _stack(reference, output_names))
 
         accuracy: dict[str, Any] = {}
-        if spec.evaluate is not None:
+        if self.evaluate is not None:
             self.say("evaluating the float model")
-            accuracy["float"] = _metrics(spec.evaluate(torch_outputs_fn(spec.model)))
+            accuracy["float"] = _metrics(self.evaluate(torch_outputs_fn(spec.model)))
             if profile.stages:
-                accuracy["compressed_float"] = _metrics(spec.evaluate(torch_outputs_fn(model)))
+                accuracy["compressed_float"] = _metrics(self.evaluate(torch_outputs_fn(model)))
 
         export_ctx = ExportContext(model=model, example_inputs=example, calibration=calibration,
                                    input_names=input_names, output_names=output_names, workdir=staged,
@@ -253,8 +261,8 @@ class _Builder:
                 outputs = [from_native(o, session.outputs) for o in native_outputs]
                 bench = session.bench(native_inputs[0], profile.latency.warmup, profile.latency.runs)
                 accuracy = None
-                if self.spec.evaluate is not None:
-                    accuracy = _metrics(self.spec.evaluate(_session_fn(session)))
+                if self.evaluate is not None:
+                    accuracy = _metrics(self.evaluate(_session_fn(session)))
                 io = ArtifactIO(inputs=[t.to_dict() for t in session.inputs],
                                 outputs=[t.to_dict() for t in session.outputs])
                 load_ms, info = session.load_ms, session.info
@@ -404,14 +412,15 @@ def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions |
         package.install_kit(staged)
         manifest = package.seal_bundle(staged)
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
+        zip_path = None
+        if options.write_zip and manifest.status == "passed":
+            # Zipped from the staged copy: a concurrent build cannot swap the directory mid-zip.
+            zip_path = Path(options.out_dir) / f"{spec.name}-{profile.name}.zip"
+            package.write_zip(staged, zip_path, root_name=zip_path.stem)
         builder.step("commit")
         bundle_mod.commit_dir(staged, final)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    zip_path = None
-    if options.write_zip and manifest.status == "passed":
-        zip_path = Path(options.out_dir) / f"{spec.name}-{profile.name}.zip"
-        package.write_zip(final, zip_path)
     return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.exit_code, messages=builder.failures,
                        zip_path=zip_path)

@@ -6,6 +6,7 @@ A spec comes from a Python file exposing ``spec() -> ModelSpec`` or from
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -14,12 +15,12 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import EdgepackError, SpecError
 
 InputTuple = tuple[torch.Tensor, ...]
 
@@ -74,17 +75,20 @@ def _sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _raised_at(exc: BaseException) -> str:
+    """' at file:line' of the innermost frame that raised ``exc`` (the user's code, usually)."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    return f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+
+
 def _call_spec_fn(fn: Callable[[], Any], where: str) -> Any:
     try:
         return fn()
     except SpecError:
         raise
     except Exception as exc:  # a user's spec() may raise anything; report it with its location
-        tb = traceback.extract_tb(exc.__traceback__)
-        frame = tb[-1] if tb else None
-        at = f" at {frame.filename}:{frame.lineno}" if frame else ""
         raise SpecError(
-            f"{where}: spec() raised {type(exc).__name__}: {exc}{at}",
+            f"{where}: spec() raised {type(exc).__name__}: {exc}{_raised_at(exc)}",
             "fix the spec function so that it returns a ModelSpec (run with --debug for the traceback)",
         ) from exc
 
@@ -191,6 +195,57 @@ def check_spec(spec: ModelSpec, where: str) -> None:
         raise SpecError(f"{where}: calibration is empty", "give at least one real input sample in calibration")
     if spec.holdout is not None:
         calibration_list(spec.holdout, f"{where}: holdout", example=spec.example_inputs)
+    if spec.evaluate is not None:
+        if not callable(spec.evaluate):
+            raise SpecError(f"{where}: evaluate is {type(spec.evaluate).__name__}, not callable",
+                            "set evaluate= to a function evaluate(fn) -> {'top1': ...}, or leave it out")
+        spec.evaluate = guarded_evaluate(spec.evaluate, where)
+
+
+def guarded_evaluate(evaluate: Callable[..., Any], where: str) -> Callable[..., dict[str, float]]:
+    """Wrap a spec's evaluate() so that its failures are SpecErrors naming evaluate (exit 2).
+
+    evaluate() is the user's code, called with the float model and with every artifact; whatever
+    it raises or returns must not surface as a raw traceback. Edgepack's own errors raised through
+    it (a runtime crashing inside ``fn``) pass unchanged.
+    """
+    if getattr(evaluate, "_edgepack_guarded", False):
+        return evaluate
+
+    @functools.wraps(evaluate)
+    def guarded(fn: Callable[..., Any]) -> dict[str, float]:
+        try:
+            values = evaluate(fn)
+        except EdgepackError:
+            raise
+        except Exception as exc:  # the user's evaluate() may raise anything; report it with its location
+            raise SpecError(
+                f"{where}: evaluate() raised {type(exc).__name__}: {exc}{_raised_at(exc)}",
+                "fix the spec's evaluate(fn); it must return a dict of metric name -> number "
+                "(run with --debug for the traceback)",
+            ) from exc
+        return _checked_metrics(values, where)
+
+    guarded._edgepack_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _checked_metrics(values: Any, where: str) -> dict[str, float]:
+    if not isinstance(values, Mapping):
+        raise SpecError(f"{where}: evaluate() returned {type(values).__name__}, not a dict of metrics",
+                        "return a dict such as {'top1': 0.97}")
+    metrics: dict[str, float] = {}
+    for key, value in values.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SpecError(f"{where}: evaluate() returned {type(value).__name__} for metric {key!r}, not a number",
+                            "return one number per metric, e.g. {'top1': 0.97}") from None
+        if not math.isfinite(number):
+            raise SpecError(f"{where}: evaluate() returned {number} for metric {key!r}",
+                            "return finite numbers; check the evaluation data and the model's outputs")
+        metrics[str(key)] = number
+    return metrics
 
 
 def calibration_list(samples: Iterable[InputTuple], where: str, example: InputTuple, limit: int | None = None) -> list[InputTuple]:

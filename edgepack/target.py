@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 PROFILE_SCHEMA_VERSION = 1
+MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
 
@@ -189,8 +190,10 @@ def _format_validation_error(source: str, exc: ValidationError) -> ConfigError:
         elif err["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"{source}: {_loc(loc)}: {msg}")
-    first, rest = lines[0], lines[1:]
+    first, rest = lines[0], lines[1:MAX_ERROR_LINES]
     message = first + "".join(f"\n  {line}" for line in rest)
+    if len(lines) > MAX_ERROR_LINES:
+        message += f"\n  ... and {len(lines) - MAX_ERROR_LINES} more"
     return ConfigError(message, "fix the profile; `edgepack targets show x86-64` prints a valid one")
 
 
@@ -202,6 +205,14 @@ def parse_profile(data: Any, source: str):
         return profile_model().model_validate(data)
     except ValidationError as exc:
         raise _format_validation_error(source, exc) from None
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that dates stay strings: a profile has no date fields, and an
+    impossible date such as ``2024-13-45`` would otherwise escape as a bare ValueError."""
+
+
+_ProfileLoader.add_constructor("tag:yaml.org,2002:timestamp", _ProfileLoader.construct_yaml_str)
 
 
 def load_target(ref: str | os.PathLike):
@@ -220,12 +231,17 @@ def load_target(ref: str | os.PathLike):
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read profile: {exc}", "check the file's permissions and encoding") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ProfileLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}", "fix the YAML syntax at that line and column") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply", "a profile is a few levels deep; "
+                          "check the file is the profile you meant") from None
+    except ValueError as exc:  # a scalar PyYAML recognises but cannot build
+        raise ConfigError(f"{path}: invalid YAML: {exc}", "fix or quote that value") from None
     profile = parse_profile(data, str(path))
     return profile
 

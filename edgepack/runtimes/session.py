@@ -23,6 +23,13 @@ from .protocol import decode_arrays, encode_arrays, read_message, write_message
 DEFAULT_TIMEOUT_S = 300.0
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # e.g. a real-time signal without a name
+        return f"signal {number}"
+
+
 class RuntimeSession:
     """One artifact loaded in a worker process. Use as a context manager."""
 
@@ -36,28 +43,43 @@ class RuntimeSession:
         self.outputs: list[TensorIO] = []
         self.info: dict = {}
         self.load_ms = 0.0
+        self._read_fd: int | None = None
+        self._write_fd: int | None = None
+        self._stderr = None
 
     def __enter__(self) -> "RuntimeSession":
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # A failed load (or Ctrl-C during it) skips __exit__: stop the worker here, or it outlives us.
+            self._kill()
+            self.close()
+            raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            # Interrupted or failed mid-request: the worker may be busy or owe us a reply, so a polite
+            # "exit" could wait the full grace period. Nothing it holds is worth keeping.
+            self._kill()
         self.close()
 
     def start(self) -> None:
         parent_read, child_write = os.pipe()
         child_read, parent_write = os.pipe()
+        self._read_fd, self._write_fd = parent_read, parent_write
         self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edgepack.runtimes.worker", str(child_read), str(child_write)],
-            pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL, stdout=self._stderr,
-            stderr=self._stderr, env=env, start_new_session=True,
-        )
-        os.close(child_read)
-        os.close(child_write)
-        self._read_fd, self._write_fd = parent_read, parent_write
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edgepack.runtimes.worker", str(child_read), str(child_write)],
+                pass_fds=(child_read, child_write), stdin=subprocess.DEVNULL, stdout=self._stderr,
+                stderr=self._stderr, env=env, start_new_session=True,
+            )
+        finally:
+            os.close(child_read)
+            os.close(child_write)
         reply, _ = self._request({"cmd": "load", "runtime": self.runtime, "path": str(self.path.resolve()),
                                   "threads": self.threads}, what="loading")
         self.inputs = [TensorIO(**t) for t in reply["inputs"]]
@@ -75,10 +97,8 @@ class RuntimeSession:
         return {"times_ms": reply["times_ms"], "peak_rss_mb": reply["peak_rss_mb"]}
 
     def close(self) -> None:
-        if self.process is None:
-            return
         try:
-            if self.process.poll() is None:
+            if self.process is not None and self.process.poll() is None:
                 try:
                     write_message(self._write_fd, {"cmd": "exit"})
                     self.process.wait(timeout=10)
@@ -86,11 +106,15 @@ class RuntimeSession:
                     self._kill()
         finally:
             for fd in (self._read_fd, self._write_fd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            self._stderr.close()
+                if fd is not None:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._read_fd = self._write_fd = None
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
             self.process = None
 
     def _kill(self) -> None:
@@ -102,6 +126,8 @@ class RuntimeSession:
             self.process.wait()
 
     def _stderr_tail(self) -> str:
+        if self._stderr is None:
+            return ""
         try:
             self._stderr.seek(0)
             text = self._stderr.read().decode(errors="replace").strip()
@@ -111,9 +137,15 @@ class RuntimeSession:
         return "\n    ".join(lines[-6:])
 
     def _died(self, what: str) -> RuntimeCheckError:
-        code = self.process.wait() if self.process else None
+        code = None
+        if self.process is not None:
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # closed its pipe but kept running
+                self._kill()
+                code = self.process.returncode
         if code is not None and code < 0:
-            how = f"was killed by {signal.Signals(-code).name}"
+            how = f"was killed by {_signal_name(-code)}"
         else:
             how = f"exited with code {code}"
         tail = self._stderr_tail()
@@ -132,7 +164,8 @@ class RuntimeSession:
         if not ready:
             self._kill()
             raise RuntimeCheckError(
-                f"{self.runtime} did not answer within {self.timeout_s:.0f} s while {what} {self.path.name}; killed it",
+                f"{self.runtime} did not answer within {self.timeout_s:g} s while {what} {self.path.name}; "
+                f"killed it (SIGKILL)",
                 "the runtime hangs on this artifact; re-export it or raise the timeout",
             )
         try:

@@ -21,6 +21,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def runner_module(runtime: str) -> str:
+    """The module defining load() for ``runtime``: a shipped runner (``onnxruntime`` ->
+    edgepack.runtimes.onnxruntime), or a dotted module path taken as is (tests plug in fake
+    runtimes that crash or hang this way)."""
+    return runtime if "." in runtime else f"edgepack.runtimes.{runtime}"
+
+
 def serve(read_fd: int, write_fd: int) -> None:
     runner = None
     while True:
@@ -31,7 +38,7 @@ def serve(read_fd: int, write_fd: int) -> None:
         cmd = header.get("cmd")
         try:
             if cmd == "load":
-                module = importlib.import_module(f"edgepack.runtimes.{header['runtime']}")
+                module = importlib.import_module(runner_module(header["runtime"]))
                 start = time.perf_counter()
                 runner = module.load(header["path"], int(header["threads"]))
                 load_ms = (time.perf_counter() - start) * 1000

@@ -1,0 +1,380 @@
+"""Bounded byte-level fuzzing of real artifacts through the bundle validation (`edgepack validate`).
+
+    python -m edgepack.fuzz --cases 2000 [--seed 0] [--bundle DIR ...] [--formats onnx,pte,tflite]
+                            [--via inprocess|cli] [--timeout 60] [--json FILE] [--case N --keep DIR]
+
+Builds one small bundle holding an fp32 artifact per available format (or takes --bundle
+directories), then for each case copies the bundle, damages one artifact's bytes (bit flips,
+overwrites, truncation, insertion, deletion, duplication), rewrites that file's sha256 and size in
+the manifest so the runtime really loads the damaged file, validates the copy and classifies the
+outcome by the exit code `edgepack validate` gives:
+
+    0 passed   1 parity failure   2 bundle error   3 runtime error (a clean failure, a crash or a hang)
+    internal   an exception that is not an edgepack error (the CLI would print a traceback): a bug
+
+Runtimes run in child processes, so a crash ends one case, never the fuzzer. Each case draws from
+its own seeded generator, so ``--case N`` replays case N alone (``--keep DIR`` keeps its bundle).
+Prints counts per outcome and per format and the commonest messages; exits 1 when a case was
+``internal`` or left a process behind, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
+
+OUTCOMES = ("0", "1", "2", "3", "internal")
+OUTCOME_NAMES = {"0": "passed", "1": "parity failure", "2": "bundle error", "3": "runtime error",
+                 "internal": "INTERNAL (not an edgepack error)"}
+MUTATIONS = ("bitflip", "byte-set", "overwrite", "zero-run", "truncate", "insert", "delete", "duplicate")
+INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF)
+
+
+@dataclass
+class Case:
+    case: int
+    bundle: str
+    file: str
+    format: str
+    mutation: str
+    detail: str
+    outcome: str = ""
+    message: str = ""
+    seconds: float = 0.0
+
+
+# --- the bundles to fuzz -------------------------------------------------------------------------
+
+def fuzz_spec():
+    """A small CNN every exporter handles: conv, relu, pooling, a linear head with class scores."""
+    import torch
+    from torch import nn
+
+    from .spec import ModelSpec, check_spec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5)).eval()
+    generator = torch.Generator().manual_seed(1)
+    samples = [(torch.rand(1, 3, 16, 16, generator=generator),) for _ in range(8)]
+    spec = ModelSpec(name="fuzz-cnn", model=model, example_inputs=samples[0], calibration=samples,
+                     input_names=["image"], output_names=["scores"], score_outputs=["scores"],
+                     source="edgepack.fuzz:fuzz_spec")
+    check_spec(spec, spec.source)
+    return spec
+
+
+def fuzz_profile(formats: list[str]):
+    from .target import parse_profile
+
+    return parse_profile({
+        "name": "fuzz", "description": "edgepack.fuzz: one fp32 artifact per format, short loops",
+        "device": {"arch": "host", "cores": 1, "threads": 1, "peak_gops": {"fp32": 100}, "memory_gbps": 10,
+                   "ram_mb": 1024},
+        "artifacts": [{"name": "model", "format": fmt, "precision": "fp32"} for fmt in formats],
+        "tolerances": {"fp32": {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}},
+        "parity": {"calibration_samples": 4, "holdout_samples": 0},
+        "latency": {"warmup": 0, "runs": 20},
+    }, "edgepack.fuzz")
+
+
+def build_bundle(formats: list[str], out: Path, say) -> Path:
+    """Build the fuzz bundle with --keep-going; a format that fails to build is left out, not fatal."""
+    from .pipeline import BuildOptions, build
+
+    result = build(fuzz_spec(), fuzz_profile(formats), "edgepack.fuzz",
+                   BuildOptions(out_dir=out, keep_going=True, progress=say, check_reproducible=False,
+                                write_zip=False))
+    for message in result.messages:
+        say(f"note: {message.splitlines()[0]}")
+    return result.bundle_dir
+
+
+def runnable_artifacts(bundle: Path) -> list[tuple[str, str]]:
+    """(file, format) of every artifact the bundle ships and validate can run."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return [(a["file"], a["format"]) for a in manifest["artifacts"]
+            if a.get("file") and a.get("files") and a.get("golden") and a.get("io") and a.get("parity")]
+
+
+# --- mutations -----------------------------------------------------------------------------------
+
+def _offset(rng: random.Random, size: int) -> int:
+    if size <= 0:
+        return 0
+    if rng.random() < 0.25:  # headers, magic numbers and root offsets live at the start
+        return rng.randrange(min(size, 64))
+    return rng.randrange(size)
+
+
+def mutate(data: bytes, mutation: str, rng: random.Random) -> tuple[bytes, str]:
+    """Damage ``data``; returns the new bytes and what was done."""
+    buf = bytearray(data)
+    size = len(buf)
+    if mutation == "bitflip":
+        spots = [_offset(rng, size) for _ in range(rng.randint(1, 8))]
+        for spot in spots:
+            buf[spot] ^= 1 << rng.randrange(8)
+        return bytes(buf), f"flipped bits at {sorted(spots)}"
+    if mutation == "byte-set":
+        spots = [_offset(rng, size) for _ in range(rng.randint(1, 16))]
+        for spot in spots:
+            buf[spot] = rng.choice(INTERESTING_BYTES)
+        return bytes(buf), f"set bytes at {sorted(spots)}"
+    start = _offset(rng, size)
+    length = rng.randint(1, 256)
+    if mutation == "overwrite":
+        buf[start:start + length] = rng.randbytes(len(buf[start:start + length]))
+        return bytes(buf), f"overwrote {length} bytes at {start}"
+    if mutation == "zero-run":
+        buf[start:start + length] = bytes(len(buf[start:start + length]))
+        return bytes(buf), f"zeroed {length} bytes at {start}"
+    if mutation == "truncate":
+        cut = rng.randrange(size) if size else 0
+        return bytes(buf[:cut]), f"truncated to {cut} of {size} bytes"
+    if mutation == "insert":
+        return bytes(buf[:start] + rng.randbytes(length) + buf[start:]), f"inserted {length} bytes at {start}"
+    if mutation == "delete":
+        return bytes(buf[:start] + buf[start + length:]), f"deleted {length} bytes at {start}"
+    if mutation == "duplicate":
+        source = rng.randrange(size) if size else 0
+        chunk = buf[source:source + length]
+        return bytes(buf[:start] + chunk + buf[start:]), f"copied {len(chunk)} bytes from {source} to {start}"
+    raise ValueError(f"unknown mutation {mutation!r}")
+
+
+def reseal(bundle: Path, relative: str) -> None:
+    """Record ``relative``'s new sha256 and size in the manifest, as if the build had written it."""
+    from .bundle import sha256_file
+
+    path = bundle / relative
+    digest, size = sha256_file(path), path.stat().st_size
+    manifest_path = bundle / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for art in manifest["artifacts"]:
+        for entry in art.get("files") or []:
+            if entry["path"] == relative:
+                entry.update(sha256=digest, bytes=size)
+                art["bytes"] = sum(e["bytes"] for e in art["files"])
+                if art.get("file") == relative:
+                    art["sha256"] = digest
+    package = manifest.get("package")
+    if package:
+        for entry in package.get("files", []):
+            if entry["path"] == relative:
+                entry.update(sha256=digest, bytes=size)
+        from .package import payload_sha256
+
+        package["payload_sha256"] = payload_sha256(bundle, [e["path"] for e in package.get("files", [])])
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# --- validation and classification ---------------------------------------------------------------
+
+def validate_inprocess(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
+    """What `edgepack validate BUNDLE --artifact FILE` exits with, and its message (same code, no argparse)."""
+    from .validate import validate_bundle
+
+    try:
+        result = validate_bundle(bundle, artifact=file, threads=1, timeout_s=timeout_s)
+    except EdgepackError as exc:
+        return str(exc.exit_code), exc.message
+    except Exception as exc:  # the point of fuzzing: anything else is a bug, recorded, never fatal
+        return "internal", f"{type(exc).__name__}: {exc} | " + traceback.format_exc(limit=-3).replace("\n", " | ")
+    failed = [check.file for check in result.artifacts if not check.passed]
+    return str(result.exit_code), ("parity failed: " + ", ".join(failed)) if failed else "passed"
+
+
+def validate_cli(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
+    """Run `python -m edgepack.cli validate` itself."""
+    command = [sys.executable, "-m", "edgepack.cli", "validate", str(bundle), "--artifact", file,
+               "--timeout", str(timeout_s), "--threads", "1", "--json"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s * 4 + 120)
+    except subprocess.TimeoutExpired:
+        return "internal", "the CLI itself did not finish"
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if "Traceback" in proc.stderr or str(proc.returncode) not in OUTCOMES:
+        return "internal", f"exit {proc.returncode}: " + " | ".join(lines[-3:])
+    if proc.returncode in (0, 1):
+        return str(proc.returncode), "passed" if proc.returncode == 0 else "parity failed: " + file
+    return str(proc.returncode), next((line for line in lines if "error" in line.split(":")[0]), " | ".join(lines[-2:]))
+    return str(proc.returncode), message
+
+
+def signature(message: str, bundle: Path) -> str:
+    """The message with paths, numbers and hex runs masked, so alike failures count together."""
+    text = message.splitlines()[0] if message else ""
+    text = text.replace(str(bundle), "<bundle>")
+    text = re.sub(r"0x[0-9a-fA-F]+|\b[0-9a-f]{16,}\b", "<hex>", text)
+    text = re.sub(r"\d+", "N", text)
+    return text[:140]
+
+
+TAG_VAR = "EDGEPACK_FUZZ_TAG"  # set in this process's environment; every worker and CLI it starts inherits it
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes (other than this one) carrying ``tag``: after a case there must be none."""
+    needle, found = f"{TAG_VAR}={tag}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, a zombie, or not ours to read
+            continue
+    return found
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+def run_case(number: int, seed: int, targets: list[tuple[Path, str, str]], scratch: Path, validate,
+             timeout_s: float, keep: Path | None = None) -> Case:
+    rng = random.Random(f"edgepack-fuzz:{seed}:{number}")
+    bundle, file, fmt = targets[rng.randrange(len(targets))]
+    mutation = rng.choice(MUTATIONS)
+    work = keep if keep is not None else scratch / f"case-{number}"
+    shutil.copytree(bundle, work, dirs_exist_ok=True)
+    data, detail = mutate((work / file).read_bytes(), mutation, rng)
+    (work / file).write_bytes(data)
+    reseal(work, file)
+    case = Case(case=number, bundle=str(bundle), file=file, format=fmt, mutation=mutation, detail=detail)
+    started = time.monotonic()
+    try:
+        case.outcome, message = validate(work, file, timeout_s)
+        case.message = signature(message, work) if case.outcome != "internal" else message[:2000]
+    finally:
+        case.seconds = round(time.monotonic() - started, 3)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return case
+
+
+def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, out) -> dict:
+    by_outcome = collections.Counter(c.outcome for c in cases)
+    by_format: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    messages: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for case in cases:
+        by_format[case.format][case.outcome] += 1
+        messages[case.outcome][case.message] += 1
+    out.write(f"edgepack fuzz: {len(cases)} case(s), seed {seed}, {seconds:.1f} s\n")
+    out.write("outcome (exit code)                        cases\n")
+    for outcome in OUTCOMES:
+        out.write(f"  {outcome:<9} {OUTCOME_NAMES[outcome]:<33} {by_outcome.get(outcome, 0):>5}\n")
+    out.write("per format\n")
+    for fmt in sorted(by_format):
+        counts = "  ".join(f"{o}={by_format[fmt].get(o, 0)}" for o in OUTCOMES)
+        out.write(f"  {fmt:<8} {counts}\n")
+    for outcome in OUTCOMES:
+        for message, count in messages[outcome].most_common(5):
+            out.write(f"  [{outcome}] x{count}: {message[:200]}\n")
+    for case in cases:
+        if case.outcome == "internal":
+            out.write(f"INTERNAL case {case.case} ({case.file}, {case.mutation}: {case.detail}); replay: "
+                      f"python -m edgepack.fuzz --seed {seed} --case {case.case} --bundle {case.bundle} --keep DIR\n")
+    for leak in leaks:
+        out.write(f"LEAK {leak}\n")
+    return {"seed": seed, "cases": len(cases), "seconds": round(seconds, 1),
+            "outcomes": {o: by_outcome.get(o, 0) for o in OUTCOMES},
+            "by_format": {fmt: {o: counts.get(o, 0) for o in OUTCOMES} for fmt, counts in sorted(by_format.items())},
+            "messages": {o: dict(messages[o].most_common()) for o in OUTCOMES if messages[o]},
+            "leaks": leaks, "records": [asdict(c) for c in cases]}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m edgepack.fuzz", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--case", type=int, help="replay this one case only")
+    parser.add_argument("--bundle", action="append", type=Path, help="fuzz this bundle (repeatable); "
+                        "default: build one with an fp32 artifact per available format")
+    parser.add_argument("--formats", help="formats to build, comma-separated (default: every registered one)")
+    parser.add_argument("--via", choices=["inprocess", "cli"], default="inprocess",
+                        help="inprocess: edgepack.validate (runtimes still in child processes; fast); "
+                             "cli: a `python -m edgepack.cli validate` process per case")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a runtime may take per call")
+    parser.add_argument("--work", type=Path, help="where to build and copy bundles (default: a temp dir)")
+    parser.add_argument("--keep", type=Path, help="with --case: keep the damaged bundle in this directory")
+    parser.add_argument("--json", type=Path, help="also write the summary and every case to this file")
+    parser.add_argument("--quiet", action="store_true", help="no per-case progress")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    if args.cases < 0 or args.timeout <= 0:
+        print("error: --cases must be >= 0 and --timeout > 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        print(f"error: --keep {args.keep}: must not exist or be empty", file=sys.stderr)
+        return EXIT_USAGE
+    validate = validate_cli if args.via == "cli" else validate_inprocess
+    with tempfile.TemporaryDirectory(prefix="edgepack-fuzz-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            bundles = list(args.bundle or [])
+            if not bundles:
+                from .export import registry
+
+                formats = args.formats.split(",") if args.formats else sorted(registry())
+                say(f"building the fuzz bundle ({', '.join(formats)}, fp32)")
+                bundles = [build_bundle(formats, work / "dist", say)]
+            targets = [(b, file, fmt) for b in bundles for file, fmt in runnable_artifacts(b)]
+        except (EdgepackError, OSError, ValueError, KeyError) as exc:
+            print(f"error: cannot prepare the bundles to fuzz: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if not targets:
+            print("error: no runnable artifact in " + ", ".join(map(str, bundles)), file=sys.stderr)
+            return EXIT_USAGE
+        say("fuzzing " + ", ".join(f"{b.name}/{f}" for b, f, _ in targets))
+        numbers = [args.case] if args.case is not None else list(range(args.cases))
+        cases: list[Case] = []
+        leaks: list[str] = []
+        started = time.monotonic()
+        interrupted = False
+        tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
+        try:
+            for number in numbers:
+                keep = args.keep if args.case is not None else None
+                try:
+                    case = run_case(number, args.seed, targets, work, validate, args.timeout, keep)
+                except Exception as exc:  # a bug in this driver: recorded like edgepack's own, never fatal
+                    case = Case(case=number, bundle="", file="", format="?", mutation="", detail="",
+                                outcome="internal", message=f"fuzz driver: {type(exc).__name__}: {exc}")
+                cases.append(case)
+                left = tagged_processes(tag)
+                if left:
+                    leaks.append(f"case {number}: process(es) {left} still running after validation")
+                say(f"case {number}: {case.file} {case.mutation} -> {case.outcome} ({case.seconds:.1f} s) "
+                    f"{case.message[:100]}")
+        except KeyboardInterrupt:
+            interrupted = True
+        summary = summarize(cases, leaks, time.monotonic() - started, args.seed, sys.stdout)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if summary["outcomes"]["internal"] or leaks else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
