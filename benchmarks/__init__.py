@@ -1,0 +1,1 @@
+"""edgepack benchmarks: `python benchmarks/run.py` (see benchmarks/README.md)."""

@@ -1,0 +1,144 @@
+"""Run a command in a child process and measure its wall time, CPU time and memory.
+
+Two memory figures, because a build is a process tree (the build process, plus the runtime
+worker processes it starts one after another to run each artifact):
+
+- ``peak_rss_mb``: ``ru_maxrss`` from ``os.wait4`` on the child. On Linux that is the largest
+  peak RSS of any *single* process in the tree (the child and every descendant it waited for),
+  not a sum: it is what the biggest process needed.
+- ``tree_rss_peak_mb``: the largest *sum* of the RSS of every live process in the tree,
+  sampled from /proc every ``sample_s`` seconds. Shared pages (libtorch mapped by two
+  processes) are counted once per process, and a peak shorter than the sampling interval
+  can be missed.
+
+The larger of the two is what the machine had to hold (``peak_mb``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+MB = 1024.0 * 1024.0
+
+
+@dataclass
+class Measured:
+    argv: list[str]
+    exit_code: int | None          # None when killed by a signal or timed out
+    signal: int | None
+    timed_out: bool
+    wall_s: float
+    cpu_user_s: float
+    cpu_sys_s: float
+    peak_rss_mb: float             # wait4 ru_maxrss: largest single process in the tree
+    tree_rss_peak_mb: float        # sampled sum over the live tree
+    processes_seen: int
+    stdout: str = field(repr=False, default="")
+    stderr: str = field(repr=False, default="")
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peak_rss_mb, self.tree_rss_peak_mb)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("stdout")
+        data.pop("stderr")
+        data["peak_mb"] = round(self.peak_mb, 1)
+        return data
+
+    def stderr_tail(self, lines: int = 8) -> str:
+        kept = [line for line in self.stderr.splitlines() if line.strip()]
+        return "\n".join(kept[-lines:])
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                kids.extend(int(x) for x in handle.read().split())
+        except OSError:  # the thread or process just exited
+            continue
+    return kids
+
+
+def _tree(root: int) -> list[int]:
+    seen, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo.extend(_children(pid))
+    return seen
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None = None,
+                 timeout_s: float = 1800.0, sample_s: float = 0.2) -> Measured:
+    """Run ``argv`` to completion (or kill it after ``timeout_s``) and measure it."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                   start_new_session=True)
+        tree_peak, seen, timed_out = 0, set(), False
+        status, usage = 0, None
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid == process.pid:
+                break
+            pids = _tree(process.pid)
+            seen.update(pids)
+            tree_peak = max(tree_peak, sum(_rss_bytes(p) for p in pids))
+            if time.perf_counter() - start > timeout_s:
+                timed_out = True
+                _kill_tree(process.pid, pids)
+                _, status, usage = os.wait4(process.pid, 0)
+                break
+            time.sleep(sample_s)
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    code = process.returncode
+    return Measured(
+        argv=[str(a) for a in argv], exit_code=code if code >= 0 and not timed_out else None,
+        signal=-code if code < 0 else None, timed_out=timed_out, wall_s=round(wall, 3),
+        cpu_user_s=round(usage.ru_utime, 3), cpu_sys_s=round(usage.ru_stime, 3),
+        peak_rss_mb=round(usage.ru_maxrss / 1024.0, 1), tree_rss_peak_mb=round(tree_peak / MB, 1),
+        processes_seen=len(seen), stdout=stdout, stderr=stderr,
+    )
+
+
+def _kill_tree(root: int, pids: list[int]) -> None:
+    """SIGKILL the child's process group and every descendant we saw (runtime workers start
+    their own sessions, so the group alone would miss them)."""
+    try:
+        os.killpg(root, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        if pid != root:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
