@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# One torch thread in the test process: on a shared 2-core machine two OpenMP threads fighting
+# other processes made small forward passes many times slower. Runtimes in worker processes use
+# the profile's thread count as usual.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"

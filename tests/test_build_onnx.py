@@ -31,8 +31,16 @@ def test_digits_x86_bundle(digits_x86):
     manifest = json.loads((bundle / "manifest.json").read_text())
     jsonschema.validate(manifest, load_json_schema())
     assert manifest["status"] == "passed"
-    (art,) = manifest["artifacts"]
-    assert art["format"] == "onnx" and art["status"] == "ok" and art["parity"]["passed"]
+    by_precision = {a["precision"]: a for a in manifest["artifacts"]}
+    assert set(by_precision) == {"fp32", "int8"}
+    for artifact in manifest["artifacts"]:
+        assert artifact["format"] == "onnx" and artifact["status"] == "ok" and artifact["parity"]["passed"]
+        # held-out accuracy measured by running the artifact in onnxruntime
+        assert abs(artifact["accuracy"]["top1"] - manifest["accuracy"]["float"]["top1"]) <= 0.01
+    int8 = by_precision["int8"]
+    assert int8["bytes"] <= 0.30 * by_precision["fp32"]["bytes"]
+    assert int8["latency"]["float_comparison"]["float_source"] == "artifact model.onnx"
+    art = by_precision["fp32"]
     assert (bundle / art["file"]).stat().st_size == art["bytes"]
     assert art["latency"]["runs"] >= 20 and art["latency"]["p50_ms"] > 0
     assert art["accuracy"]["top1"] >= 0.97
