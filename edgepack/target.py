@@ -132,6 +132,14 @@ def profile_model() -> type[BaseModel]:
             return self
 
         @model_validator(mode="after")
+        def _qat_last(self):
+            types = [stage.type for stage in self.stages]
+            if "qat" in types[:-1]:
+                raise ValueError("stages: qat must be the last stage (a later stage would change the weights "
+                                 "the quantization-aware graph was trained with)")
+            return self
+
+        @model_validator(mode="after")
         def _keep_float_needs_sibling(self):
             if self.slower_than_float == "keep_float":
                 floats = {a.format for a in self.artifacts if a.precision == "fp32"}

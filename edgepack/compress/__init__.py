@@ -10,6 +10,12 @@ from ..stage import StageEntry
 # Module names under edgepack.compress that define a stage (CONFIG class and run()).
 STAGE_MODULES: tuple[str, ...] = (
     "prune",
+    "structured",
+    "sparsify",
+    "distill",
+    "gradual",
+    "qat",
+    "equalize",
 )
 
 

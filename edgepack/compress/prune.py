@@ -63,3 +63,43 @@ def weight_sparsity(model: nn.Module) -> float:
     layers = prunable_layers(model)
     total = sum(m.weight.numel() for _, m in layers)
     return sum(int((m.weight == 0).sum()) for _, m in layers) / max(total, 1)
+
+
+# -- masks shared by the stages that prune during training (prune-gradual, sparsify) --------
+
+Masks = dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def magnitude_masks(layers: list[tuple[str, nn.Module]], sparsity: float, scope: str) -> Masks:
+    """Boolean keep-masks zeroing the ``sparsity`` fraction of smallest |weight|, over all
+    layers together (global) or in each layer (layer). Ties at the threshold are pruned too,
+    so weights already at zero stay pruned."""
+    if scope == "global":
+        magnitudes = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
+        threshold = _kth_smallest(magnitudes, sparsity)
+        return {name: m.weight.detach().abs() > threshold for name, m in layers}
+    return {name: m.weight.detach().abs() > _kth_smallest(m.weight.detach().abs().flatten(), sparsity)
+            for name, m in layers}
+
+
+def _kth_smallest(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = int(round(fraction * values.numel()))
+    if k == 0:
+        return values.new_tensor(-1.0)  # keep everything
+    return values.kthvalue(k).values
+
+
+@torch.no_grad()
+def apply_masks(layers: list[tuple[str, nn.Module]], masks: Masks) -> None:
+    for name, module in layers:
+        module.weight.mul_(masks[name])
+
+
+@torch.no_grad()
+def layer_sparsity(layers: list[tuple[str, nn.Module]]) -> tuple[float, dict[str, float]]:
+    """(overall, per layer) fraction of zero weights in the layers' weight tensors."""
+    total = sum(m.weight.numel() for _, m in layers)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    per_layer = {name: round(float((m.weight == 0).float().mean()), 4) for name, m in layers}
+    return round(zeros / max(total, 1), 4), per_layer

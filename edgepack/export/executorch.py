@@ -4,7 +4,10 @@ torch.export -> [quantize] -> to_edge_transform_and_lower(XnnpackPartitioner) ->
 
 Precisions:
   fp32          float graph, delegated to XNNPACK as is.
-  int8          PT2E static int8 (XNNPACKQuantizer, calibrated), per-channel or per-tensor weights.
+  int8          PT2E static int8 (XNNPACKQuantizer, calibrated), per-channel or per-tensor weights,
+                with the recipe of compress/pt2e.py: ReLU6 fused before its output is observed,
+                activation_observer (min/max), bias_correction, float_layers kept fp32 in the
+                delegate. details["quantization"] records the recipe and why it was chosen.
   int8-dynamic  PT2E int8 weights + int8 activations quantized at run time, no calibration.
                 In practice only nn.Linear is quantized (2-D convs stay fp32 with this
                 quantizer version); XNNPACK only delegates it with per-channel weights.
@@ -49,9 +52,25 @@ class ExecuTorchArtifact(ArtifactConfig):
     calibration_samples: int = Field(default=64, ge=1, description="cap on calibration inputs (int8)")
     group_size: int = Field(default=32, ge=32, description="int4-weight: input channels per scale")
     backend: Literal["xnnpack"] = "xnnpack"
+    # int8 (static) recipe; defaults chosen by measurement (compress/pt2e.py).
+    activation_observer: Literal["minmax", "moving-average", "histogram", "percentile", "mse"] = Field(
+        default="minmax", description="int8: how activation ranges are chosen from the calibration data "
+                                      "(histogram = the stock XNNPACKQuantizer choice)")
+    fuse_clamp: bool = Field(default=True, description="int8: observe conv/linear + ReLU6 after the clamp "
+                                                       "(false = the stock quantizer: ReLU6 shares the conv's scale)")
+    float_layers: tuple[str, ...] = Field(
+        default=(), description="int8: module names (model.named_modules()) kept fp32 inside the delegate")
+    bias_correction: bool = Field(default=True, description="int8: empirical bias correction of conv/linear "
+                                                            "biases against the float model (Nagel et al. 2019)")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "ExecuTorchArtifact":
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        for name in ("activation_observer", "fuse_clamp", "float_layers", "bias_correction"):
+            if self.precision != "int8" and getattr(self, name) != defaults[name]:
+                raise ValueError(f"pte {name} only applies to precision int8 (static), not {self.precision}")
+        if len(set(self.float_layers)) != len(self.float_layers):
+            raise ValueError("pte float_layers lists a module twice")
         if self.precision == "int8-dynamic" and self.granularity == "per-tensor":
             raise ValueError("pte int8-dynamic needs granularity per-channel: XNNPACK does not "
                              "delegate dynamically quantized linear/conv with per-tensor weights")
@@ -119,6 +138,19 @@ def export(config: ExecuTorchArtifact, ctx: ExportContext) -> ExportResult:
     return ExportResult(files=[path], runtime="executorch", details=details, notes=notes)
 
 
+def _qat_graph(config: ExecuTorchArtifact, ctx: ExportContext):
+    """The qat stage's converted graph when one ran with this artifact's weight granularity."""
+    from ..compress.qat import pt2e_qat_for
+
+    try:
+        qat = pt2e_qat_for(ctx.model, ctx.extras)
+    except ValueError as exc:
+        raise ExportError(f"pte int8: {exc}", "make qat the last stage in the profile") from exc
+    if qat is None or qat.recipe.get("granularity") != config.granularity:
+        return None
+    return qat
+
+
 def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
                       example: tuple) -> tuple[Any, dict | None, list[str]]:
     """The ExportedProgram to lower, the quantization recipe (None for fp32) and notes."""
@@ -134,19 +166,49 @@ def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
         with _stage("torch.export"):
             return torch.export.export(model, example), quantization, notes
 
+    if config.precision == "int8":
+        qat = _qat_graph(config, ctx)
+        if qat is not None:
+            notes.append("lowered from the qat stage's quantization-aware int8 graph (no post-training calibration)")
+            with _stage("torch.export"):
+                return torch.export.export(qat.model, qat.example_inputs), dict(qat.recipe), notes
+
     from ..compress.pt2e import quantize_pt2e_xnnpack
 
+    modules = {name for name, _ in ctx.model.named_modules()}
+    unknown = [name for name in config.float_layers if name not in modules]
+    if unknown:
+        raise ExportError(f"pte int8: float_layers names no module of the model: {', '.join(unknown[:5])}",
+                          "use names from model.named_modules() (edgepack diagnose lists them)")
     with _stage("quantize"):
         converted, quantization = quantize_pt2e_xnnpack(
             ctx.model, example, ctx.calibration,
             per_channel=config.granularity == "per-channel",
             dynamic=config.precision == "int8-dynamic",
-            calibration_samples=config.calibration_samples)
+            calibration_samples=config.calibration_samples,
+            activation_observer=config.activation_observer, fuse_clamp=config.fuse_clamp,
+            float_layers=config.float_layers, bias_correction=config.bias_correction,
+            reason=_recipe_reason(config))
     if quantization["calibration_samples"] < config.calibration_samples and not quantization["dynamic"]:
         notes.append(f"calibrated on {quantization['calibration_samples']} samples "
                      f"(cap {config.calibration_samples})")
     with _stage("torch.export"):
         return torch.export.export(converted, example), quantization, notes
+
+
+def _recipe_reason(config: ExecuTorchArtifact) -> str:
+    """Why this int8 recipe, for the manifest: the measured default, or the profile's choice."""
+    from ..compress.pt2e import DEFAULT_RECIPE_REASON
+
+    if config.precision == "int8-dynamic":
+        return "int8-dynamic: activations quantized at run time, no calibration"
+    defaults = {name: field.default for name, field in type(config).model_fields.items()}
+    changed = [name for name in ("activation_observer", "fuse_clamp", "bias_correction", "granularity")
+               if getattr(config, name) != defaults[name]]
+    reason = DEFAULT_RECIPE_REASON if not changed else f"set in the profile: {', '.join(changed)}"
+    if config.float_layers:
+        reason += f"; {len(config.float_layers)} layer(s) kept fp32 (float_layers)"
+    return reason
 
 
 def _int4_weight(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:

@@ -1,0 +1,337 @@
+"""int8 quality: per-layer diagnosis, fallback to fp32 layers, the equalize stage, the PT2E
+recipe options. Real PT2E quantization, real ExecuTorch export and runtime, small models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from edgepack.compress import registry
+from edgepack.compress.equalize import EqualizeConfig
+from edgepack.compress.equalize import run as equalize
+from edgepack.compress.pt2e import Recipe, quantize_pt2e_xnnpack
+from edgepack.diagnose import diagnose_pt2e, run_diagnosis
+from edgepack.export import executorch as et_export
+from edgepack.export.base import ExportContext
+from edgepack.fallback import FallbackSettings, FallbackStep, fallback_search, rank_layers, with_float_layers
+from edgepack.parity import compare
+from edgepack.runtimes import executorch as et_runtime
+from edgepack.spec import load_spec
+from edgepack.stage import StageContext
+from edgepack.target import load_target
+
+TEST_MODELS = Path(__file__).resolve().parent / "models"
+# android-arm64's int8 tolerance (the profile the hostile model is built for).
+INT8_TOLERANCE = {"min_cosine": 0.98, "min_sqnr_db": 14.0}
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    return load_spec(str(TEST_MODELS / "hostile.py"))
+
+
+def _ctx(spec, workdir: Path, model: nn.Module | None = None) -> ExportContext:
+    return ExportContext(model=model or spec.model, example_inputs=spec.example_inputs,
+                         calibration=list(spec.calibration), input_names=["image"], output_names=["logits"],
+                         workdir=workdir)
+
+
+def _parity_in_runtime(spec, path: Path):
+    """Run the .pte in the ExecuTorch runtime on the held-out inputs; parity vs torch float."""
+    runner = et_runtime.load(str(path), threads=1)
+    reference, outputs = [], []
+    with torch.no_grad():
+        for (x,) in spec.holdout:
+            reference.append([spec.model(x).numpy()])
+            outputs.append(runner.run([x.numpy()]))
+    return compare(reference, outputs, INT8_TOLERANCE, ["logits"])
+
+
+def _sqnr(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    signal = sum(float((r ** 2).sum()) for r in reference)
+    noise = sum(float(((a - r) ** 2).sum()) for a, r in zip(actual, reference))
+    return 10 * math.log10(signal / noise)
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+def test_diagnosis_ranks_the_hostile_layer_first(hostile, tmp_path):
+    profile = load_target("android-arm64")
+    report = run_diagnosis(hostile, profile, tmp_path, samples=4)
+    assert report["ranked"][0] == "hostile"
+    worst = next(r for r in report["layers"] if r["layer"] == "hostile")
+    assert worst["error_share"] > 0.5
+    # its output activation is the problem, not its weights, so the layer reading it comes along
+    assert worst["output_sqnr_db_activation_only"] < worst["output_sqnr_db_weights_only"]
+    assert report["float_groups"][0] == ["hostile", "mix"]
+    saved = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert saved["ranked"] == report["ranked"]
+    assert (tmp_path / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # layers come in network order with every figure filled for the quantized ones
+    names = [r["layer"] for r in report["layers"]]
+    assert names.index("stem") < names.index("hostile") < names.index("mix") < names.index("head")
+
+
+def test_diagnosis_emulation_matches_the_converted_graph(hostile):
+    """The switch-instrumented graph with everything int8 computes what convert_pt2e emits."""
+    recipe = Recipe(bias_correction=False)
+    report = diagnose_pt2e(hostile.model, hostile.example_inputs, hostile.calibration, recipe, samples=4)
+    converted, _ = quantize_pt2e_xnnpack(hostile.model, hostile.example_inputs, hostile.calibration,
+                                         bias_correction=False)
+    with torch.no_grad():
+        samples = list(hostile.calibration)[:4]
+        reference = [hostile.model(*x) for x in samples]
+        actual = [converted(*x) for x in samples]
+    assert _sqnr(reference, actual) == pytest.approx(report["output"]["sqnr_db"], abs=0.05)
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_fallback_keeps_a_few_layers_float_and_passes(hostile, tmp_path):
+    config = et_export.ExecuTorchArtifact(precision="int8")
+    float_pte = et_export.export(et_export.ExecuTorchArtifact(precision="fp32", name="float"),
+                                 _ctx(hostile, tmp_path))
+    float_bytes = float_pte.files[0].stat().st_size
+    ranking = rank_layers(config, hostile.model, hostile.example_inputs, list(hostile.calibration))
+    assert ranking.groups[0] == ["hostile", "mix"]
+
+    def try_export(float_layers: list[str]) -> FallbackStep:
+        step_config = with_float_layers(config, float_layers)
+        workdir = tmp_path / f"step{len(float_layers)}"
+        workdir.mkdir()
+        result = et_export.export(step_config, _ctx(hostile, workdir))
+        parity = _parity_in_runtime(hostile, result.files[0])
+        out = parity.outputs[0]
+        return FallbackStep(float_layers=float_layers, passed=parity.passed, bytes=result.files[0].stat().st_size,
+                            parity={"cosine_min": out.cosine_min, "sqnr_db": out.sqnr_db}, artifact=result)
+
+    initial = try_export([])
+    assert not initial.passed  # the hostile model fails int8 parity without fallback
+    outcome = fallback_search(ranking.groups, try_export, settings=FallbackSettings(group_size=1, max_steps=3),
+                              initial=initial, why=ranking.why)
+    assert outcome.passed, outcome.to_dict()
+    assert outcome.float_layers == ["hostile", "mix"]
+    assert len(outcome.steps) == 2  # the all-int8 export, then one fallback step
+    final = outcome.final
+    assert final.bytes <= 0.40 * float_bytes
+    # the artifact really runs the two layers in fp32 and says so
+    quantization = final.artifact.details["quantization"]
+    assert quantization["float_layers"] == ["hostile", "mix"]
+    record = outcome.to_dict()
+    assert set(record["kept_float"]) == {"hostile", "mix"} and "output activation" in record["kept_float"]["hostile"]
+    json.dumps(record)  # serializable for the manifest
+
+
+def test_fallback_stops_at_a_budget():
+    calls = []
+
+    def try_export(float_layers):
+        calls.append(list(float_layers))
+        return FallbackStep(float_layers=float_layers, passed=False, bytes=100 * (1 + len(float_layers)))
+
+    result = fallback_search([["a", "b"], "c", "d"], try_export, settings=FallbackSettings(group_size=1),
+                             budgets=type("B", (), {"max_bytes": 350, "max_latency_ms": None})())
+    assert not result.passed
+    assert calls == [["a", "b"], ["a", "b", "c"]]
+    assert "budget" in result.reason and result.float_layers == ["a", "b"]
+    assert result.final.float_layers == ["a", "b"]
+
+
+def test_fallback_respects_max_float_layers_and_steps():
+    def never(float_layers):
+        return FallbackStep(float_layers=float_layers, passed=False, bytes=1)
+
+    result = fallback_search(["a", "b", "c", "d", "e"], never, settings=FallbackSettings(group_size=2,
+                                                                                          max_float_layers=3))
+    assert result.float_layers == ["a", "b", "c"] and "max_float_layers" in result.reason
+    result = fallback_search(["a", "b", "c"], never, settings=FallbackSettings(group_size=1, max_steps=2))
+    assert result.float_layers == ["a", "b"] and "max_steps" in result.reason
+
+
+def test_float_layers_must_name_modules(hostile, tmp_path):
+    with pytest.raises(Exception, match="float_layers names no module"):
+        et_export.export(et_export.ExecuTorchArtifact(precision="int8", float_layers=["nope"]),
+                         _ctx(hostile, tmp_path))
+    with pytest.raises(ValidationError, match="only applies to precision int8"):
+        et_export.ExecuTorchArtifact(precision="fp32", float_layers=["stem"])
+
+
+# --------------------------------------------------------------------------- equalize
+
+
+class SeparableNet(nn.Module):
+    """Depthwise-separable blocks with very uneven per-channel weight ranges."""
+
+    def __init__(self, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.dw2 = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.pw2 = nn.Conv2d(24, 32, 1)
+        self.fc = nn.Linear(32, 10)
+        self.act = act()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for bn in (self.stem_bn, self.dw_bn):
+                bn.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                bn.running_var.uniform_(0.5, 2.0, generator=generator)
+            # per-channel ranges spread over ~3 decades: what hurts per-tensor weights
+            self.dw.weight.mul_(torch.logspace(-1.5, 1.5, 16).view(-1, 1, 1, 1))
+            self.dw2.weight.mul_(torch.logspace(1.5, -1.5, 24).view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem_bn(self.stem(x)))
+        x = self.act(self.dw_bn(self.dw(x)))
+        x = self.act(self.pw(x))
+        x = self.act(self.dw2(x))
+        x = self.act(self.pw2(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _images(count: int, seed: int) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    batch = (nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=False) - 0.45) / 0.25
+    return [(batch[i:i + 1],) for i in range(count)]
+
+
+def _stage_ctx(calibration) -> StageContext:
+    return StageContext(example_inputs=calibration[0], calibration=calibration, teacher=nn.Identity())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_equalize_preserves_float_outputs(act):
+    model = SeparableNet(act).eval()
+    calibration, held_out = _images(16, 1), _images(16, 2)
+    equalized, details = equalize(EqualizeConfig(), model, _stage_ctx(calibration))
+    with torch.no_grad():
+        for (x,) in held_out:
+            before, after = model(x), equalized(x)
+            assert float((after - before).abs().max()) <= 1e-4 * float(before.abs().max())
+    if act is nn.ReLU:
+        assert len(details["pairs"]) == 5, details  # stem-dw, dw-pw, pw-dw2, dw2-pw2, pw2-fc (via the pool)
+    else:  # exact mode leaves pairs joined by ReLU6 alone and says so
+        assert details["pairs"] == [] and len(details["skipped"]) == 5
+        assert all("clip at 6" in reason for reason in details["skipped"])
+    assert model.dw.weight is not equalized.dw.weight  # the stage works on a copy
+
+
+def test_equalize_improves_int8():
+    model = SeparableNet(nn.ReLU).eval()
+    calibration, held_out = _images(32, 1), _images(16, 2)
+    equalized, _ = equalize(EqualizeConfig(), model, _stage_ctx(calibration))
+    with torch.no_grad():
+        reference = [model(x) for (x,) in held_out]
+    figures = {}
+    for name, candidate in (("plain", model), ("equalized", equalized)):
+        converted, _ = quantize_pt2e_xnnpack(candidate, calibration[0], calibration, per_channel=False,
+                                             bias_correction=False)
+        with torch.no_grad():
+            figures[name] = _sqnr(reference, [converted(x) for (x,) in held_out])
+    assert figures["equalized"] > figures["plain"] + 1.5, figures  # measured: 32.1 -> 35.0 dB
+
+
+def test_equalize_is_registered_validated_and_round_trips():
+    entry = registry()["equalize"]
+    assert entry.config is EqualizeConfig
+    with pytest.raises(ValidationError, match="headroom only applies"):
+        EqualizeConfig(headroom=0.5)
+    config = EqualizeConfig(relu6="calibrated", headroom=0.5, iterations=2)
+    assert EqualizeConfig.model_validate(config.model_dump(mode="json")) == config
+    with pytest.raises(ValidationError):
+        EqualizeConfig.model_validate({"type": "equalize", "unknown": 1})
+
+
+def test_recipe_options_round_trip():
+    config = et_export.ExecuTorchArtifact(precision="int8", activation_observer="mse", fuse_clamp=False,
+                                          float_layers=["a.b", "c"], bias_correction=False)
+    assert et_export.ExecuTorchArtifact.model_validate(config.model_dump(mode="json")) == config
+    assert with_float_layers(config, ["c", "d"]).float_layers == ("a.b", "c", "d")
+
+
+def test_equalize_calibrated_relu6_keeps_calibration_outputs():
+    model = SeparableNet(nn.ReLU6).eval()
+    calibration = _images(16, 1)
+    equalized, details = equalize(EqualizeConfig(relu6="calibrated"), model, _stage_ctx(calibration))
+    assert any(p["activation"] == "relu6" for p in details["pairs"])
+    with torch.no_grad():
+        for (x,) in calibration:
+            before, after = model(x), equalized(x)
+            assert float((after - before).abs().max()) <= 1e-4 * float(before.abs().max())
+
+
+# --------------------------------------------------------------------------- recipe options
+
+
+def test_observer_options_give_different_valid_artifacts(tmp_path):
+    torch.manual_seed(0)
+    model = SeparableNet(nn.ReLU6).eval()
+    calibration, held_out = _images(16, 1), _images(8, 2)
+    with torch.no_grad():
+        reference = [model(x) for (x,) in held_out]
+    outputs = {}
+    for observer in ("minmax", "moving-average", "histogram", "percentile", "mse"):
+        config = et_export.ExecuTorchArtifact(precision="int8", activation_observer=observer, name=observer)
+        ctx = ExportContext(model=model, example_inputs=calibration[0], calibration=calibration,
+                            input_names=["x"], output_names=["y"], workdir=tmp_path)
+        result = et_export.export(config, ctx)
+        assert result.details["quantization"]["activation_observer"] == observer
+        assert result.details["delegates"] >= 1
+        runner = et_runtime.load(str(result.files[0]), threads=1)
+        got = [torch.from_numpy(runner.run([x.numpy()])[0]) for (x,) in held_out]
+        assert _sqnr(reference, got) > 15.0, observer
+        outputs[observer] = np.concatenate([g.numpy().ravel() for g in got])
+    distinct = {observer: out.tobytes() for observer, out in outputs.items()}
+    assert len(set(distinct.values())) >= 4, "observers should choose different activation ranges"
+
+
+def test_clamp_fusion_and_bias_correction_help_relu6_nets():
+    """The stock XNNPACK recipe observes ReLU6 outputs with the conv's pre-activation scale."""
+    model = SeparableNet(nn.ReLU6).eval()
+    calibration, held_out = _images(32, 1), _images(16, 2)
+    with torch.no_grad():
+        reference = [model(x) for (x,) in held_out]
+    figures = {}
+    for name, options in (("stock", {"fuse_clamp": False, "activation_observer": "histogram",
+                                     "bias_correction": False}),
+                          ("fused", {"bias_correction": False}), ("default", {})):
+        converted, record = quantize_pt2e_xnnpack(model, calibration[0], calibration, **options)
+        with torch.no_grad():
+            figures[name] = _sqnr(reference, [converted(x) for (x,) in held_out])
+    assert figures["fused"] > figures["stock"], figures
+    assert figures["default"] >= figures["fused"] - 0.5, figures
+    assert record["bias_correction"]["corrected_layers"] >= 4
+
+
+def test_tflite_shares_the_recipe_and_float_layers(hostile, tmp_path):
+    pytest.importorskip("litert_torch", reason="litert-torch is not installed")
+    from edgepack.export import tflite
+    from edgepack.runtimes import litert
+
+    config = tflite.TFLiteArtifact(precision="int8", float_layers=["hostile", "mix"])
+    result = tflite.export(config, _ctx(hostile, tmp_path))
+    quantization = result.details["quantization"]
+    assert quantization["float_layers"] == ["hostile", "mix"] and quantization["clamp_fusion"] is True
+    assert quantization["bias_correction"]["corrected_layers"] >= 4
+    assert result.details["float_compute_ops"] == {"CONV_2D": 2}  # exactly the two fp32 layers
+    runner = litert.load(str(result.files[0]), threads=1)
+    reference, outputs = [], []
+    with torch.no_grad():
+        for (x,) in hostile.holdout:
+            reference.append([hostile.model(x).numpy()])
+            outputs.append(runner.run([x.numpy()]))
+    assert compare(reference, outputs, INT8_TOLERANCE, ["logits"]).passed
+    with pytest.raises(ValidationError, match="only applies to precision int8 with the pt2e quantizer"):
+        tflite.TFLiteArtifact(precision="int8", quantizer="ai-edge-quantizer", float_layers=["hostile"])
