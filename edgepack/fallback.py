@@ -157,11 +157,11 @@ def rank_layers(config: Any, model: Any, example_inputs: tuple, calibration: Seq
     Layers already in config.float_layers are left out. A .pte config is diagnosed with the
     XNNPACK quantizer, a .tflite one with litert-torch's, both with the config's own recipe.
     """
-    from .compress.pt2e import Recipe
+    from .compress.pt2e import DEFAULT_ACTIVATION_OBSERVER, Recipe
     from .diagnose import diagnose_pt2e
 
     recipe = Recipe(per_channel=getattr(config, "granularity", "per-channel") == "per-channel",
-                    activation_observer=getattr(config, "activation_observer", "minmax"),
+                    activation_observer=getattr(config, "activation_observer", DEFAULT_ACTIVATION_OBSERVER),
                     fuse_clamp=getattr(config, "fuse_clamp", True),
                     float_layers=tuple(getattr(config, "float_layers", ())),
                     calibration_samples=getattr(config, "calibration_samples", 64),

@@ -25,7 +25,7 @@ by ReLU6 (EfficientNet-Lite, MobileNetV2: expand -> depthwise -> project) are ha
               is opt-in only.
 Measured on EfficientNet-Lite0 (exact; 2 pairs without ReLU6 between them: blocks.0 project
 -> blocks.1 expand, blocks.15 project -> conv_head): float outputs within 6.4e-7 relative;
-int8 (default recipe) logit cosine .9963 -> .9968 mean, .9876 -> .9934 min, 16/16 both.
+int8 (clamp fusion, min/max, bias correction) logit cosine .9963 -> .9968 mean, .9876 -> .9934 min, 16/16 both.
 Bias correction (Nagel sec. 4.2) is not done here: it compensates the error of one
 quantizer's int8 weights, which changes the float function; it is part of the PT2E int8
 recipe (compress/pt2e.py ``bias_correction``) instead.

@@ -6,7 +6,7 @@ Precisions:
   fp32          float graph, delegated to XNNPACK as is.
   int8          PT2E static int8 (XNNPACKQuantizer, calibrated), per-channel or per-tensor weights,
                 with the recipe of compress/pt2e.py: ReLU6 fused before its output is observed,
-                activation_observer (min/max), bias_correction, float_layers kept fp32 in the
+                activation_observer (MSE), bias_correction, float_layers kept fp32 in the
                 delegate. details["quantization"] records the recipe and why it was chosen.
   int8-dynamic  PT2E int8 weights + int8 activations quantized at run time, no calibration.
                 In practice only nn.Linear is quantized (2-D convs stay fp32 with this
@@ -54,8 +54,8 @@ class ExecuTorchArtifact(ArtifactConfig):
     backend: Literal["xnnpack"] = "xnnpack"
     # int8 (static) recipe; defaults chosen by measurement (compress/pt2e.py).
     activation_observer: Literal["minmax", "moving-average", "histogram", "percentile", "mse"] = Field(
-        default="minmax", description="int8: how activation ranges are chosen from the calibration data "
-                                      "(histogram = the stock XNNPACKQuantizer choice)")
+        default="mse", description="int8: how activation ranges are chosen from the calibration data (mse "
+                                   "measured best, compress/pt2e.py; histogram = the stock XNNPACKQuantizer)")
     fuse_clamp: bool = Field(default=True, description="int8: observe conv/linear + ReLU6 after the clamp "
                                                        "(false = the stock quantizer: ReLU6 shares the conv's scale)")
     float_layers: tuple[str, ...] = Field(
