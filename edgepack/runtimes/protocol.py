@@ -1,4 +1,5 @@
-"""Framing between edgepack and a runtime worker process: a JSON header and an .npz payload.
+"""Framing between edgepack and a runtime worker process: a JSON header and an .npz payload;
+and the control messages between edgepack and a fork server (runtimes/worker.py).
 
 numpy arrays travel as .npz with allow_pickle=False, so nothing is ever unpickled.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import struct
 
 import numpy as np
@@ -53,3 +55,30 @@ def read_message(fd: int) -> tuple[dict, bytes]:
     header = json.loads(read_exact(fd, head_len))
     (payload_len,) = _LEN.unpack(read_exact(fd, _LEN.size))
     return header, read_exact(fd, payload_len) if payload_len else b""
+
+
+# --- fork server control channel: one JSON message per datagram (AF_UNIX SOCK_SEQPACKET), file
+# descriptors passed alongside with SCM_RIGHTS ---------------------------------------------------
+
+CONTROL_MAX = 1 << 16
+
+
+def send_control(sock: socket.socket, message: dict, fds: list[int] | tuple[int, ...] = ()) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def recv_control(sock: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
+    """One message and the descriptors that came with it; EOFError when the peer has gone."""
+    if max_fds:
+        data, fds, _, _ = socket.recv_fds(sock, CONTROL_MAX, max_fds)
+    else:
+        data, fds = sock.recv(CONTROL_MAX), []
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("peer closed the control socket")
+    return json.loads(data), fds
