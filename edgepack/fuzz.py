@@ -12,7 +12,9 @@ outcome by the exit code `edgepack validate` gives:
     0 passed   1 parity failure   2 bundle error   3 runtime error (a clean failure, a crash or a hang)
     internal   an exception that is not an edgepack error (the CLI would print a traceback): a bug
 
-Runtimes run in child processes, so a crash ends one case, never the fuzzer. Each case draws from
+Runtimes run in child processes, so a crash ends one case, never the fuzzer. The children are forked
+from one fork server per runtime that imported it once (runtimes/session.py), so a case costs a
+fraction of a second rather than the runtime's import (10-16 s for ExecuTorch). Each case draws from
 its own seeded generator, so ``--case N`` replays case N alone (``--keep DIR`` keeps its bundle).
 Prints counts per outcome and per format and the commonest messages; exits 1 when a case was
 ``internal`` or left a process behind, 130 when interrupted.
@@ -37,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
+from .runtimes.session import fork_server_pids
 
 OUTCOMES = ("0", "1", "2", "3", "internal")
 OUTCOME_NAMES = {"0": "passed", "1": "parity failure", "2": "bundle error", "3": "runtime error",
@@ -214,7 +217,6 @@ def validate_cli(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
     if proc.returncode in (0, 1):
         return str(proc.returncode), "passed" if proc.returncode == 0 else "parity failed: " + file
     return str(proc.returncode), next((line for line in lines if "error" in line.split(":")[0]), " | ".join(lines[-2:]))
-    return str(proc.returncode), message
 
 
 def signature(message: str, bundle: Path) -> str:
@@ -267,21 +269,39 @@ def run_case(number: int, seed: int, targets: list[tuple[Path, str, str]], scrat
     return case
 
 
-def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, out) -> dict:
+def runtime_error_kind(message: str) -> str:
+    """How a runtime error (outcome 3) ended: the worker was killed by a signal, hung, or failed cleanly."""
+    if " was killed by " in message:
+        return "crash"
+    if " did not answer within " in message:
+        return "hang"
+    return "clean"
+
+
+def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, out, servers: int = 0) -> dict:
     by_outcome = collections.Counter(c.outcome for c in cases)
     by_format: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    format_seconds: dict[str, list[float]] = collections.defaultdict(list)
     messages: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case in cases:
         by_format[case.format][case.outcome] += 1
+        format_seconds[case.format].append(case.seconds)
         messages[case.outcome][case.message] += 1
-    out.write(f"edgepack fuzz: {len(cases)} case(s), seed {seed}, {seconds:.1f} s\n")
+    out.write(f"edgepack fuzz: {len(cases)} case(s), seed {seed}, {seconds:.1f} s, "
+              f"{servers} fork server(s)\n")
     out.write("outcome (exit code)                        cases\n")
     for outcome in OUTCOMES:
         out.write(f"  {outcome:<9} {OUTCOME_NAMES[outcome]:<33} {by_outcome.get(outcome, 0):>5}\n")
-    out.write("per format\n")
+    kinds = {fmt: collections.Counter(runtime_error_kind(c.message) for c in cases if c.format == fmt and c.outcome == "3")
+             for fmt in sorted(by_format)}
+    out.write("runtime errors (3) by how the worker ended: " + "; ".join(
+        f"{fmt} " + ", ".join(f"{kind}={counts.get(kind, 0)}" for kind in ("clean", "crash", "hang"))
+        for fmt, counts in kinds.items()) + "\n")
+    out.write("per format                                                 validate s/case (mean, max)\n")
     for fmt in sorted(by_format):
         counts = "  ".join(f"{o}={by_format[fmt].get(o, 0)}" for o in OUTCOMES)
-        out.write(f"  {fmt:<8} {counts}\n")
+        times = format_seconds[fmt]
+        out.write(f"  {fmt:<8} {counts:<48} {sum(times) / len(times):6.2f} {max(times):7.2f}\n")
     for outcome in OUTCOMES:
         for message, count in messages[outcome].most_common(5):
             out.write(f"  [{outcome}] x{count}: {message[:200]}\n")
@@ -291,9 +311,13 @@ def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, ou
                       f"python -m edgepack.fuzz --seed {seed} --case {case.case} --bundle {case.bundle} --keep DIR\n")
     for leak in leaks:
         out.write(f"LEAK {leak}\n")
-    return {"seed": seed, "cases": len(cases), "seconds": round(seconds, 1),
+    return {"seed": seed, "cases": len(cases), "seconds": round(seconds, 1), "fork_servers": servers,
             "outcomes": {o: by_outcome.get(o, 0) for o in OUTCOMES},
             "by_format": {fmt: {o: counts.get(o, 0) for o in OUTCOMES} for fmt, counts in sorted(by_format.items())},
+            "runtime_errors": {fmt: {k: counts.get(k, 0) for k in ("clean", "crash", "hang")}
+                               for fmt, counts in kinds.items()},
+            "seconds_per_case": {fmt: {"mean": round(sum(t) / len(t), 3), "max": max(t)}
+                                 for fmt, t in sorted(format_seconds.items())},
             "messages": {o: dict(messages[o].most_common()) for o in OUTCOMES if messages[o]},
             "leaks": leaks, "records": [asdict(c) for c in cases]}
 
@@ -327,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --keep {args.keep}: must not exist or be empty", file=sys.stderr)
         return EXIT_USAGE
     validate = validate_cli if args.via == "cli" else validate_inprocess
+    # Tag first, so the fork servers the bundle build starts carry it too, and so their workers.
+    tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
     with tempfile.TemporaryDirectory(prefix="edgepack-fuzz-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -349,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         numbers = [args.case] if args.case is not None else list(range(args.cases))
         cases: list[Case] = []
         leaks: list[str] = []
+        servers_seen: set[int] = set(fork_server_pids())
         started = time.monotonic()
         interrupted = False
-        tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
         try:
             for number in numbers:
                 keep = args.keep if args.case is not None else None
@@ -361,14 +387,16 @@ def main(argv: list[str] | None = None) -> int:
                     case = Case(case=number, bundle="", file="", format="?", mutation="", detail="",
                                 outcome="internal", message=f"fuzz driver: {type(exc).__name__}: {exc}")
                 cases.append(case)
-                left = tagged_processes(tag)
+                servers = fork_server_pids()
+                servers_seen.update(servers)
+                left = [pid for pid in tagged_processes(tag) if pid not in servers]
                 if left:
                     leaks.append(f"case {number}: process(es) {left} still running after validation")
                 say(f"case {number}: {case.file} {case.mutation} -> {case.outcome} ({case.seconds:.1f} s) "
                     f"{case.message[:100]}")
         except KeyboardInterrupt:
             interrupted = True
-        summary = summarize(cases, leaks, time.monotonic() - started, args.seed, sys.stdout)
+        summary = summarize(cases, leaks, time.monotonic() - started, args.seed, sys.stdout, len(servers_seen))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if interrupted:

@@ -269,7 +269,8 @@ def test_sha256_with_a_trailing_newline_is_a_bundle_error(bundle_dir):
 def test_fuzz_driver_classifies_every_case(tmp_path):
     """30 seeded cases over the ONNX and LiteRT artifacts of a small bundle: every case ends in a
     documented exit code, none is an unexpected exception, no worker outlives its case, and a case
-    replays alone with the same damage and outcome. (ExecuTorch loads torch per worker: `make fuzz`.)"""
+    replays alone with the same damage and outcome. (`make fuzz` adds the .pte: its export and
+    ExecuTorch's one-time import in the fork server would double this test's minute.)"""
     work, report = tmp_path / "work", tmp_path / "fuzz.json"
     proc = subprocess.run([sys.executable, "-m", "edgepack.fuzz", "--cases", "30", "--seed", "7", "--formats",
                            "onnx,tflite", "--timeout", "60", "--work", str(work), "--json", str(report), "--quiet"],
@@ -279,6 +280,8 @@ def test_fuzz_driver_classifies_every_case(tmp_path):
     assert summary["cases"] == 30 and sum(summary["outcomes"].values()) == 30
     assert summary["outcomes"]["internal"] == 0 and summary["leaks"] == []
     assert set(summary["by_format"]) == {"onnx", "tflite"}
+    assert summary["fork_servers"] == 2  # one per runtime, started once: no server died along the way
+    assert sum(sum(kinds.values()) for kinds in summary["runtime_errors"].values()) == summary["outcomes"]["3"]
     assert summary["outcomes"]["3"] > 0  # most damage stops the runtime from loading the file
     for outcome in ("0", "1", "2", "3"):
         assert f"  {outcome} " in proc.stdout  # the table prints every outcome, even at zero
