@@ -31,9 +31,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one).
+# Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one);
+# every case, with its damage and message, is kept in dist/fuzz-report.json.
 fuzz: $(STAMP)
-	$(BIN)/python -m edgepack.fuzz --cases 2000
+	$(BIN)/python -m edgepack.fuzz --cases 2000 --json dist/fuzz-report.json
 
 clean:
 	rm -rf dist .pytest_cache

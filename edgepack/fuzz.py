@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             interrupted = True
         summary = summarize(cases, leaks, time.monotonic() - started, args.seed, sys.stdout, len(servers_seen))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if interrupted:
         return EXIT_INTERRUPTED
