@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
     ingest.add_argument("report", help="device_report.json from device/validate.py or device/run_android.sh")
     ingest.add_argument("--json", action="store_true", help="print the updated manifest as JSON on stdout")
+    diagnose = sub.add_parser("diagnose", help="rank the layers int8 hurts most, per layer, for a target's recipe")
+    diagnose.add_argument("spec", help="models/x.py or package.module:function")
+    diagnose.add_argument("--target", "-t", required=True, help="target name or a YAML path (its int8 recipe)")
+    diagnose.add_argument("--out", help="where diagnosis.json and diagnosis.png go "
+                                        "(default: dist/<model>/<target>.diagnosis)")
+    diagnose.add_argument("--samples", type=int, help="calibration samples compared layer by layer (default: 8)")
+    diagnose.add_argument("--top", type=int, default=10, help="rows in the table (default: 10)")
+    diagnose.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    diagnose.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     return parser
 
 
@@ -101,6 +110,16 @@ def cmd_build(args) -> int:
     elif not args.quiet:
         err_console.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else ""))
     return result.exit_code
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnose import cmd_diagnose as run
+
+    from .errors import ConfigError
+
+    if (args.samples is not None and args.samples < 1) or args.top < 1:
+        raise ConfigError("diagnose: --samples and --top must be at least 1", "pass a positive count")
+    return run(args)
 
 
 def cmd_targets(args) -> int:
@@ -246,7 +265,7 @@ def print_manifest(manifest, console: Console) -> None:
 
 
 COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest}
+            "ingest": cmd_ingest, "diagnose": cmd_diagnose}
 
 
 def _on_sigterm(signum, frame):

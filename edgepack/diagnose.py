@@ -584,6 +584,7 @@ def cmd_diagnose(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .errors import EdgepackError, ExportError
     from .spec import load_spec
     from .target import load_target
 
@@ -592,8 +593,15 @@ def cmd_diagnose(args) -> int:
     spec = load_spec(args.spec)
     out_dir = Path(getattr(args, "out", None) or Path("dist") / spec.name / f"{profile.name}.diagnosis")
     quiet = getattr(args, "quiet", False)
-    report = run_diagnosis(spec, profile, out_dir, samples=getattr(args, "samples", None) or DIAGNOSIS_SAMPLES,
-                           progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
+    try:
+        report = run_diagnosis(spec, profile, out_dir, samples=getattr(args, "samples", None) or DIAGNOSIS_SAMPLES,
+                               progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
+    except EdgepackError:
+        raise
+    except Exception as exc:  # torch.export / PT2E on user models: name the step, keep the cause for --debug
+        raise ExportError(f"diagnose {spec.name} on {profile.name}: quantizing the model with the profile's int8 "
+                          f"recipe (torch.export + PT2E) failed: {type(exc).__name__}: {str(exc)[:300]}",
+                          "run `edgepack build` to see which format fails, or --debug for the traceback") from exc
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0

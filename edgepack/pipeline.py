@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import os
@@ -31,6 +32,7 @@ from .errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, Edg
 from .export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from .export.base import ExportContext
 from .export.onnx import export_float_onnx
+from .fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
 from .measure import latency_summary, zip_bytes
 from .modelstats import model_stats
 from .parity import compare
@@ -233,6 +235,74 @@ class _Builder:
 
     def build_artifact(self, config, ctx: ExportContext, staged: Path, parity_inputs, reference, output_names,
                        ref_bytes: int) -> ArtifactEntry:
+        args = (ctx, staged, parity_inputs, reference, output_names, ref_bytes)
+        fallback = self.profile.on_parity_failure == "fallback" and supports_fallback(config)
+        # With a fallback possible, the bytes are checked once, on the artifact that is kept.
+        entry, summary = self.export_validate(config, *args,
+                                              check_reproducible=self.options.check_reproducible and not fallback)
+        if entry.status == "parity-failed" and self.profile.on_parity_failure == "fallback":
+            if fallback:
+                entry, summary = self.fallback(config, entry, *args)
+            else:
+                entry.notes.append(f"on_parity_failure: fallback does not apply to {config.format} "
+                                   f"{config.precision} (static int8 made with the pt2e recipe only)")
+        label = f"{config.file_name} ({config.format}, {config.precision})"
+        if entry.status == "parity-failed":
+            self.fail(f"{label}: parity failed\n" + summary, EXIT_PARITY_OR_BUDGET)
+        elif entry.status == "budget-exceeded":
+            self.fail(f"{label}: budget exceeded: " + "; ".join(entry.budgets["failures"]), EXIT_PARITY_OR_BUDGET)
+        return entry
+
+    def fallback(self, config, failed: ArtifactEntry, ctx: ExportContext, staged: Path, parity_inputs, reference,
+                 output_names, ref_bytes: int) -> tuple[ArtifactEntry, str]:
+        """on_parity_failure: fallback. Keep the most harmful layers in fp32, a group per step,
+        until parity passes or a limit or budget stops it; the entry kept says what each step cost."""
+        args = (ctx, staged, parity_inputs, reference, output_names, ref_bytes)
+        summaries: dict[int, str] = {}
+
+        def step_of(entry: ArtifactEntry, summary: str, float_layers: list[str]) -> FallbackStep:
+            summaries[id(entry)] = summary
+            worst = _headline(entry.parity)
+            return FallbackStep(float_layers, entry.status != "parity-failed", entry.bytes or 0,
+                                (entry.latency or {}).get("p50_ms"), parity=worst, artifact=entry)
+
+        def try_config(candidate) -> FallbackStep:
+            self.say(f"fallback: {config.file_name} with {len(candidate.float_layers)} layer(s) in fp32")
+            entry, summary = self.export_validate(candidate, *args, check_reproducible=False)
+            if entry.status == "failed":
+                raise ExportError(f"{config.file_name}: fallback step with float_layers "
+                                  f"{list(candidate.float_layers)} failed: {entry.error}",
+                                  "set on_parity_failure: fail and put the layers in float_layers by hand")
+            return step_of(entry, summary, list(candidate.float_layers))
+
+        self.say(f"{config.file_name}: parity failed; ranking layers for the fp32 fallback")
+        initial = step_of(failed, "", list(getattr(config, "float_layers", ())))
+        result = run_fallback(config, ctx, try_config, settings=self.profile.fallback, budgets=self.profile.budgets,
+                              initial=initial)
+        final = result.final or initial
+        entry = final.artifact
+        if final is not result.steps[-1]:
+            # The files on disk belong to a later step (over budget): rebuild the one kept.
+            self.say(f"fallback: rebuilding {config.file_name} with the {len(final.float_layers)} layer(s) kept")
+            entry, summary = self.export_validate(with_float_layers(config, final.float_layers), *args,
+                                                  check_reproducible=self.options.check_reproducible)
+            summaries[id(entry)] = summary
+        elif self.options.check_reproducible:
+            export = exporter_registry()[config.format].module.export
+            kept = with_float_layers(config, final.float_layers)
+            entry.reproducible = package.check_reproducible(export, kept, ctx, [staged / f.path for f in entry.files])
+        entry.export["fallback"] = result.to_dict()
+        if result.float_layers:
+            entry.notes.append(f"on_parity_failure: fallback kept {len(result.float_layers)} layer(s) in fp32 "
+                               f"({', '.join(result.float_layers)}): {result.reason}")
+        else:
+            entry.notes.append(f"on_parity_failure: fallback: {result.reason}")
+        return entry, summaries.get(id(entry), "")
+
+    def export_validate(self, config, ctx: ExportContext, staged: Path, parity_inputs, reference, output_names,
+                        ref_bytes: int, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
+        """Export one artifact, run it in its runtime and judge it: (entry, parity summary).
+        Parity and budget results are in entry.status; the caller records them as failures."""
         profile = self.profile
         entry = exporter_registry()[config.format]
         label = f"{config.file_name} ({config.format}, {config.precision})"
@@ -240,16 +310,16 @@ class _Builder:
                 "config": config.model_dump(mode="json")}
         self.say(f"exporting {label}")
         try:
-            result = entry.module.export(config, ctx)
+            result = entry.module.export(config, _isolated(ctx))
         except (ExportError, RuntimeUnavailable) as exc:
             if not self.options.keep_going:
                 raise
             self.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
-            return ArtifactEntry(status="failed", error=exc.message, **base)
+            return ArtifactEntry(status="failed", error=exc.message, **base), ""
         files = result.files
         main = files[0]
         reproducible = None
-        if self.options.check_reproducible:
+        if check_reproducible:
             self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
             reproducible = package.check_reproducible(entry.module.export, config, ctx, files)
         self.say(f"validating {label} in {result.runtime}")
@@ -272,7 +342,7 @@ class _Builder:
             self.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             for path in files:
                 path.unlink(missing_ok=True)
-            return ArtifactEntry(status="failed", error=exc.message, **base)
+            return ArtifactEntry(status="failed", error=exc.message, **base), ""
 
         tolerance = profile.tolerance_for(config.precision).model_dump()
         parity = compare(reference, outputs, tolerance, output_names, self.score_outputs)
@@ -291,10 +361,8 @@ class _Builder:
         status = "ok"
         if not parity.passed:
             status = "parity-failed"
-            self.fail(f"{label}: parity failed\n" + parity.summary(), EXIT_PARITY_OR_BUDGET)
         elif budgets and not budgets["passed"]:
             status = "budget-exceeded"
-            self.fail(f"{label}: budget exceeded: " + "; ".join(budgets["failures"]), EXIT_PARITY_OR_BUDGET)
         return ArtifactEntry(
             status=status, file=main.name,
             files=[bundle_mod.file_entry(p, staged) for p in files],
@@ -306,7 +374,8 @@ class _Builder:
             size={"bytes": total_bytes, "float_reference_bytes": ref_bytes,
                   "ratio_to_float": round(total_bytes / ref_bytes, 4)},
             accuracy=accuracy, budgets=budgets, reproducible=reproducible, **base,
-        )
+        ), parity.summary()
+
 
 
     def compare_with_float(self, configs, entries: list[ArtifactEntry], ctx: ExportContext, scratch: Path,
@@ -353,12 +422,29 @@ class _Builder:
         workdir = scratch / "float-baseline"
         workdir.mkdir(exist_ok=True)
         self.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency")
-        result = entry.module.export(baseline, dataclasses.replace(ctx, workdir=workdir))
+        result = entry.module.export(baseline, _isolated(ctx, workdir=workdir))
         with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], result.files[0], self.threads,
                             self.options.runtime_timeout_s) as session:
             bench = session.bench(to_native(feeds, session.inputs), self.profile.latency.warmup,
                                   self.profile.latency.runs)
         return latency_summary(bench["times_ms"])["p50_ms"]
+
+
+def _isolated(ctx: ExportContext, **changes) -> ExportContext:
+    """The context with a private copy of the model: an exporter may change the module it is
+    given (torch.export shares its parameters; PT2E bias correction writes to them), and every
+    artifact must start from the model the reference was made from."""
+    return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), **changes)
+
+
+def _headline(parity: dict | None) -> dict[str, float | None]:
+    """The worst output's cosine min, SQNR and top-1 agreement of a parity dict."""
+    outputs = (parity or {}).get("outputs") or []
+    if not outputs:
+        return {}
+    tops = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
+    return {"cosine_min": min(o["cosine_min"] for o in outputs), "sqnr_db": min(o["sqnr_db"] for o in outputs),
+            "top1_agreement": min(tops) if tops else None}
 
 
 def _metrics(values: dict) -> dict[str, float]:

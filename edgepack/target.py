@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .fallback import FallbackSettings
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
@@ -114,6 +115,11 @@ def profile_model() -> type[BaseModel]:
         # What to do when a quantized artifact is not faster than its float sibling on the build
         # host (both measured in the same build): fail the build, warn, or ship the float one.
         slower_than_float: Literal["fail", "warn", "keep_float"] = "warn"
+        # What to do when an int8 artifact fails parity: fail the build, or keep the layers the
+        # diagnosis ranks most harmful in fp32, a group per step, re-exporting and re-validating
+        # until parity passes or `fallback`'s limits or `budgets` would be exceeded.
+        on_parity_failure: Literal["fail", "fallback"] = "fail"
+        fallback: FallbackSettings = FallbackSettings()
 
         @field_validator("artifacts")
         @classmethod

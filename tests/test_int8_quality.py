@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from torch import nn
 
@@ -17,7 +18,7 @@ from edgepack.compress import registry
 from edgepack.compress.equalize import EqualizeConfig
 from edgepack.compress.equalize import run as equalize
 from edgepack.compress.pt2e import Recipe, quantize_pt2e_xnnpack
-from edgepack.diagnose import diagnose_pt2e, run_diagnosis
+from edgepack.diagnose import diagnose_pt2e
 from edgepack.export import executorch as et_export
 from edgepack.export.base import ExportContext
 from edgepack.fallback import FallbackSettings, FallbackStep, fallback_search, rank_layers, with_float_layers
@@ -25,9 +26,9 @@ from edgepack.parity import compare
 from edgepack.runtimes import executorch as et_runtime
 from edgepack.spec import load_spec
 from edgepack.stage import StageContext
-from edgepack.target import load_target
 
 TEST_MODELS = Path(__file__).resolve().parent / "models"
+REPO = TEST_MODELS.parent.parent
 # android-arm64's int8 tolerance (the profile the hostile model is built for).
 INT8_TOLERANCE = {"min_cosine": 0.98, "min_sqnr_db": 14.0}
 
@@ -63,21 +64,29 @@ def _sqnr(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
 # --------------------------------------------------------------------------- diagnosis
 
 
-def test_diagnosis_ranks_the_hostile_layer_first(hostile, tmp_path):
-    profile = load_target("android-arm64")
-    report = run_diagnosis(hostile, profile, tmp_path, samples=4)
+def test_diagnosis_ranks_the_hostile_layer_first(tmp_path):
+    """`edgepack diagnose` prints the worst layers and writes diagnosis.json and the chart."""
+    from conftest import run_cli
+
+    proc = run_cli("diagnose", str(TEST_MODELS / "hostile.py"), "--target", "android-arm64", "--out", str(tmp_path),
+                   "--samples", "4", "--top", "3")
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if "conv2d" in line or "linear" in line]
+    assert len(table) == 3 and "hostile" in table[0]
+    assert "float_layers: ['hostile', 'mix']" in proc.stderr
+    report = json.loads((tmp_path / "diagnosis.json").read_text())
     assert report["ranked"][0] == "hostile"
     worst = next(r for r in report["layers"] if r["layer"] == "hostile")
     assert worst["error_share"] > 0.5
     # its output activation is the problem, not its weights, so the layer reading it comes along
     assert worst["output_sqnr_db_activation_only"] < worst["output_sqnr_db_weights_only"]
     assert report["float_groups"][0] == ["hostile", "mix"]
-    saved = json.loads((tmp_path / "diagnosis.json").read_text())
-    assert saved["ranked"] == report["ranked"]
     assert (tmp_path / "diagnosis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # layers come in network order with every figure filled for the quantized ones
     names = [r["layer"] for r in report["layers"]]
     assert names.index("stem") < names.index("hostile") < names.index("mix") < names.index("head")
+    bad = run_cli("diagnose", str(TEST_MODELS / "hostile.py"), "--target", "android-arm64", "--samples", "0")
+    assert bad.returncode == 2 and "--samples" in bad.stderr
 
 
 def test_diagnosis_emulation_matches_the_converted_graph(hostile):
@@ -351,3 +360,75 @@ def test_tflite_shares_the_recipe_and_float_layers(hostile, tmp_path):
     assert compare(reference, outputs, INT8_TOLERANCE, ["logits"]).passed
     with pytest.raises(ValidationError, match="only applies to precision int8 with the pt2e quantizer"):
         tflite.TFLiteArtifact(precision="int8", quantizer="ai-edge-quantizer", float_layers=["hostile"])
+
+
+# --------------------------------------------------------------------------- fallback in a build
+
+
+def _hostile_profile(tmp_path: Path, **changes) -> Path:
+    from conftest import write_profile
+
+    data = yaml.safe_load((REPO / "targets" / "android-arm64.yaml").read_text())
+    pte = next(a for a in data["artifacts"] if a["format"] == "pte")
+    name = changes.pop("name", "arm64-pte")
+    return write_profile(tmp_path, "android-arm64", name=name, artifacts=[pte], **changes)
+
+
+def test_build_fails_int8_parity_without_fallback_and_a_budget_stops_the_fallback(tmp_path):
+    """Without fallback the hostile model fails int8 parity. With fallback but a byte budget the
+    all-int8 artifact meets and a fallback step would not, the build still fails on parity, keeps
+    the last artifact within budget and says the budget stopped the search."""
+    from conftest import run_cli
+
+    profile = _hostile_profile(tmp_path)
+    proc = run_cli("build", str(TEST_MODELS / "hostile.py"), "--target", str(profile), "--out", str(tmp_path / "dist"),
+                   "--json", "--quiet", "--no-zip", "--no-repro-check")
+    assert proc.returncode == 1, proc.stderr
+    assert "model.pte (pte, int8): parity failed" in proc.stderr
+    entry = json.loads(proc.stdout)["artifacts"][0]
+    assert entry["status"] == "parity-failed" and "fallback" not in entry["export"]
+    assert (tmp_path / "dist" / "hostile-cnn" / "arm64-pte.failed" / "manifest.json").is_file()
+
+    int8_bytes = entry["bytes"]
+    profile = _hostile_profile(tmp_path, name="arm64-budget", on_parity_failure="fallback",
+                               budgets={"max_bytes": int8_bytes + 16})
+    proc = run_cli("build", str(TEST_MODELS / "hostile.py"), "--target", str(profile), "--out", str(tmp_path / "d"),
+                   "--json", "--quiet", "--no-zip", "--no-repro-check")
+    assert proc.returncode == 1
+    entry = json.loads(proc.stdout)["artifacts"][0]
+    assert entry["status"] == "parity-failed"
+    fallback = entry["export"]["fallback"]
+    assert "budget" in fallback["reason"] and fallback["steps"][-1]["budget_failures"]
+    assert entry["bytes"] == int8_bytes and entry["config"]["float_layers"] == []  # the last one within budget
+
+
+def test_build_with_fallback_keeps_the_hostile_layer_float(tmp_path):
+    from conftest import run_cli
+
+    profile = _hostile_profile(tmp_path, on_parity_failure="fallback", fallback={"group_size": 1, "max_steps": 3})
+    out = tmp_path / "dist"
+    proc = run_cli("build", str(TEST_MODELS / "hostile.py"), "--target", str(profile), "--out", str(out),
+                   "--json", "--quiet", "--no-zip")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    entry = manifest["artifacts"][0]
+    assert entry["status"] == "ok" and manifest["status"] == "passed"
+    fallback = entry["export"]["fallback"]
+    assert fallback["passed"] and fallback["float_layers"] == ["hostile", "mix"]
+    assert fallback["ranked_layers"][0] == "hostile"
+    assert "output activation" in fallback["kept_float"]["hostile"]
+    # two steps: the all-int8 artifact that failed, then one with the first group in fp32; each step's cost
+    first, second = fallback["steps"]
+    assert not first["passed"] and first["float_layers"] == []
+    assert second["passed"] and second["added"] == ["hostile", "mix"]
+    assert second["bytes"] >= first["bytes"] and second["latency_ms"] > 0
+    assert second["parity"]["cosine_min"] > first["parity"]["cosine_min"]
+    # what ships is that artifact: its config and quantization record name the float layers,
+    # it passed parity in the ExecuTorch runtime, it is small, and its bytes were reproducible
+    assert entry["config"]["float_layers"] == ["hostile", "mix"]
+    assert entry["export"]["quantization"]["float_layers"] == ["hostile", "mix"]
+    assert entry["parity"]["passed"] and entry["size"]["ratio_to_float"] <= 0.40
+    assert entry["reproducible"]["reproducible"]
+    assert any("kept 2 layer(s) in fp32" in note for note in entry["notes"])
+    bundle = out / "hostile-cnn" / "arm64-pte"
+    assert (bundle / "model.pte").stat().st_size == entry["bytes"]
