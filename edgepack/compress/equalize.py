@@ -112,6 +112,7 @@ def _find_pairs(model: nn.Module, example: tuple) -> tuple[list[_Pair], list[str
         if first is None:
             continue
         current, batch_norm, clip, ok = node, None, None, True
+        axis = _output_channel_axis(node)
         while ok:
             if len(current.users) != 1:
                 ok = False
@@ -128,12 +129,15 @@ def _find_pairs(model: nn.Module, example: tuple) -> tuple[list[_Pair], list[str
                 clip, current = math.inf, user
             elif op in ("hardtanh", "hardtanh_") and clip is None and len(user.args) >= 3 and user.args[1] == 0.0:
                 clip, current = float(user.args[2]), user
-            elif op in _PASS and (op not in ("pad", "constant_pad_nd") or _zero_pad(user)):
-                if op in ("view", "reshape", "flatten", "_unsafe_view", "mean") and not _channel_kept(current, user):
-                    ok = False
+            elif op in _PASS and (op not in ("pad", "constant_pad_nd") or _zero_pad(user, axis)):
+                if op in ("view", "reshape", "flatten", "_unsafe_view", "mean"):
+                    axis = _channel_kept(current, user, axis)
+                    ok = axis is not None
                 current = user
             else:
                 second = weighted(user) if user.args and user.args[0] is current else None
+                if second is not None and (axis is None or axis != _input_channel_axis(current, user)):
+                    second = None  # it reads another dim: a linear over a conv's width, say
                 if second is None:
                     ok = False
                     break
@@ -146,21 +150,58 @@ def _find_pairs(model: nn.Module, example: tuple) -> tuple[list[_Pair], list[str
     return pairs, skipped
 
 
-def _zero_pad(node: torch.fx.Node) -> bool:
-    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0.0)
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+def _zero_pad(node: torch.fx.Node, axis: int | None) -> bool:
+    """Zero padding of dims other than the channel ``axis`` (a pad list of 2k pads the last k dims)."""
+    if _op(node) == "constant_pad_nd":  # (input, pad, value)
+        value, mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0), "constant"
+    else:  # pad: (input, pad, mode, value)
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", 0.0)
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    shape = getattr(node.meta.get("val"), "shape", None)
+    if axis is None or shape is None or axis >= len(shape) - len(node.args[1]) // 2:
+        return False
     return mode == "constant" and (value is None or float(value) == 0.0)
 
 
-def _channel_kept(before: torch.fx.Node, after: torch.fx.Node) -> bool:
-    """A reshape/mean keeps channel c at feature c: [N, C, 1, 1] -> [N, C], or a mean over space."""
+def _output_channel_axis(node: torch.fx.Node) -> int | None:
+    """Where a conv/linear result keeps its output channels: dim 1 of a convolution's
+    [N, C, ...]; the last dim of a linear's [..., out] (a transformer's [B, S, hidden] too)."""
+    shape = getattr(node.meta.get("val"), "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return len(shape) - 1 if _op(node) == "linear" else min(1, len(shape) - 1)
+
+
+def _input_channel_axis(value: torch.fx.Node, layer: torch.fx.Node) -> int | None:
+    """The dim of ``value`` that ``layer`` (conv/linear) reads as its input channels."""
+    shape = getattr(value.meta.get("val"), "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    return len(shape) - 1 if _op(layer) == "linear" else min(1, len(shape) - 1)
+
+
+def _channel_kept(before: torch.fx.Node, after: torch.fx.Node, axis: int | None) -> int | None:
+    """The channel axis after a reshape/mean if channel c still sits alone at index c along it
+    ([N, C, 1, 1] -> [N, C]; a mean over other dims), else None (the pair is not equalizable:
+    e.g. a view that splits the channels into heads, or a mean over the channels)."""
     shape_in = getattr(before.meta.get("val"), "shape", None)
     shape_out = getattr(after.meta.get("val"), "shape", None)
-    if shape_in is None or shape_out is None or len(shape_in) < 2 or len(shape_out) < 2:
-        return False
+    if shape_in is None or shape_out is None or axis is None or not shape_out:
+        return None
     if _op(after) == "mean":
-        return shape_out[1] == shape_in[1]
-    return shape_out[1] == shape_in[1] and math.prod(shape_in[2:]) == 1
+        dims = after.args[1] if len(after.args) > 1 else after.kwargs.get("dim")
+        if dims is None:
+            return None  # a mean over everything
+        reduced = {d % len(shape_in) for d in ([dims] if isinstance(dims, int) else dims)}
+        keepdim = bool(after.args[2] if len(after.args) > 2 else after.kwargs.get("keepdim", False))
+        if axis in reduced:
+            return None
+        new_axis = axis if keepdim else axis - sum(d < axis for d in reduced)
+    else:  # a view keeps channel c at c if the dims before it are unchanged and those after it are 1
+        if tuple(shape_out[:axis]) != tuple(shape_in[:axis]) or math.prod(shape_in[axis + 1:]) != 1:
+            return None
+        new_axis = axis
+    return new_axis if new_axis < len(shape_out) and shape_out[new_axis] == shape_in[axis] else None
 
 
 def _second_fits(first: nn.Module, second: nn.Module) -> bool:
@@ -221,9 +262,12 @@ def _pre_activation_max(model: nn.Module, pairs: list[_Pair], calibration: list)
         if pair.clip is None:
             continue
         name = pair.batch_norm or pair.first
+        # A linear's channels are its output's last dim ([B, S, hidden] too); a conv's or batch norm's dim 1.
+        last = isinstance(modules[name], nn.Linear)
 
-        def hook(_module, _inputs, output, name=name):
-            dims = [d for d in range(output.dim()) if d != 1]
+        def hook(_module, _inputs, output, name=name, last=last):
+            axis = output.dim() - 1 if last else min(1, output.dim() - 1)
+            dims = [d for d in range(output.dim()) if d != axis]
             value = output.detach().amax(dim=dims)
             maxima[name] = value if name not in maxima else torch.maximum(maxima[name], value)
 

@@ -635,13 +635,14 @@ def bias_correct(prepared: torch.fx.GraphModule, samples: Sequence[InputTuple]) 
                 s.enabled = quantized
             interpreter.env[node] = interpreter.run_node(node)
         if node in targets:
-            float_mean = sum(_channel_mean(i.env[node]) for i, q in runs if not q) / len(samples)
-            int8_mean = sum(_channel_mean(i.env[node]) for i, q in runs if q) / len(samples)
+            axis = _channel_axis(node, interpreter.env[node])
+            float_mean = sum(_channel_mean(i.env[node], axis) for i, q in runs if not q) / len(samples)
+            int8_mean = sum(_channel_mean(i.env[node], axis) for i, q in runs if q) / len(samples)
             delta = int8_mean - float_mean
             bias = _attr(probe, targets[node])
             bias.data -= delta.to(bias.dtype)
             shape = [1] * interpreter.env[node].dim()
-            shape[1 if len(shape) > 1 else 0] = -1
+            shape[axis] = -1
             for interpreter, quantized in runs:
                 if quantized:  # the same as re-running the op with the corrected bias
                     interpreter.env[node] = interpreter.env[node] - delta.view(shape)
@@ -658,9 +659,18 @@ def bias_correct(prepared: torch.fx.GraphModule, samples: Sequence[InputTuple]) 
             "largest_mean_shift_removed": round(largest, 6)}
 
 
-def _channel_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean per channel (dim 1; the last dim of a 1-D/2-D linear output)."""
+def _channel_axis(node: torch.fx.Node, value: torch.Tensor) -> int:
+    """The output-channel axis of a conv/linear result: dim 1 for a convolution ([N, C, ...]),
+    the last dim for a linear, which maps the last dim of an input of any rank ([..., in] ->
+    [..., out]; a transformer's [B, S, hidden]). The bias is indexed along this axis."""
+    if value.dim() <= 1:
+        return 0
+    return value.dim() - 1 if _is_target(node, ("linear.default",)) else 1
+
+
+def _channel_mean(value: torch.Tensor, axis: int) -> torch.Tensor:
+    """Mean over every dim but the channel ``axis``."""
     value = value.float()
     if value.dim() <= 1:
         return value
-    return value.mean(dim=[d for d in range(value.dim()) if d != 1])
+    return value.mean(dim=[d for d in range(value.dim()) if d != axis])

@@ -1,0 +1,186 @@
+"""The tiny BERT-style encoder (models/tiny_encoder.py) through the precision paths that apply to
+a transformer, each artifact run in its own runtime; and the int8 recipe's handling of linears
+over [batch, sequence, hidden] tensors (their channels are the last dim, not dim 1)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import MODELS
+from edgepack.compress.equalize import EqualizeConfig
+from edgepack.compress.equalize import run as equalize
+from edgepack.compress.pt2e import quantize_pt2e_xnnpack
+from edgepack.export import executorch as et_export
+from edgepack.export import onnx as onnx_export
+from edgepack.export.base import ExportContext
+from edgepack.parity import compare
+from edgepack.runtimes import executorch as et_runtime
+from edgepack.spec import load_spec
+from edgepack.stage import StageContext
+from edgepack.target import load_target
+
+HELD_OUT = 8  # sequences per parity check: enough for cosine min / SQNR, fast on 2 busy cores
+
+
+@pytest.fixture(scope="module")
+def encoder_spec():
+    return load_spec(str(MODELS / "tiny_encoder.py"))
+
+
+def _encoder_module(spec):
+    return sys.modules[type(spec.model).__module__]
+
+
+def _ctx(model, example, calibration, workdir) -> ExportContext:
+    return ExportContext(model=model, example_inputs=example, calibration=calibration,
+                         input_names=["input_ids", "attention_mask"], output_names=["pooled"], workdir=workdir)
+
+
+def _reference(model, samples) -> list[list[np.ndarray]]:
+    with torch.no_grad():
+        return [[model(*sample).numpy()] for sample in samples]
+
+
+def _run_pte(path, samples) -> list[list[np.ndarray]]:
+    runner = et_runtime.load(str(path), threads=1)
+    return [runner.run([t.numpy() for t in sample]) for sample in samples]
+
+
+def _run_onnx(path, samples) -> list[list[np.ndarray]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return [session.run(None, dict(zip(names, (t.numpy() for t in sample)))) for sample in samples]
+
+
+def _sqnr(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    signal = sum(float((r ** 2).sum()) for r in reference)
+    noise = sum(float(((a - r) ** 2).sum()) for a, r in zip(actual, reference))
+    return 10 * math.log10(signal / noise)
+
+
+def _stage_ctx(calibration) -> StageContext:
+    return StageContext(example_inputs=calibration[0], calibration=calibration, teacher=nn.Identity())
+
+
+def _float_bytes(model: nn.Module) -> int:
+    """fp32 weight bytes: a lower bound on any float artifact's size (the float ONNX of the
+    tiny encoder is 3.92 MB for these 3.77 MB of weights)."""
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- static int8 (android-arm64)
+
+
+def test_static_int8_pte_of_an_encoder_layer(encoder_spec, tmp_path):
+    """The android-arm64 int8 recipe (MSE ranges, bias correction) on a one-layer encoder, run in
+    the ExecuTorch runtime: bias correction works on the [1, 32, 128] linear outputs (it once
+    averaged over the sequence and crashed) and parity holds with android-arm64's int8 tolerance.
+    The four-layer encoder measured in a build: cosine min 0.9996, SQNR 32 dB (.pte)."""
+    module = _encoder_module(encoder_spec)
+    torch.manual_seed(0)
+    model = module.TinyEncoder(layers=1).eval()
+    calibration = module.token_samples(8, seed=1)
+    held_out = module.token_samples(HELD_OUT, seed=2)
+    profile = load_target("android-arm64")
+    (config,) = [a for a in profile.artifacts if a.format == "pte"]
+    config = config.model_copy(update={"calibration_samples": 8})
+    result = et_export.export(config, _ctx(model, calibration[0], calibration, tmp_path))
+    quantization = result.details["quantization"]
+    assert quantization["bias_correction"]["corrected_layers"] == 7  # q, k, v, out, up, down, pooler
+    parity = compare(_reference(model, held_out), _run_pte(result.files[0], held_out),
+                     profile.tolerance_for("int8").model_dump(), ["pooled"])
+    assert parity.passed, parity.summary()
+    assert parity.outputs[0].cosine_min > 0.99 and parity.outputs[0].sqnr_db > 20.0
+
+
+# --------------------------------------------------------------------------- sequence (transformer) shapes
+
+
+class SequenceMLP(nn.Module):
+    """Linears over a [batch, sequence, features] tensor, as in a transformer block: the output
+    channels are the last dim, not dim 1 (sequence 6 != any feature count, so a mix-up shows)."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(16, 24), act(), nn.Linear(24, 8)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.up.weight.mul_(torch.logspace(-1.0, 1.0, 24).view(-1, 1))  # uneven channel ranges
+            self.up.bias.uniform_(-0.5, 0.5, generator=generator)
+            self.up.weight.add_(0.3)  # a weight error with a per-channel mean bias correction can remove
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+def _sequences(count: int, seed: int) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 6, 16, generator=generator) * 0.5 + 0.2,) for _ in range(count)]
+
+
+def test_bias_correction_on_linears_over_a_sequence():
+    """Linears over [B, S, H] have their bias on the last dim: bias correction must average
+    over batch and sequence (it once averaged over dim 1 and crashed on a BERT encoder)."""
+    model = SequenceMLP().eval()
+    calibration, held_out = _sequences(16, 1), _sequences(8, 2)
+    with torch.no_grad():
+        reference = [model(x) for (x,) in held_out]
+    figures = {}
+    for corrected in (False, True):
+        converted, record = quantize_pt2e_xnnpack(model, calibration[0], calibration, per_channel=False,
+                                                  activation_observer="minmax", bias_correction=corrected)
+        with torch.no_grad():
+            got = [converted(x) for (x,) in held_out]
+        # the mean error per output feature, over samples and positions: what bias correction removes
+        shift = torch.stack([(g - r).mean(dim=(0, 1)) for g, r in zip(got, reference)]).mean(dim=0)
+        figures[corrected] = (float(shift.abs().max()), _sqnr(reference, got))
+        if corrected:
+            assert record["bias_correction"]["corrected_layers"] == 2
+            assert converted.state_dict()[next(k for k in converted.state_dict() if k.endswith("bias"))].dim() == 1
+    assert figures[True][0] < figures[False][0], figures
+    assert figures[True][1] > 25.0, figures
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_equalize_linears_over_a_sequence(act):
+    """Linear -> ReLU(6) -> Linear over [B, S, H] is a pair on the feature dim; calibrated ReLU6
+    measures each feature's peak over batch and sequence (it once took dim 1, the sequence)."""
+    model = SequenceMLP(act).eval()
+    calibration = _sequences(16, 1)
+    config = EqualizeConfig(relu6="calibrated") if act is nn.ReLU6 else EqualizeConfig()
+    equalized, details = equalize(config, model, _stage_ctx(calibration))
+    assert [(p["first"], p["second"]) for p in details["pairs"]] == [("up", "down")]
+    assert details["pairs"][0]["log2_scale_mean_abs"] > 0.1  # the uneven ranges were evened out
+    with torch.no_grad():
+        for (x,) in calibration:
+            before, after = model(x), equalized(x)
+            assert float((after - before).abs().max()) <= 1e-4 * float(before.abs().max())
+
+
+class HeadSplit(nn.Module):
+    """A view that splits the features into heads, then a linear over the head dim: channel c
+    of the first linear is not input c of the second, so the pair must not be equalized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 16), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x).reshape(1, 6, 4, 4))
+
+
+def test_equalize_skips_a_view_that_moves_the_channels():
+    model = HeadSplit().eval()
+    calibration = _sequences(4, 1)
+    _, details = equalize(EqualizeConfig(), model, _stage_ctx(calibration))
+    assert details["pairs"] == []
