@@ -89,8 +89,12 @@ class ArtifactEntry(_Strict):
     format: str
     precision: str
     # ok; parity-failed / budget-exceeded / slower-than-float fail the build; failed: no artifact
-    # (export or runtime error, with --keep-going); replaced-by-float: profile said keep_float.
-    status: Literal["ok", "parity-failed", "budget-exceeded", "slower-than-float", "replaced-by-float", "failed"]
+    # (export or runtime error, with --keep-going); replaced-by-float: profile said keep_float;
+    # not-validated: exported and shipped, but its runtime cannot run it on the build host (the
+    # config's device_only says why, e.g. a Vulkan .pte), so it has no parity, latency or golden
+    # outputs: it does not fail the build, and the notes say it is unchecked.
+    status: Literal["ok", "parity-failed", "budget-exceeded", "slower-than-float", "replaced-by-float", "failed",
+                    "not-validated"]
     error: str | None = None
     file: str | None = None
     files: list[FileEntry] = Field(default_factory=list)

@@ -306,6 +306,9 @@ def test_corrupt_pte_raises(exported, tmp_path, damage):
     ({"precision": "int16"}, "precision"),
     ({"precision": "int8", "calibration_samples": 0}, "calibration_samples"),
     ({"precision": "fp32", "format": "onnx"}, "format"),
+    ({"precision": "int8", "backend": "vulkan"}, "backend vulkan takes precision fp32 or fp16"),
+    ({"precision": "fp16"}, "set backend: vulkan"),
+    ({"precision": "fp32", "backend": "coreml"}, "backend"),
 ])
 def test_config_rejects_bad_combinations(fields, message):
     with pytest.raises(ValidationError, match=message):
@@ -315,8 +318,51 @@ def test_config_rejects_bad_combinations(fields, message):
 @pytest.mark.parametrize("fields", [
     {"name": "m", "precision": "int4-weight", "group_size": 64},
     {"name": "m", "precision": "int8", "granularity": "per-tensor", "calibration_samples": 16},
+    {"name": "m", "precision": "fp16", "backend": "vulkan"},
 ])
 def test_config_round_trips(fields):
     config = et_export.ExecuTorchArtifact(**fields)
     assert et_export.ExecuTorchArtifact.model_validate(config.model_dump()) == config
     assert config.file_name == "m.pte" and et_export.CONFIG is et_export.ExecuTorchArtifact
+
+
+# -- Vulkan (ahead of time only) ------------------------------------------------------------------
+
+
+class SmallConvNet(nn.Module):
+    """The digits CNN's layer kinds (conv-relu, max-pool, linear) at 8x8, weights ~80k params."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(64 * 4 * 4, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(torch.relu(self.conv1(x)))), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_vulkan_lowers_whole_and_is_marked_not_validated(tmp_path):
+    """The Vulkan partitioner takes the whole CNN (one delegate, no portable ops); fp16
+    (force_fp16) halves the weight bytes; the pip runtime cannot load the .pte, and the artifact
+    says so. One export (fp16): a Vulkan lowering takes ~20 s on this host."""
+    model = _seeded(SmallConvNet())
+    example = (torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)),)
+    config = et_export.ExecuTorchArtifact(name="vk", precision="fp16", backend="vulkan")
+    ctx = ExportContext(model=model, example_inputs=example, calibration=[example], input_names=[],
+                        output_names=[], workdir=tmp_path)
+    result = et_export.export(config, ctx)
+    details = result.details
+    assert details["backend"] == "vulkan" and details["delegate_backends"] == ["VulkanBackend"]
+    assert details["delegates"] == 1 and details["portable_ops"] == []
+    assert details["vulkan_compile_options"] == {"force_fp16": True}
+    assert details["validated_on_host"] is False
+    assert config.device_only and config.device_only in result.notes
+    assert "not validated on this host" in config.device_only
+    fp32_weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert result.files[0].stat().st_size <= 0.55 * fp32_weight_bytes  # measured: 0.52x
+    fp32 = et_export.ExecuTorchArtifact(precision="fp32", backend="vulkan")
+    assert et_export._vulkan_options(fp32) == {"force_fp16": False} and fp32.device_only
+    assert et_export.ExecuTorchArtifact(precision="fp32").device_only is None
+    with pytest.raises(RuntimeCheckError, match="vk.pte"):
+        et_runtime.load(str(result.files[0]), threads=1)

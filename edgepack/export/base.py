@@ -39,6 +39,12 @@ class ArtifactConfig(BaseModel):
     def file_name(self) -> str:
         return f"{self.name}.{self.extension}"
 
+    @property
+    def device_only(self) -> str | None:
+        """Why this artifact cannot be run in its runtime on the build host, for the manifest
+        (None, the default: it is run and judged there like every artifact)."""
+        return None
+
 
 @dataclass
 class ExportContext:
