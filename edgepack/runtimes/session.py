@@ -157,16 +157,17 @@ class ForkServer:
     def _receive(self, timeout_s: float) -> dict:
         try:
             ready, _, _ = select.select([self._control], [], [], timeout_s)
-            if not ready:
-                raise ServerFailed(f"did not answer within {timeout_s:g} s", timeout_s)
-            reply, _ = recv_control(self._control)
-            return reply
+            if ready:
+                reply, _ = recv_control(self._control)
+                return reply
         except (EOFError, OSError) as exc:
             raise ServerFailed(f"closed its control socket ({exc})") from None
         except BaseException:
             # Interrupted between a request and its reply, the channel is out of step: drop the server.
             self.stop(kill=True)
             raise
+        self.stop(kill=True)  # hung (in an import, say): of no use any more
+        raise ServerFailed(f"did not answer within {timeout_s:g} s", timeout_s)
 
     def stop(self, kill: bool = False) -> None:
         """End the server (closing its socket makes it kill and reap any worker it still has)."""
@@ -186,7 +187,6 @@ class ForkServer:
     def failure(self, exc: ServerFailed, what: str, name: str) -> RuntimeCheckError:
         """Stop this server and say how it failed while ``what``-ing artifact ``name`` (for a session)."""
         if exc.timeout_s is not None:
-            self.stop(kill=True)
             return RuntimeCheckError(
                 f"{self.runtime} did not answer within {exc.timeout_s:g} s while {what} {name}; killed it (SIGKILL)",
                 "the runtime hangs on this artifact; re-export it or raise the timeout",
