@@ -594,6 +594,17 @@ def _attr(module: nn.Module, path: str) -> torch.Tensor:
     return module  # type: ignore[return-value]
 
 
+def _replace_attr(module: nn.Module, path: str, value: torch.Tensor) -> None:
+    """Point ``path`` at a new tensor. Never write into the old one: the captured graph shares
+    its parameters with the caller's float model, which must stay as it was."""
+    *parents, name = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter)
+            else value)
+
+
 @torch.no_grad()
 def bias_correct(prepared: torch.fx.GraphModule, samples: Sequence[InputTuple]) -> dict[str, Any]:
     """Empirical bias correction (Nagel et al. 2019, sec. 4.2) on a calibrated PT2E graph.
@@ -603,8 +614,9 @@ def bias_correct(prepared: torch.fx.GraphModule, samples: Sequence[InputTuple]) 
     from its bias, with every layer before it already corrected: quantization then no longer
     shifts the per-channel means that later layers and the global average pool accumulate.
     The int8 and float graphs run node by node in lockstep over all samples (one pass), the
-    float one being the same graph with every observer replaced by the identity. Edits the
-    biases of ``prepared`` in place (observers keep their calibrated ranges).
+    float one being the same graph with every observer replaced by the identity. Gives
+    ``prepared`` new bias tensors (observers keep their calibrated ranges); the float model it
+    was captured from, which shares the old ones, is left unchanged.
     """
     import copy
 
@@ -654,7 +666,7 @@ def bias_correct(prepared: torch.fx.GraphModule, samples: Sequence[InputTuple]) 
     for s in switches:
         s.enabled = False
     for node, path in _bias_nodes(prepared):
-        _attr(prepared, path).data.copy_(_attr(probe, path).data)
+        _replace_attr(prepared, path, _attr(probe, path).detach().clone())
     return {"method": "empirical (Nagel et al. 2019)", "corrected_layers": len(targets), "samples": len(samples),
             "largest_mean_shift_removed": round(largest, 6)}
 
