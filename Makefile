@@ -30,6 +30,7 @@ test: $(STAMP)
 # Benchmarks are not tests: they take as long as they need and never gate CI.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/stages.py
 
 # Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one);
 # every case, with its damage and message, is kept in dist/fuzz-report.json.
