@@ -269,34 +269,54 @@ def test_gradual_schedule_must_fit_the_training(digits):
 
 # -- distill ---------------------------------------------------------------------------------
 
-DISTILL_EPOCHS = 6
+DISTILL_EPOCHS = 12
 
 
 @exercises("distill")
 def test_distill_transfers_the_teacher_into_the_half_channel_student(digits, float_top1, record_property):
-    """KD vs the same student, seed, init and batches without the teacher (alpha 0).
+    """KD vs the same student, seed, init, batches and mixup without the teacher (alpha 0).
 
-    What KD reliably does is match the teacher: held-out KL(teacher || student) drops. Top-1
-    is recorded, not asserted against the baseline: on digits the half-channel student alone
-    already matches the 98% teacher, and KD scored 0.7-1.4 points lower over 3 seeds. Six
-    epochs keep the test short; top-1 near the teacher's takes ~24 (see the report).
+    With mixup the teacher labels every mixed input (function matching): on digits that makes
+    the KD student beat the student alone on held-out top-1 (seed 0: 97.5% vs 96.9%; seeds 0-2
+    in compress/distill.py), and its outputs are much closer to the teacher's (held-out KL).
     """
     from edgepack.compress.distill import distillation_loss
 
-    common = {"type": "distill", "student": "spec", "epochs": DISTILL_EPOCHS, "lr": 2e-3, "temperature": 4.0}
+    common = {"type": "distill", "student": "spec", "epochs": DISTILL_EPOCHS, "lr": 2e-3, "temperature": 1.0,
+              "mixup": 1.0}
     kd_student, (kd,), _ = digits.run({**common, "alpha": 0.5})
     alone_student, (alone,), _ = digits.run({**common, "alpha": 0.0})
     assert kd.details["student_params"] == sum(p.numel() for p in kd_student.parameters())
     assert kd.details["student_params"] < 0.3 * kd.details["teacher_params"]
     assert kd.after["macs"] < 0.3 * kd.before["macs"]
+    assert kd.details["mixup"] == 1.0
     with torch.no_grad():
         teacher_logits = digits.teacher(digits.x_test)
         kd_gap = float(distillation_loss(kd_student(digits.x_test), teacher_logits, 4.0))
         alone_gap = float(distillation_loss(alone_student(digits.x_test), teacher_logits, 4.0))
-    assert kd_gap < 0.8 * alone_gap
-    assert top1(kd.after) >= 0.9 and top1(alone.after) >= 0.9  # trained, if briefly
     record_property("distill_top1", {"teacher": float_top1, "kd": top1(kd.after), "alone": top1(alone.after),
                                      "kd_kl": kd_gap, "alone_kl": alone_gap})
+    assert top1(kd.after) > top1(alone.after)
+    assert top1(kd.after) >= float_top1 - 0.015
+    assert kd_gap < 0.8 * alone_gap
+
+
+@exercises("distill")
+def test_distill_mixup_refuses_integer_inputs():
+    from edgepack.compress.distill import DistillConfig, run as distill
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def forward(self, ids):
+            return self.embed(ids).mean(dim=1)
+
+    ctx = StageContext(example_inputs=(torch.zeros(1, 3, dtype=torch.long),), calibration=[], teacher=Tokens(),
+                       train_data=[((torch.zeros(2, 3, dtype=torch.long),), torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(ValueError, match="mixup"):
+        distill(DistillConfig(epochs=1, mixup=1.0), Tokens(), ctx)
 
 
 @exercises("distill")
