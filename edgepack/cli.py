@@ -248,6 +248,10 @@ def print_manifest(manifest, console: Console) -> None:
             table.add_row(f"{art.name}.{art.format}", art.precision, "[red]failed[/]", "", "", "", "", "", "", "",
                           (art.error or "")[:60])
             continue
+        if art.status == "not-validated":
+            table.add_row(art.file, art.precision, "[yellow]not-validated[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
+                          f"{art.size['ratio_to_float']:.3f}", "-", "-", "-", "-", "not run on this host")
+            continue
         outputs = art.parity["outputs"]
         cos = min(o["cosine_min"] for o in outputs)
         sqnr = min(o["sqnr_db"] for o in outputs)

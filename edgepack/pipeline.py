@@ -322,6 +322,17 @@ class _Builder:
         if check_reproducible:
             self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
             reproducible = package.check_reproducible(entry.module.export, config, ctx, files)
+        if config.device_only:
+            # Shipped for the device, never run here: no parity, latency or golden outputs claimed.
+            self.warnings.append(f"{config.file_name}: {config.device_only}")
+            total_bytes = sum(p.stat().st_size for p in files)
+            return ArtifactEntry(
+                status="not-validated", file=main.name, files=[bundle_mod.file_entry(p, staged) for p in files],
+                bytes=total_bytes, zip_bytes=zip_bytes(files), sha256=bundle_mod.sha256_file(main),
+                runtime=result.runtime, export=result.details, notes=result.notes,
+                size={"bytes": total_bytes, "float_reference_bytes": ref_bytes,
+                      "ratio_to_float": round(total_bytes / ref_bytes, 4)},
+                reproducible=reproducible, **base), ""
         self.say(f"validating {label} in {result.runtime}")
         try:
             with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], main, self.threads,

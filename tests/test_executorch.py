@@ -366,3 +366,29 @@ def test_vulkan_lowers_whole_and_is_marked_not_validated(tmp_path):
     assert et_export.ExecuTorchArtifact(precision="fp32").device_only is None
     with pytest.raises(RuntimeCheckError, match="vk.pte"):
         et_runtime.load(str(result.files[0]), threads=1)
+
+
+def test_android_gpu_build_ships_the_vulkan_pte_not_validated(tmp_path, digits_spec):
+    """`edgepack build models/digits_cnn.py --target android-gpu`: the fp16 .tflite passes parity
+    in LiteRT at <= 0.55x the float bytes; the Vulkan .pte ships as not-validated (no parity,
+    latency or golden outputs claimed, a warning), the build passes, and `edgepack validate`
+    skips it."""
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("build", "models/digits_cnn.py", "--target", "android-gpu", "--out", str(tmp_path), "--json",
+                   "--quiet", "--no-zip", "--no-repro-check")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)
+    tflite, vulkan = manifest["artifacts"]
+    assert tflite["status"] == "ok" and tflite["parity"]["passed"] and tflite["size"]["ratio_to_float"] <= 0.55
+    assert vulkan["file"] == "model_vulkan.pte" and vulkan["status"] == "not-validated"
+    assert vulkan["parity"] is None and vulkan["latency"] is None and vulkan["golden"] is None
+    assert vulkan["export"]["delegate_backends"] == ["VulkanBackend"] and vulkan["size"]["ratio_to_float"] <= 0.55
+    assert any("model_vulkan.pte: not validated on this host" in w for w in manifest["warnings"])
+    bundle = tmp_path / "digits-cnn" / "android-gpu"
+    assert (bundle / "model_vulkan.pte").stat().st_size == vulkan["bytes"]
+    check = run_cli("validate", str(bundle))
+    assert check.returncode == 0, check.stderr
+    assert "model_vulkan.pte: status not-validated" in check.stderr + check.stdout
