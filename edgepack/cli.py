@@ -272,13 +272,17 @@ COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, 
             "ingest": cmd_ingest, "diagnose": cmd_diagnose}
 
 
-def _on_sigterm(signum, frame):
+def _on_signal(signum, frame):
+    from .errors import note_interrupt
+
+    note_interrupt(f"signal {signum}")
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     if not args.debug:
         # Exporters' deprecation chatter is not for the user of a build; --debug shows it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

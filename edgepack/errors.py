@@ -88,3 +88,20 @@ EXIT_PARITY_OR_BUDGET = 1
 EXIT_USAGE = 2
 EXIT_EXPORT_OR_RUNTIME = 3
 EXIT_INTERRUPTED = 130
+
+
+# A SIGINT/SIGTERM seen by the CLI. The handler raises KeyboardInterrupt where Python happens to
+# be, and a library (an exporter retrying with another strategy, a C++ callback translating it)
+# may swallow it there; the build checks this flag at every step so it stops anyway.
+_interrupted_by: str | None = None
+
+
+def note_interrupt(what: str) -> None:
+    global _interrupted_by
+    _interrupted_by = what
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if the process was interrupted, even if that was swallowed."""
+    if _interrupted_by is not None:
+        raise KeyboardInterrupt(_interrupted_by)

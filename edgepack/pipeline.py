@@ -27,7 +27,7 @@ from . import bundle as bundle_mod
 from . import package
 from .costmodel import estimate_latency
 from .bundle import ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo
-from .errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
+from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
                      RuntimeCheckError, RuntimeUnavailable)
 from .export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from .export.base import ExportContext
@@ -121,10 +121,12 @@ class _Builder:
         self.evaluate = guarded_evaluate(spec.evaluate, spec.source or spec.name) if spec.evaluate else None
 
     def say(self, message: str) -> None:
+        check_interrupted()
         if self.options.progress:
             self.options.progress(message)
 
     def step(self, name: str) -> None:
+        check_interrupted()
         if self.options.step_hook:
             self.options.step_hook(name)
 
