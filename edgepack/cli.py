@@ -184,7 +184,8 @@ def cmd_validate(args) -> int:
         top1 = [o.top1_agreement for o in outputs if o.top1_agreement is not None]
         agreement = check.host_agreement
         same = "identical" if agreement["identical"] else "max diff " + ", ".join(
-            f"{o.get('max_abs_diff', 0):.3g}" for o in agreement["outputs"])
+            "non-finite" if o.get("max_abs_diff") is None and "detail" not in o else
+            o.get("detail") or f"{o['max_abs_diff']:.3g}" for o in agreement["outputs"])
         table.add_row(check.file, f"{check.runtime} {check.runtime_version}",
                       "[green]pass[/]" if check.passed else "[red]PARITY FAILED[/]",
                       f"{min(o.cosine_min for o in outputs):.5f}", f"{min(o.sqnr_db for o in outputs):.1f}",

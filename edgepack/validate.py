@@ -259,8 +259,11 @@ def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], spec
             rows.append({"name": spec.name, "identical": False, "detail": f"shape {mine.shape} vs {theirs.shape}"})
             continue
         diff = np.abs(mine - theirs)
-        rows.append({"name": spec.name, "identical": bool(np.array_equal(mine, theirs)),
-                     "max_abs_diff": float(np.nanmax(diff)) if diff.size else 0.0,
+        finite = diff[np.isfinite(diff)]
+        # NaN/Inf differences (a damaged artifact's outputs) are counted, never put in the JSON as NaN.
+        rows.append({"name": spec.name, "identical": bool(np.array_equal(mine, theirs, equal_nan=True)),
+                     "max_abs_diff": float(finite.max()) if finite.size else (None if diff.size else 0.0),
+                     "non_finite_diffs": int(diff.size - finite.size),
                      "mismatched_values": int(np.count_nonzero(diff)), "values": int(diff.size)})
     return {"identical": all(r["identical"] for r in rows), "outputs": rows}
 
