@@ -182,6 +182,11 @@ class SeparableNet(nn.Module):
 
     def __init__(self, act: type[nn.Module]) -> None:
         super().__init__()
+        with torch.random.fork_rng():  # the same weights whichever tests ran before
+            torch.manual_seed(0)
+            self._layers(act)
+
+    def _layers(self, act: type[nn.Module]) -> None:
         self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(16)
         self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
