@@ -16,6 +16,7 @@ The larger of the two is what the machine had to hold (``peak_mb``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MB = 1024.0 * 1024.0
@@ -53,6 +55,18 @@ class Measured:
         data.pop("stderr")
         data["peak_mb"] = round(self.peak_mb, 1)
         return data
+
+    def json_stdout(self) -> Any:
+        """stdout parsed as JSON (e.g. `edgepack build --json`'s manifest), None if it is not."""
+        if not self.stdout.strip():
+            return None
+        try:
+            return json.loads(self.stdout)
+        except json.JSONDecodeError:
+            return None
+
+    def failure_reason(self) -> str:
+        return "timed out" if self.timed_out else f"exit {self.exit_code}, signal {self.signal}: {self.stderr_tail(4)}"
 
     def stderr_tail(self, lines: int = 8) -> str:
         kept = [line for line in self.stderr.splitlines() if line.strip()]

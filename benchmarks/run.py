@@ -193,15 +193,9 @@ class ModelRun:
             m = run_measured(argv, cwd=ROOT, timeout_s=self.args.build_timeout)
             row = {"model": self.key, "target": target, "threads": t["threads"], **m.to_dict()}
             row["argv"] = " ".join(a if a != t["arg"] else target for a in row["argv"][1:])
-            manifest = None
-            if m.stdout.strip():
-                try:
-                    manifest = json.loads(m.stdout)
-                except json.JSONDecodeError:
-                    manifest = None
+            manifest = m.json_stdout()
             if manifest is None:
-                row.update(status="error", reason=("timed out" if m.timed_out else
-                                                   f"exit {m.exit_code}, signal {m.signal}: {m.stderr_tail(4)}"))
+                row.update(status="error", reason=m.failure_reason())
             else:
                 row.update(status=manifest["status"], failures=manifest.get("failures", []),
                            warnings=manifest.get("warnings", []))
@@ -407,13 +401,14 @@ def _as_list(result) -> list:
 
 
 def _parity_figures(parity: dict) -> dict:
-    outputs = parity.get("outputs") or []
-    if not outputs:
+    from edgepack.parity import headline
+
+    worst = headline(parity)
+    if not worst:
         return {}
-    top1 = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
-    return {"cosine_min": round(min(o["cosine_min"] for o in outputs), 6),
-            "sqnr_db": round(min(o["sqnr_db"] for o in outputs), 2),
-            "top1_agreement": round(min(top1), 4) if top1 else None,
+    top1 = worst["top1_agreement"]
+    return {"cosine_min": round(worst["cosine_min"], 6), "sqnr_db": round(worst["sqnr_db"], 2),
+            "top1_agreement": round(top1, 4) if top1 is not None else None,
             "parity_samples": parity.get("samples")}
 
 

@@ -109,14 +109,9 @@ def build(variant: str, profile: Path, out: Path, timeout_s: float) -> dict:
     m = run_measured(argv, cwd=ROOT, timeout_s=timeout_s)
     record = {"variant": variant, "wall_s": round(m.wall_s, 1),
               "cpu_s": round(m.cpu_user_s + m.cpu_sys_s, 1), "peak_mb": round(m.peak_mb, 1)}
-    manifest = None
-    if m.stdout.strip():
-        try:
-            manifest = json.loads(m.stdout)
-        except json.JSONDecodeError:
-            manifest = None
+    manifest = m.json_stdout()
     if manifest is None:
-        reason = "timed out" if m.timed_out else f"exit {m.exit_code}, signal {m.signal}: {m.stderr_tail(4)}"
+        reason = m.failure_reason()
         record.update(status="error", reason=reason)
         say(f"  {variant}: build failed ({reason})")
         return record

@@ -228,6 +228,8 @@ def cmd_ingest(args) -> int:
 
 
 def print_manifest(manifest, console: Console) -> None:
+    from .parity import headline as parity_headline
+
     console.print(f"[bold]{manifest.model.name}[/] for [bold]{manifest.target.name}[/]: "
                   f"{'[green]passed[/]' if manifest.status == 'passed' else '[red]failed[/]'}  "
                   f"({manifest.model.params:,} params, {manifest.model.macs:,} MACs)")
@@ -253,15 +255,13 @@ def print_manifest(manifest, console: Console) -> None:
             table.add_row(art.file, art.precision, "[yellow]not-validated[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
                           f"{art.size['ratio_to_float']:.3f}", "-", "-", "-", "-", "not run on this host")
             continue
-        outputs = art.parity["outputs"]
-        cos = min(o["cosine_min"] for o in outputs)
-        sqnr = min(o["sqnr_db"] for o in outputs)
-        top1 = [o["top1_agreement"] for o in outputs if o["top1_agreement"] is not None]
+        worst = parity_headline(art.parity)
         acc = ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items())
         style = "green" if art.status == "ok" else "red"
         table.add_row(art.file, art.precision, f"[{style}]{art.status}[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
-                      f"{art.size['ratio_to_float']:.3f}", f"{cos:.5f}", f"{sqnr:.1f}",
-                      f"{min(top1):.1%}" if top1 else "-", f"{art.latency['p50_ms']:.3f}", acc)
+                      f"{art.size['ratio_to_float']:.3f}", f"{worst['cosine_min']:.5f}", f"{worst['sqnr_db']:.1f}",
+                      "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
+                      f"{art.latency['p50_ms']:.3f}", acc)
     console.print(table)
     if manifest.accuracy.get("float"):
         console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))

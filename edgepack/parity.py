@@ -51,6 +51,17 @@ class ParityReport:
         return "\n".join(parts)
 
 
+def headline(parity: dict | None) -> dict[str, float | None]:
+    """The worst output's cosine min, SQNR and top-1 agreement of a ParityReport.to_dict()
+    (top-1 None without class-score outputs; empty without outputs)."""
+    outputs = (parity or {}).get("outputs") or []
+    if not outputs:
+        return {}
+    tops = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
+    return {"cosine_min": min(o["cosine_min"] for o in outputs), "sqnr_db": min(o["sqnr_db"] for o in outputs),
+            "top1_agreement": min(tops) if tops else None}
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0.0 and nb == 0.0:

@@ -35,7 +35,7 @@ from .export.onnx import export_float_onnx
 from .fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
 from .measure import latency_summary, zip_bytes
 from .modelstats import model_stats
-from .parity import compare
+from .parity import compare, headline
 from .runtimes.base import from_native, to_native
 from .runtimes.session import RuntimeSession
 from .spec import ModelSpec, calibration_list, guarded_evaluate
@@ -244,7 +244,7 @@ class _Builder:
                                               check_reproducible=self.options.check_reproducible and not fallback)
         if entry.status == "parity-failed" and self.profile.on_parity_failure == "fallback":
             if fallback:
-                entry, summary = self.fallback(config, entry, *args)
+                entry, summary = self.fallback(config, entry, summary, *args)
             else:
                 entry.notes.append(f"on_parity_failure: fallback does not apply to {config.format} "
                                    f"{config.precision} (static int8 made with the pt2e recipe only)")
@@ -255,18 +255,16 @@ class _Builder:
             self.fail(f"{label}: budget exceeded: " + "; ".join(entry.budgets["failures"]), EXIT_PARITY_OR_BUDGET)
         return entry
 
-    def fallback(self, config, failed: ArtifactEntry, ctx: ExportContext, staged: Path, parity_inputs, reference,
+    def fallback(self, config, failed: ArtifactEntry, failed_summary: str, ctx: ExportContext, staged: Path, parity_inputs, reference,
                  output_names, ref_bytes: int) -> tuple[ArtifactEntry, str]:
         """on_parity_failure: fallback. Keep the most harmful layers in fp32, a group per step,
         until parity passes or a limit or budget stops it; the entry kept says what each step cost."""
         args = (ctx, staged, parity_inputs, reference, output_names, ref_bytes)
-        summaries: dict[int, str] = {}
 
         def step_of(entry: ArtifactEntry, summary: str, float_layers: list[str]) -> FallbackStep:
-            summaries[id(entry)] = summary
-            worst = _headline(entry.parity)
             return FallbackStep(float_layers, entry.status != "parity-failed", entry.bytes or 0,
-                                (entry.latency or {}).get("p50_ms"), parity=worst, artifact=entry)
+                                (entry.latency or {}).get("p50_ms"), parity=headline(entry.parity),
+                                artifact=(entry, summary))
 
         def try_config(candidate) -> FallbackStep:
             self.say(f"fallback: {config.file_name} with {len(candidate.float_layers)} layer(s) in fp32")
@@ -278,17 +276,16 @@ class _Builder:
             return step_of(entry, summary, list(candidate.float_layers))
 
         self.say(f"{config.file_name}: parity failed; ranking layers for the fp32 fallback")
-        initial = step_of(failed, "", list(getattr(config, "float_layers", ())))
+        initial = step_of(failed, failed_summary, list(getattr(config, "float_layers", ())))
         result = run_fallback(config, ctx, try_config, settings=self.profile.fallback, budgets=self.profile.budgets,
                               initial=initial)
         final = result.final or initial
-        entry = final.artifact
+        entry, summary = final.artifact
         if final is not result.steps[-1]:
             # The files on disk belong to a later step (over budget): rebuild the one kept.
             self.say(f"fallback: rebuilding {config.file_name} with the {len(final.float_layers)} layer(s) kept")
             entry, summary = self.export_validate(with_float_layers(config, final.float_layers), *args,
                                                   check_reproducible=self.options.check_reproducible)
-            summaries[id(entry)] = summary
         elif self.options.check_reproducible:
             export = exporter_registry()[config.format].module.export
             kept = with_float_layers(config, final.float_layers)
@@ -299,7 +296,7 @@ class _Builder:
                                f"({', '.join(result.float_layers)}): {result.reason}")
         else:
             entry.notes.append(f"on_parity_failure: fallback: {result.reason}")
-        return entry, summaries.get(id(entry), "")
+        return entry, summary
 
     def export_validate(self, config, ctx: ExportContext, staged: Path, parity_inputs, reference, output_names,
                         ref_bytes: int, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
@@ -444,20 +441,10 @@ class _Builder:
 
 
 def _isolated(ctx: ExportContext, **changes) -> ExportContext:
-    """The context with a private copy of the model: an exporter may change the module it is
-    given (torch.export shares its parameters; PT2E bias correction writes to them), and every
-    artifact must start from the model the reference was made from."""
+    """The context with a private copy of the model: exporters are plugins, and whatever one
+    does to the module it is given (torch.export shares its parameters with the graph it
+    captures), every artifact must start from the model the reference was made from."""
     return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), **changes)
-
-
-def _headline(parity: dict | None) -> dict[str, float | None]:
-    """The worst output's cosine min, SQNR and top-1 agreement of a parity dict."""
-    outputs = (parity or {}).get("outputs") or []
-    if not outputs:
-        return {}
-    tops = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
-    return {"cosine_min": min(o["cosine_min"] for o in outputs), "sqnr_db": min(o["sqnr_db"] for o in outputs),
-            "top1_agreement": min(tops) if tops else None}
 
 
 def _metrics(values: dict) -> dict[str, float]:

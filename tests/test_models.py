@@ -12,16 +12,6 @@ from edgepack.errors import SpecError
 from edgepack.spec import load_spec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one torch thread is faster, and on a shared 2-core host (here: load ~7)
-    OpenMP barriers with two threads made a 64 px forward ~50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def mnv2_spec():
     with pytest.MonkeyPatch.context() as patch:

@@ -28,16 +28,6 @@ from edgepack.target import dump_profile, load_target, parse_profile
 PARITY_SAMPLES = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one torch thread is faster, and on a shared 2-core host (here: load ~7)
-    OpenMP barriers with two threads made a 64 px forward ~50x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class Model:
     """A spec, its float ONNX, and the float outputs on the parity inputs."""
 

@@ -41,16 +41,6 @@ def exercises(*stage_types: str):
     return mark
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # These tiny models train ~6x faster on one OpenMP thread than on two cores shared with
-    # other jobs (the second thread spin-waits).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Digits:
     spec: Any
