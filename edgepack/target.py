@@ -79,6 +79,9 @@ class ParitySettings(_Strict):
 class LatencySettings(_Strict):
     warmup: int = Field(default=5, ge=0, le=10_000)
     runs: int = Field(default=30, ge=20, le=100_000)
+    # A quantized artifact vs its float sibling: both loaded at once, timed in alternating rounds
+    # of ``runs`` each (pipeline.side_by_side).
+    comparison_rounds: int = Field(default=6, ge=2, le=1_000)
 
 
 def _stage_union():

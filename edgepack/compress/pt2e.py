@@ -492,9 +492,32 @@ def _split_to_example(sample: InputTuple, example: InputTuple, index: int) -> li
 # --------------------------------------------------------------------------- quantize
 
 
+_EVAL_DROPOUT = ("dropout.default", "feature_dropout.default", "alpha_dropout.default",
+                 "feature_alpha_dropout.default")
+
+
 def capture(model: nn.Module, example_inputs: InputTuple) -> torch.fx.GraphModule:
-    """torch.export the model (eval mode) and return the ATen-level GraphModule PT2E works on."""
-    return torch.export.export(model, tuple(example_inputs)).module()
+    """torch.export the model (eval mode) and return the ATen-level GraphModule PT2E works on,
+    with eval-mode dropout (an identity) removed.
+
+    Why remove it: no quantizer annotates dropout, so a quantized producer and its consumer
+    separated by one get two observers and the graph requantizes (q -> dq -> q) in between.
+    MobileNetV2's classifier is such a consumer. ExecuTorch computes that chain as written;
+    litert-torch 0.10.0 folds it wrongly (see export/tflite.py repair_bias_scales).
+    """
+    graph_module = torch.export.export(model, tuple(example_inputs)).module()
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        name = str(node.target).removeprefix("aten.")
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if node.op == "call_function" and name in _EVAL_DROPOUT and train is False:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return graph_module
 
 
 @torch.no_grad()

@@ -122,7 +122,43 @@ class LiteRTRunner:
     def info(self) -> dict:
         return {"runtime": "litert", "package": self._package, "version": _package_version(self._package),
                 "threads": self.threads, "signature_io": {"inputs": [t.name for t in self.inputs],
-                                                          "outputs": [t.name for t in self.outputs]}}
+                                                          "outputs": [t.name for t in self.outputs]},
+                "delegation": self.delegation()}
+
+    def delegation(self) -> dict:
+        """What the interpreter's default delegate (XNNPACK) took, read from the loaded graph:
+        delegate nodes, original ops they replaced, and ops left to TFLite's own kernels.
+
+        The node list keeps every original op plus one DELEGATE node per partition; the ops
+        that still run are those needed to compute the outputs when each tensor a DELEGATE
+        node produces is taken from it, so walk back from the outputs."""
+        try:
+            ops = self._interpreter._get_ops_details()  # the public API has no node list
+        except Exception as exc:  # private API: a missing attribute must not fail the build
+            return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+        delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+        producer: dict[int, dict] = {}
+        for op in ops:
+            for tensor in op["outputs"]:
+                if op["op_name"] == "DELEGATE" or int(tensor) not in producer:
+                    producer[int(tensor)] = op
+        executed: set[int] = set()
+        stack = [int(t) for t in self._interpreter._interpreter.OutputIndices()]
+        while stack:
+            op = producer.get(stack.pop())
+            if op is None or op["index"] in executed:
+                continue
+            executed.add(op["index"])
+            stack.extend(int(t) for t in op["inputs"] if int(t) >= 0)
+        undelegated: dict[str, int] = {}
+        for op in ops:
+            if op["index"] in executed and op["op_name"] != "DELEGATE":
+                undelegated[op["op_name"]] = undelegated.get(op["op_name"], 0) + 1
+        original = len(ops) - len(delegates)
+        return {"available": True, "delegate": "XNNPACK (LiteRT default)" if delegates else None,
+                "delegates": sum(op["index"] in executed for op in delegates),
+                "delegated_ops": original - sum(undelegated.values()),
+                "undelegated_ops": dict(sorted(undelegated.items()))}
 
 
 def _check_header(path: Path) -> None:
