@@ -193,6 +193,8 @@ class Manifest(_Strict):
     host: dict[str, Any]
     package: PackageInfo | None = None
     device_measurements: list[DeviceMeasurement] = Field(default_factory=list)
+    # wall time of each build step, in the order the build took them (host-dependent)
+    timings: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def manifest_json_schema() -> dict:

@@ -115,6 +115,8 @@ class _Builder:
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.failures: list[str] = []
         self.warnings: list[str] = []
+        self.timings: list[dict[str, Any]] = []
+        self._step_started: tuple[str, float] | None = None
         self.exit_code = EXIT_OK
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
         # evaluate is user code: whatever it raises becomes a SpecError naming it.
@@ -122,8 +124,17 @@ class _Builder:
 
     def say(self, message: str) -> None:
         check_interrupted()
+        self._lap(message)
         if self.options.progress:
             self.options.progress(message)
+
+    def _lap(self, next_step: str | None) -> None:
+        """Close the step in progress (its wall time goes to the manifest's timings)."""
+        now = time.perf_counter()
+        if self._step_started is not None:
+            name, started = self._step_started
+            self.timings.append({"step": name, "seconds": round(now - started, 2)})
+        self._step_started = (next_step, now) if next_step is not None else None
 
     def step(self, name: str) -> None:
         check_interrupted()
@@ -137,6 +148,7 @@ class _Builder:
     # -- the build ------------------------------------------------------------------------
     def run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
+        self._lap("reading the spec's calibration and held-out samples")
         torch.manual_seed(0)
         np.random.seed(0)
         example = spec.example_inputs
@@ -205,6 +217,7 @@ class _Builder:
         self.step("float-comparison")
         self.compare_with_float(list(profile.artifacts), artifacts, export_ctx, scratch, parity_inputs[0], staged)
 
+        self._lap(None)
         base_stats = model_stats(spec.model, example)
         ref_lat = latency_summary(ref_bench["times_ms"])
         ref_lat.update({"threads": self.threads, "warmup": profile.latency.warmup})
@@ -230,6 +243,7 @@ class _Builder:
                               samples=len(parity_inputs)),
             toolchain=toolchain_versions(),
             host=host_info(),
+            timings=self.timings,
         )
         self.step("manifest")
         bundle_mod.write_manifest(staged / "manifest.json", manifest)
