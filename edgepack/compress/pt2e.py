@@ -282,6 +282,14 @@ def _quantizer_class() -> type:
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             if self.fuse_clamp and self.global_config is not None:
                 annotate_clamp_fusion(model, self.global_config, self.filter_fn)
+            # The conv+batch-norm patterns match training-mode batch norm only (QAT graphs);
+            # prepare_pt2e has already folded every eval-mode one into its conv. Each of those
+            # patterns is traced with torch.export on every call (~6 s a model), so they are
+            # skipped when no batch norm is left in the graph: the annotation is the same.
+            if not any("batch_norm" in str(node.target) for node in model.graph.nodes):
+                self.SUPPORTED_PATTERNS = [p for p in type(self).SUPPORTED_PATTERNS if "_bn" not in p.name]
+            else:
+                self.SUPPORTED_PATTERNS = type(self).SUPPORTED_PATTERNS
             return super().annotate(model)
 
     return ClampFusingXNNPACKQuantizer
