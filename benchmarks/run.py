@@ -359,6 +359,10 @@ class ModelRun:
             path = self.bundles[target] / art["file"] if art.get("file") else None
             if path is not None and not path.is_file():
                 path = None
+            if art["status"] == "not-validated":
+                # built for a device this host cannot run (a Vulkan .pte): the build said so
+                row["rebench_skipped"] = "not runnable on this host (the build did not validate it)"
+                path = None
             yield row, path, RUNTIME_FOR_FORMAT.get(art["format"])
 
     def _derive(self) -> None:
