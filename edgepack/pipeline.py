@@ -37,6 +37,7 @@ from .measure import latency_summary, zip_bytes
 from .modelstats import model_stats
 from .parity import compare, headline
 from .runtimes.base import from_native, to_native
+from .runtimes import session as session_mod
 from .runtimes.session import RuntimeSession
 from .spec import ModelSpec, calibration_list, guarded_evaluate
 from .stage import StageContext, run_stages, torch_outputs_fn
@@ -149,6 +150,9 @@ class _Builder:
     def run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
         self._lap("reading the spec's calibration and held-out samples")
+        for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
+                                                         if not a.device_only]):
+            session_mod.prestart(runtime, self.threads)
         torch.manual_seed(0)
         np.random.seed(0)
         example = spec.example_inputs

@@ -233,6 +233,20 @@ def _server_for(runtime: str, threads: int, env: dict[str, str], cwd: str) -> Fo
     return server
 
 
+def prestart(runtime: str, threads: int) -> None:
+    """Start the runtime's fork server now, so its imports (several seconds for ExecuTorch) run
+    on another core while the caller exports; the first session then forks at once. A server
+    that fails to start is reported by that first session, as without this call."""
+    if not use_fork_server():
+        return
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))  # as start() does: the same server serves it
+    try:
+        _server_for(runtime, threads, env, os.getcwd())
+    except OSError:
+        pass
+
+
 def fork_server_pids() -> list[int]:
     """Pids of this process's running fork servers (they outlive sessions; workers do not)."""
     return sorted(s.pid for s in [*_SERVERS.values(), *_RETIRED] if s.usable())
