@@ -6,12 +6,18 @@ worker processes it starts one after another to run each artifact):
 - ``peak_rss_mb``: ``ru_maxrss`` from ``os.wait4`` on the child. On Linux that is the largest
   peak RSS of any *single* process in the tree (the child and every descendant it waited for),
   not a sum: it is what the biggest process needed.
-- ``tree_rss_peak_mb``: the largest *sum* of the RSS of every live process in the tree,
-  sampled from /proc every ``sample_s`` seconds. Shared pages (libtorch mapped by two
-  processes) are counted once per process, and a peak shorter than the sampling interval
-  can be missed.
+- ``tree_pss_peak_mb``: the largest *sum* of the PSS (proportional set size, from
+  /proc/PID/smaps_rollup) of every live process in the tree, sampled every ``sample_s``
+  seconds. PSS splits each shared page among the processes mapping it, so the sum is the
+  memory the tree holds: a runtime worker forked from the build shares libtorch and the
+  Python heap with it, and counts only what it added.
+- ``tree_rss_peak_mb``: the same sum over RSS, for reference. It counts a shared page once per
+  process that maps it, so it overstates a forked tree (MobileNetV2 android-arm64: ~4.3 GB
+  RSS sum while the ExecuTorch worker, forked from the build, held ~400 MB of RSS that was
+  mostly the build's own pages).
 
-The larger of the two is what the machine had to hold (``peak_mb``).
+A peak shorter than the sampling interval can be missed. ``peak_mb``, what the machine had to
+hold, is the larger of the biggest single process and the tree's PSS sum.
 """
 
 from __future__ import annotations
@@ -40,14 +46,15 @@ class Measured:
     cpu_user_s: float
     cpu_sys_s: float
     peak_rss_mb: float             # wait4 ru_maxrss: largest single process in the tree
-    tree_rss_peak_mb: float        # sampled sum over the live tree
+    tree_pss_peak_mb: float        # sampled PSS sum over the live tree: what the tree holds
+    tree_rss_peak_mb: float        # sampled RSS sum over the live tree (shared pages counted per process)
     processes_seen: int
     stdout: str = field(repr=False, default="")
     stderr: str = field(repr=False, default="")
 
     @property
     def peak_mb(self) -> float:
-        return max(self.peak_rss_mb, self.tree_rss_peak_mb)
+        return max(self.peak_rss_mb, self.tree_pss_peak_mb)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -105,6 +112,17 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None = None,
                  timeout_s: float = 1800.0, sample_s: float = 0.2) -> Measured:
     """Run ``argv`` to completion (or kill it after ``timeout_s``) and measure it."""
@@ -112,7 +130,7 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
         start = time.perf_counter()
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                    start_new_session=True)
-        tree_peak, seen, timed_out = 0, set(), False
+        tree_peak, tree_pss_peak, seen, timed_out = 0, 0, set(), False
         status, usage = 0, None
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -121,6 +139,7 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
             pids = _tree(process.pid)
             seen.update(pids)
             tree_peak = max(tree_peak, sum(_rss_bytes(p) for p in pids))
+            tree_pss_peak = max(tree_pss_peak, sum(_pss_bytes(p) for p in pids))
             if time.perf_counter() - start > timeout_s:
                 timed_out = True
                 _kill_tree(process.pid, pids)
@@ -138,7 +157,8 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
         argv=[str(a) for a in argv], exit_code=code if code >= 0 and not timed_out else None,
         signal=-code if code < 0 else None, timed_out=timed_out, wall_s=round(wall, 3),
         cpu_user_s=round(usage.ru_utime, 3), cpu_sys_s=round(usage.ru_stime, 3),
-        peak_rss_mb=round(usage.ru_maxrss / 1024.0, 1), tree_rss_peak_mb=round(tree_peak / MB, 1),
+        peak_rss_mb=round(usage.ru_maxrss / 1024.0, 1), tree_pss_peak_mb=round(tree_pss_peak / MB, 1),
+        tree_rss_peak_mb=round(tree_peak / MB, 1),
         processes_seen=len(seen), stdout=stdout, stderr=stderr,
     )
 

@@ -126,8 +126,9 @@ def check_targets(result: dict) -> list[dict]:
                 failed_note = ""
             if check == "rss":
                 add(f"{label}: {p['target']}", verdict(p["peak_mb"] <= MAX_MOBILENET_RSS_MB and not failed),
-                    f"{p['peak_mb']:.0f} MB (largest process {p['peak_rss_mb']:.0f} MB, sampled tree sum "
-                    f"{p['tree_rss_peak_mb']:.0f} MB){failed}{failed_note}{config}")
+                    f"{p['peak_mb']:.0f} MB (largest process {p['peak_rss_mb']:.0f} MB, sampled tree PSS sum "
+                    f"{_f(p.get('tree_pss_peak_mb'), '{:.0f}')} MB, RSS sum {p['tree_rss_peak_mb']:.0f} MB)"
+                    f"{failed}{failed_note}{config}")
             else:
                 add(f"{label}: {p['target']}", verdict(p["wall_s"] <= MAX_DIGITS_WALL_S and not failed),
                     f"{p['wall_s']:.1f} s wall, {p['cpu_user_s'] + p['cpu_sys_s']:.1f} s CPU{failed}{failed_note}")
@@ -184,13 +185,16 @@ def markdown(result: dict) -> str:
         out.append(f"- **{line['status']}** {line['target']}: {line['detail']}")
 
     out += ["", "## Pipeline cost: `edgepack build --json --quiet --keep-going` in a child process", "",
-            "Peak RSS: largest single process of the build's tree (wait4 ru_maxrss) / largest sampled sum of "
-            "the live tree (the build process plus its runtime workers). Weights cached before timing.", "",
-            "| model | target | status | wall s | CPU s | peak RSS MB (largest proc / tree sum) | note |",
+            "Memory: largest single process of the build's tree (wait4 ru_maxrss) / largest sampled PSS sum of "
+            "the live tree (the build process plus its runtime workers; shared pages split among the processes "
+            "mapping them) / the same sum over RSS (shared pages counted once per process). Weights cached "
+            "before timing.", "",
+            "| model | target | status | wall s | CPU s | peak MB (largest proc RSS / tree PSS / tree RSS) | note |",
             "|---|---|---|---:|---:|---:|---|"]
     for p in result["pipeline"]:
         out.append(f"| {p['model']} | {p['target']} | {p['status']} | {p['wall_s']:.1f} | "
-                   f"{p['cpu_user_s'] + p['cpu_sys_s']:.1f} | {p['peak_rss_mb']:.0f} / {p['tree_rss_peak_mb']:.0f} | "
+                   f"{p['cpu_user_s'] + p['cpu_sys_s']:.1f} | {p['peak_rss_mb']:.0f} / "
+                   f"{_f(p.get('tree_pss_peak_mb'), '{:.0f}')} / {p['tree_rss_peak_mb']:.0f} | "
                    f"{_cell(p.get('reason'))} |")
 
     out += ["", "## Artifacts (pipeline) and plain baselines", "",
@@ -217,11 +221,11 @@ def markdown(result: dict) -> str:
 
     if result["export_cost"]:
         out += ["", "## Plain baseline export cost (one child per toolchain, for comparison)", "",
-                "| model | toolchain | wall s | CPU s | peak RSS MB (largest proc / tree sum) |",
+                "| model | toolchain | wall s | CPU s | peak MB (largest proc RSS / tree PSS / tree RSS) |",
                 "|---|---|---:|---:|---:|"]
         for e in result["export_cost"]:
             out.append(f"| {e['model']} | {e['group']} | {e['wall_s']:.1f} | {e['cpu_user_s'] + e['cpu_sys_s']:.1f} "
-                       f"| {e['peak_rss_mb']:.0f} / {e['tree_rss_peak_mb']:.0f} |")
+                       f"| {e['peak_rss_mb']:.0f} / {_f(e.get('tree_pss_peak_mb'), '{:.0f}')} / {e['tree_rss_peak_mb']:.0f} |")
     out.append("")
     return "\n".join(out)
 
