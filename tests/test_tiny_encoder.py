@@ -85,8 +85,8 @@ def _float_bytes(model: nn.Module) -> int:
 @pytest.mark.parametrize("fmt", [pytest.param("pte", marks=pytest.mark.slow), "onnx"])
 def test_int4_profile_artifacts_pass_parity_at_a_third_of_the_bytes(encoder_spec, fmt, tmp_path):
     """android-arm64-int4: 4-bit group-32 weights, run in ExecuTorch (XNNPACK) / onnxruntime
-    (MatMulNBits). Measured: .pte 1,045,632 B, cosine min 0.995, SQNR 20 dB; .onnx 1,180,064 B,
-    0.995, 20 dB (0.28x / 0.31x the fp32 weight bytes)."""
+    (MatMulNBits); the .pte's embedding tables int8. Measured: .pte 665,088 B, cosine min 0.995,
+    SQNR 20 dB; .onnx 1,180,064 B, 0.995, 20 dB (0.18x / 0.31x the fp32 weight bytes)."""
     profile = load_target("android-arm64-int4")
     (config,) = [a for a in profile.artifacts if a.format == fmt]
     assert config.precision == "int4-weight" and config.group_size == 32
@@ -99,6 +99,8 @@ def test_int4_profile_artifacts_pass_parity_at_a_third_of_the_bytes(encoder_spec
         assert quantization["granularity"] == "per-group(32)" and quantization["skipped_layers"] == []
         assert len(quantization["quantized_layers"]) == 25  # 4 x (q, k, v, out, up, down) + pooler
         assert result.details["delegated_op_counts"]["aten::linear.default"] == 25
+        assert quantization["embeddings"]["weights"] == "int8 symmetric, per-row"
+        assert {"op": "quantized_decomposed::embedding_byte.out", "count": 1} in result.details["portable_ops"]
         outputs = _run_pte(result.files[0], held_out)
     else:
         assert quantization["group_size"] == 32 and quantization["quantized_op_counts"] == {"MatMulNBits": 25}
@@ -131,6 +133,11 @@ def test_static_int8_pte_of_an_encoder_layer(encoder_spec, tmp_path):
     result = et_export.export(config, _ctx(model, calibration[0], calibration, tmp_path))
     quantization = result.details["quantization"]
     assert quantization["bias_correction"]["corrected_layers"] == 7  # q, k, v, out, up, down, pooler
+    # android-arm64 quantizes the embedding tables too: a quantized lookup outside the delegate
+    assert quantization["embeddings"]["tables"] == ["positions", "tokens"]
+    portable = {entry["op"] for entry in result.details["portable_ops"]}
+    assert "quantized_decomposed::embedding_byte.out" in portable, portable
+    assert sum(f.stat().st_size for f in result.files) <= 0.30 * _float_bytes(model)
     parity = compare(_reference(model, held_out), _run_pte(result.files[0], held_out),
                      profile.tolerance_for("int8").model_dump(), ["pooled"])
     assert parity.passed, parity.summary()

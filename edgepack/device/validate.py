@@ -246,6 +246,10 @@ class ExecuTorchRunner:
                 portable_lib._unsafe_reset_threadpool(threads)  # only safe while nothing executes
         except (ImportError, AttributeError):
             pass  # older runtimes size the XNNPACK threadpool themselves
+        try:  # quantized kernels (int8/int4 embeddings): an app links quantized_ops_lib instead
+            import executorch.kernels.quantized  # noqa: F401
+        except (ImportError, OSError):
+            pass
         try:
             self.program = Runtime.get().load_program(path)
             self.method = self.program.load_method("forward")

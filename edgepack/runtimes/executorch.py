@@ -41,7 +41,20 @@ def _modules():
         from executorch.runtime import Runtime
     except ImportError as exc:
         raise RuntimeUnavailable(f"executorch is not installed ({exc})", _INSTALL_HINT) from exc
+    register_quantized_kernels()
     return Runtime, portable_lib
+
+
+def register_quantized_kernels() -> bool:
+    """Register ExecuTorch's quantized kernels library (quantized_decomposed::embedding_byte,
+    embedding_4bit, ...) with the runtime, as an app does by linking quantized_ops_lib. The
+    pip runtime registers only the portable kernels until this module is imported. Returns
+    whether the library is available."""
+    try:
+        import executorch.kernels.quantized  # noqa: F401  (registers the kernels on import)
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def _explain(exc: Exception) -> str:
