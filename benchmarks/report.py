@@ -113,7 +113,7 @@ def check_targets(result: dict) -> list[dict]:
     # 5, 6: pipeline cost.
     for model, check in ((MOBILENET, "rss"), (DIGITS, "wall")):
         builds = [p for p in pipeline if p["model"] == model]
-        label = (f"pipeline peak RSS <= {MAX_MOBILENET_RSS_MB / 1024:g} GB for MobileNetV2" if check == "rss"
+        label = (f"pipeline peak memory <= {MAX_MOBILENET_RSS_MB / 1024:g} GB for MobileNetV2" if check == "rss"
                  else f"pipeline wall time <= {MAX_DIGITS_WALL_S:g} s per target for the digits CNN")
         if not builds:
             add(label, "SKIP", f"{model} not built in this run")

@@ -468,12 +468,20 @@ class _Builder:
             native = {name: to_native(feeds, session.inputs) for name, session in sessions.items()}
             for name, session in sessions.items():  # warm both before either is timed
                 session.bench(native[name], settings.warmup, 1)
+            round_speedups = []
             for round_index in range(settings.comparison_rounds):
                 order = ("quantized", "float") if round_index % 2 == 0 else ("float", "quantized")
+                medians = {}
                 for name in order:
-                    times[name] += sessions[name].bench(native[name], 1, settings.runs)["times_ms"]
+                    block = sessions[name].bench(native[name], 1, settings.runs)["times_ms"]
+                    times[name] += block
+                    medians[name] = float(np.median(block))
+                round_speedups.append(round(medians["float"] / medians["quantized"], 3))
+        # The spread of the per-round ratios shows how far this host's timing moved during the
+        # comparison: a ratio near a policy threshold should be read against it.
         return {"p50_ms": latency_summary(times["quantized"])["p50_ms"],
                 "float_p50_ms": latency_summary(times["float"])["p50_ms"],
+                "round_speedups": round_speedups,
                 "method": f"both loaded at once, {settings.comparison_rounds} alternating rounds x "
                           f"{settings.runs} runs each, {self.threads} threads"}
 

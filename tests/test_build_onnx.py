@@ -43,6 +43,8 @@ def test_digits_x86_bundle(digits_x86):
     assert comparison["float_source"] == "artifact model.onnx"
     assert comparison["p50_ms"] > 0 and comparison["float_p50_ms"] > 0 and "alternating rounds" in comparison["method"]
     assert comparison["speedup_vs_float"] == round(comparison["float_p50_ms"] / comparison["p50_ms"], 3)
+    rounds = comparison["round_speedups"]  # one float/int8 median ratio per alternating round
+    assert len(rounds) == 6 and all(r > 0 for r in rounds), rounds
     art = by_precision["fp32"]
     assert (bundle / art["file"]).stat().st_size == art["bytes"]
     assert art["latency"]["runs"] >= 20 and art["latency"]["p50_ms"] > 0
