@@ -3,9 +3,12 @@
 Two memory figures, because a build is a process tree (the build process, plus the runtime
 worker processes it starts one after another to run each artifact):
 
-- ``peak_rss_mb``: ``ru_maxrss`` from ``os.wait4`` on the child. On Linux that is the largest
-  peak RSS of any *single* process in the tree (the child and every descendant it waited for),
-  not a sum: it is what the biggest process needed.
+- ``peak_rss_mb``: the largest RSS high-water mark (``VmHWM`` in /proc/PID/status) of any single
+  process of the tree, read at every sample: what the biggest process needed. ``VmHWM`` covers
+  the whole life of the process up to the sample, so a spike between samples counts; a process
+  that starts and exits between two samples is missed. (``ru_maxrss`` from ``wait4`` is not used:
+  Linux carries a process's maximum RSS across fork and exec, so a 1.6 MB ``sleep`` started by a
+  benchmark holding 600 MB reported 627 MB.)
 - ``tree_pss_peak_mb``: the largest *sum* of the PSS (proportional set size, from
   /proc/PID/smaps_rollup) of every live process in the tree, sampled every ``pss_sample_s``
   seconds, and only while the tree's RSS sum, an upper bound of its PSS sum, exceeds the PSS
@@ -48,7 +51,7 @@ class Measured:
     wall_s: float
     cpu_user_s: float
     cpu_sys_s: float
-    peak_rss_mb: float             # wait4 ru_maxrss: largest single process in the tree
+    peak_rss_mb: float             # largest VmHWM of a single process in the tree
     tree_pss_peak_mb: float        # sampled PSS sum over the live tree: what the tree holds
     tree_rss_peak_mb: float        # sampled RSS sum over the live tree (shared pages counted per process)
     processes_seen: int
@@ -115,6 +118,17 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
+def _hwm_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0
+
+
 def _pss_bytes(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
@@ -133,7 +147,7 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
         start = time.perf_counter()
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                    start_new_session=True)
-        tree_peak, tree_pss_peak, seen, timed_out = 0, 0, set(), False
+        tree_peak, tree_pss_peak, largest, seen, timed_out = 0, 0, 0, set(), False
         next_pss = start
         status, usage = 0, None
         while True:
@@ -143,6 +157,7 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
             pids = _tree(process.pid)
             seen.update(pids)
             rss = sum(_rss_bytes(p) for p in pids)
+            largest = max([largest] + [_hwm_bytes(p) for p in pids])
             tree_peak = max(tree_peak, rss)
             now = time.perf_counter()
             if now >= next_pss and rss > tree_pss_peak:  # PSS <= RSS: below the peak it cannot set one
@@ -165,7 +180,7 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None =
         argv=[str(a) for a in argv], exit_code=code if code >= 0 and not timed_out else None,
         signal=-code if code < 0 else None, timed_out=timed_out, wall_s=round(wall, 3),
         cpu_user_s=round(usage.ru_utime, 3), cpu_sys_s=round(usage.ru_stime, 3),
-        peak_rss_mb=round(usage.ru_maxrss / 1024.0, 1), tree_pss_peak_mb=round(tree_pss_peak / MB, 1),
+        peak_rss_mb=round(largest / MB, 1), tree_pss_peak_mb=round(tree_pss_peak / MB, 1),
         tree_rss_peak_mb=round(tree_peak / MB, 1),
         processes_seen=len(seen), stdout=stdout, stderr=stderr,
     )

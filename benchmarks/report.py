@@ -185,7 +185,7 @@ def markdown(result: dict) -> str:
         out.append(f"- **{line['status']}** {line['target']}: {line['detail']}")
 
     out += ["", "## Pipeline cost: `edgepack build --json --quiet --keep-going` in a child process", "",
-            "Memory: largest single process of the build's tree (wait4 ru_maxrss) / largest sampled PSS sum of "
+            "Memory: largest single process of the build's tree (VmHWM) / largest sampled PSS sum of "
             "the live tree (the build process plus its runtime workers; shared pages split among the processes "
             "mapping them) / the same sum over RSS (shared pages counted once per process). Weights cached "
             "before timing.", "",

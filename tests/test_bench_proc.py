@@ -24,3 +24,15 @@ def test_tree_pss_counts_forked_pages_once():
     assert measured.tree_rss_peak_mb > 2 * 150            # each process maps the block: counted twice
     assert 150 < measured.tree_pss_peak_mb < 1.3 * measured.peak_rss_mb   # counted once
     assert measured.peak_mb == max(measured.peak_rss_mb, measured.tree_pss_peak_mb)
+
+
+def test_largest_process_is_not_the_launcher():
+    """A small command started by a big benchmark process reports its own memory: Linux carries
+    ru_maxrss across fork and exec, so wait4's figure would be the launcher's."""
+    import numpy as np
+
+    ballast = np.ones(300 * 1024 * 1024 // 8)  # the launcher holds 300 MB while it measures
+    measured = run_measured(["/bin/sleep", "0.5"], timeout_s=30, sample_s=0.05)
+    assert ballast[-1] == 1.0
+    assert measured.exit_code == 0
+    assert 0 < measured.peak_rss_mb < 50, measured.to_dict()
