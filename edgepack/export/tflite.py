@@ -24,9 +24,10 @@ the converter inserts the TRANSPOSE ops, so golden inputs are fed as-is.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,7 +271,8 @@ def _aeq(float_model: bytes, precision: str, per_channel: bool = True, calibrati
         else:
             qz.add_static_config(".*", every_op, 8, 8, granularity)
         ranges = _aeq_calibrate(float_model, qz, calibration, threads) if precision == "int8" else None
-        return bytes(qz.quantize(ranges, enable_progress_report=False).quantized_model)
+        with redirect_stderr(io.StringIO()):  # its tqdm progress bars: the build reports progress itself
+            return bytes(qz.quantize(ranges, enable_progress_report=False).quantized_model)
 
 
 def quantize_embeddings(buffer: bytes) -> tuple[bytes, dict[str, Any] | None]:
@@ -289,7 +291,8 @@ def quantize_embeddings(buffer: bytes) -> tuple[bytes, dict[str, Any] | None]:
     with _step("quantize (embedding tables)"):
         qz = aeq.Quantizer(buffer)
         qz.load_quantization_recipe(recipe.dynamic_wi8c_afp32(operation_name=TFLOperationName.EMBEDDING_LOOKUP))
-        quantized = bytes(qz.quantize(enable_progress_report=False).quantized_model)
+        with redirect_stderr(io.StringIO()):  # its tqdm progress bars: the build reports progress itself
+            quantized = bytes(qz.quantize(enable_progress_report=False).quantized_model)
     return quantized, {"method": "ai-edge-quantizer", "recipe": "dynamic_wi8c_afp32 on EMBEDDING_LOOKUP",
                        "weights": "int8 symmetric, per-row", "bytes_before": len(buffer), "bytes_after": len(quantized)}
 
