@@ -14,9 +14,10 @@ worker processes it starts one after another to run each artifact):
   seconds, and only while the tree's RSS sum, an upper bound of its PSS sum, exceeds the PSS
   peak so far: reading smaps_rollup walks the process's page tables (46 ms for a 2 GB build
   process), so reading it as often as RSS costs the measured build CPU (digits android-arm64,
-  consecutive runs: 74.2 s wall with PSS every 0.2 s, 67.8 s every 1 s). PSS splits each shared page among the processes mapping it, so the sum is the
-  memory the tree holds: a runtime worker forked from the build shares libtorch and the
-  Python heap with it, and counts only what it added.
+  consecutive runs: 74.2 s wall with PSS every 0.2 s, 67.8 s every 1 s). PSS splits each
+  shared page among the processes mapping it, so the sum is the memory the tree holds: a
+  runtime worker forked from the build shares libtorch and the Python heap with it, and
+  counts only what it added.
 - ``tree_rss_peak_mb``: the same sum over RSS, for reference. It counts a shared page once per
   process that maps it, so it overstates a forked tree (MobileNetV2 android-arm64: ~4.3 GB
   RSS sum while the ExecuTorch worker, forked from the build, held ~400 MB of RSS that was
@@ -118,26 +119,24 @@ def _rss_bytes(pid: int) -> int:
         return 0
 
 
-def _hwm_bytes(pid: int) -> int:
+def _status_bytes(pid: int, path: str, key: str) -> int:
+    """A "Key:   N kB" field of /proc/PID/<path> in bytes; 0 once the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(f"/proc/{pid}/{path}") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
         pass
     return 0
+
+
+def _hwm_bytes(pid: int) -> int:
+    return _status_bytes(pid, "status", "VmHWM:")
 
 
 def _pss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, IndexError, ValueError):
-        pass
-    return 0
+    return _status_bytes(pid, "smaps_rollup", "Pss:")
 
 
 def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict | None = None,

@@ -117,19 +117,25 @@ def test_int4_profile_artifacts_pass_parity_at_a_third_of_the_bytes(encoder_spec
 # --------------------------------------------------------------------------- static int8 (android-arm64)
 
 
-def test_static_int8_pte_of_an_encoder_layer(encoder_spec, tmp_path):
-    """The android-arm64 int8 recipe (MSE ranges, bias correction) on a one-layer encoder, run in
-    the ExecuTorch runtime: bias correction works on the [1, 32, 128] linear outputs (it once
-    averaged over the sequence and crashed) and parity holds with android-arm64's int8 tolerance.
-    The four-layer encoder measured in a build: cosine min 0.9996, SQNR 32 dB (.pte)."""
-    module = _encoder_module(encoder_spec)
+def _encoder_layer_case(spec, fmt: str):
+    """A one-layer encoder, 8 calibration and HELD_OUT held-out sequences, and android-arm64's
+    ``fmt`` artifact config calibrated on those 8."""
+    module = _encoder_module(spec)
     torch.manual_seed(0)
     model = module.TinyEncoder(layers=1).eval()
     calibration = module.token_samples(8, seed=1)
     held_out = module.token_samples(HELD_OUT, seed=2)
     profile = load_target("android-arm64")
-    (config,) = [a for a in profile.artifacts if a.format == "pte"]
-    config = config.model_copy(update={"calibration_samples": 8})
+    (config,) = [a for a in profile.artifacts if a.format == fmt]
+    return model, calibration, held_out, profile, config.model_copy(update={"calibration_samples": 8})
+
+
+def test_static_int8_pte_of_an_encoder_layer(encoder_spec, tmp_path):
+    """The android-arm64 int8 recipe (MSE ranges, bias correction) on a one-layer encoder, run in
+    the ExecuTorch runtime: bias correction works on the [1, 32, 128] linear outputs (it once
+    averaged over the sequence and crashed) and parity holds with android-arm64's int8 tolerance.
+    The four-layer encoder measured in a build: cosine min 0.9996, SQNR 32 dB (.pte)."""
+    model, calibration, held_out, profile, config = _encoder_layer_case(encoder_spec, "pte")
     result = et_export.export(config, _ctx(model, calibration[0], calibration, tmp_path))
     quantization = result.details["quantization"]
     assert quantization["bias_correction"]["corrected_layers"] == 7  # q, k, v, out, up, down, pooler
@@ -151,15 +157,8 @@ def test_static_int8_tflite_of_an_encoder_layer_has_int8_tables(encoder_spec, tm
     from edgepack.export import tflite as tflite_export
     from edgepack.runtimes import litert as litert_runtime
 
-    module = _encoder_module(encoder_spec)
-    torch.manual_seed(0)
-    model = module.TinyEncoder(layers=1).eval()
-    calibration = module.token_samples(8, seed=1)
-    held_out = module.token_samples(HELD_OUT, seed=2)
-    profile = load_target("android-arm64")
-    (config,) = [a for a in profile.artifacts if a.format == "tflite"]
+    model, calibration, held_out, profile, config = _encoder_layer_case(encoder_spec, "tflite")
     assert config.embeddings == "int8"
-    config = config.model_copy(update={"calibration_samples": 8})
     result = tflite_export.export(config, _ctx(model, calibration[0], calibration, tmp_path))
     tables = result.details["quantization"]["embeddings"]
     # the 1000 x 128 token table: 4 bytes a weight -> 1 (plus a scale per row)

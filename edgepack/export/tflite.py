@@ -271,8 +271,14 @@ def _aeq(float_model: bytes, precision: str, per_channel: bool = True, calibrati
         else:
             qz.add_static_config(".*", every_op, 8, 8, granularity)
         ranges = _aeq_calibrate(float_model, qz, calibration, threads) if precision == "int8" else None
-        with redirect_stderr(io.StringIO()):  # its tqdm progress bars: the build reports progress itself
-            return bytes(qz.quantize(ranges, enable_progress_report=False).quantized_model)
+        return _quantized_flatbuffer(qz, ranges)
+
+
+def _quantized_flatbuffer(qz, ranges: dict | None = None) -> bytes:
+    """Run an ai-edge-quantizer Quantizer, keeping its tqdm progress bars out of the build's
+    stderr (the build reports its own progress)."""
+    with redirect_stderr(io.StringIO()):
+        return bytes(qz.quantize(ranges, enable_progress_report=False).quantized_model)
 
 
 def quantize_embeddings(buffer: bytes) -> tuple[bytes, dict[str, Any] | None]:
@@ -291,8 +297,7 @@ def quantize_embeddings(buffer: bytes) -> tuple[bytes, dict[str, Any] | None]:
     with _step("quantize (embedding tables)"):
         qz = aeq.Quantizer(buffer)
         qz.load_quantization_recipe(recipe.dynamic_wi8c_afp32(operation_name=TFLOperationName.EMBEDDING_LOOKUP))
-        with redirect_stderr(io.StringIO()):  # its tqdm progress bars: the build reports progress itself
-            quantized = bytes(qz.quantize(enable_progress_report=False).quantized_model)
+        quantized = _quantized_flatbuffer(qz)
     return quantized, {"method": "ai-edge-quantizer", "recipe": "dynamic_wi8c_afp32 on EMBEDDING_LOOKUP",
                        "weights": "int8 symmetric, per-row", "bytes_before": len(buffer), "bytes_after": len(quantized)}
 
