@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup test bench fuzz clean
+.PHONY: build setup test test-fast bench fuzz clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: every test that does not run a whole build (conftest.py marks those `build`).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not build and not slow" $(PYTEST_ARGS)
 
 # Benchmarks are not tests: they take as long as they need and never gate CI.
 bench: $(STAMP)

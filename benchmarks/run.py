@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def machine_info() -> dict:
-    from edgepack.pipeline import host_info, toolchain_versions
+    from edgepack.provenance import host_info, toolchain_versions
 
     info = host_info()
     info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]

@@ -63,12 +63,11 @@ class ReproducibilityCheck(_Strict):
     detail: str | None = None
 
 
-class DeviceLatency(_Strict):
-    """Latency measured on a real device (``edgepack ingest`` of a device_report.json)."""
+class DeviceFigures(BaseModel):
+    """Latency figures one device run measured: the fields a device report's ``latency`` and
+    the manifest's ``device_latency`` share (one schema for both)."""
 
-    source: Literal["device"] = "device"
     tool: str
-    device: dict[str, Any]
     runtime: str | None = None
     runtime_version: str | None = None
     threads: int | None = None
@@ -78,10 +77,55 @@ class DeviceLatency(_Strict):
     p90_ms: float | None = None
     min_ms: float | None = None
     mean_ms: float | None = None
+
+
+class DeviceLatency(DeviceFigures):
+    """Latency measured on a real device (``edgepack ingest`` of a device_report.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["device"] = "device"
+    device: dict[str, Any]
     budget_statistic: Literal["p50_ms", "mean_ms"]
     parity_passed: bool | None = None
     budgets: dict[str, Any] | None = None
     report_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+# --- the device report (written by device/validate.py or device/run_android.sh) ------------
+
+REPORT_KIND = "edgepack-device-report"
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # newer kits may add fields
+
+
+class ReportLatency(DeviceFigures):
+    model_config = ConfigDict(extra="ignore")
+    source: Literal["device"]
+
+
+class ReportArtifact(_Lenient):
+    file: str
+    sha256: str | None = None
+    # passed / parity-failed: validate.py checked parity; measured: latency only (benchmark tools)
+    status: Literal["passed", "parity-failed", "measured", "skipped", "error"]
+    reason: str | None = None
+    runtime: str | None = None
+    runtime_version: str | None = None
+    parity: dict[str, Any] | None = None
+    latency: ReportLatency | None = None
+
+
+class DeviceReport(_Lenient):
+    schema_version: Literal[1]
+    kind: Literal["edgepack-device-report"]
+    created_by: str
+    created_at: str | None = None
+    bundle: dict[str, Any] | None = None
+    device: dict[str, Any] = {}
+    artifacts: list[ReportArtifact] = []
+    error: str | None = None
 
 
 class ArtifactEntry(_Strict):
@@ -225,6 +269,11 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
+
+
+def stack_samples(samples: list[list[np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+    """Per-sample arrays -> one array per name, a row per sample (the golden .npz layout)."""
+    return {name: np.stack([s[i] for s in samples]) for i, name in enumerate(names)}
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -113,13 +113,60 @@ def cmd_build(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnose import cmd_diagnose as run
-
-    from .errors import ConfigError
+    """edgepack diagnose SPEC --target T [--out DIR] [--samples N] [--top K] [--json]"""
+    from .analysis.diagnose import DIAGNOSIS_SAMPLES, run_diagnosis
+    from .errors import ConfigError, ExportError
+    from .spec import load_spec
+    from .target import load_target
 
     if (args.samples is not None and args.samples < 1) or args.top < 1:
         raise ConfigError("diagnose: --samples and --top must be at least 1", "pass a positive count")
-    return run(args)
+    err = err_console
+    profile = load_target(args.target)
+    spec = load_spec(args.spec)
+    out_dir = Path(getattr(args, "out", None) or Path("dist") / spec.name / f"{profile.name}.diagnosis")
+    quiet = getattr(args, "quiet", False)
+    try:
+        report = run_diagnosis(spec, profile, out_dir, samples=getattr(args, "samples", None) or DIAGNOSIS_SAMPLES,
+                               progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
+    except EdgepackError:
+        raise
+    except Exception as exc:  # torch.export / PT2E on user models: name the step, keep the cause for --debug
+        raise ExportError(f"diagnose {spec.name} on {profile.name}: quantizing the model with the profile's int8 "
+                          f"recipe (torch.export + PT2E) failed: {type(exc).__name__}: {str(exc)[:300]}",
+                          "run `edgepack build` to see which format fails, or --debug for the traceback") from exc
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return 0
+    top = getattr(args, "top", None) or 10
+    out = report["output"]
+    table = Table(title=f"{spec.name} on {profile.name}: worst int8 layers (output SQNR {out['sqnr_db']:.1f} dB, "
+                        f"cosine {out['cosine_mean']:.4f})")
+    for column in ("#", "layer", "op", "error share", "out SQNR alone", "cause", "SQNR (accum.)", "local SQNR",
+                   "cosine", "max|err|"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "cause") else "right")
+
+    def fmt(value: float | None, spec_: str) -> str:
+        return "-" if value is None else format(value, spec_)
+
+    def cause(row: dict) -> str:
+        weights, activation = row["output_sqnr_db_weights_only"], row["output_sqnr_db_activation_only"]
+        if weights is None and activation is None:
+            return "-"
+        if activation is None or (weights is not None and weights < activation):
+            return f"weights ({weights:.0f} dB)"
+        return f"activation ({activation:.0f} dB)"
+
+    for row in sorted(report["layers"], key=lambda r: -r["error_share"])[:top]:
+        table.add_row(str(row["index"]), row["layer"], row["op"], f"{100 * row['error_share']:.1f}%",
+                      fmt(row["output_sqnr_db_alone"], ".1f"), cause(row), fmt(row["sqnr_db"], ".1f"),
+                      fmt(row["local_sqnr_db"], ".1f"), fmt(row["cosine"], ".4f"), fmt(row["max_abs_error"], ".3g"))
+    out_console.print(table)
+    if report["float_groups"]:
+        err.print(f"to keep the worst in fp32: float_layers: {report['float_groups'][0]}  "
+                  f"({report['float_group_reasons'][0]})")
+    err.print(f"report: {report['files']['json']}  chart: {report['files']['chart']}")
+    return 0
 
 
 def cmd_targets(args) -> int:
@@ -155,8 +202,7 @@ def cmd_targets(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .bundle import load_bundle_manifest
-
-    from .validate import verify_files
+    from .steps.validate import verify_files
 
     manifest = load_bundle_manifest(Path(args.bundle))
     verify_files(Path(args.bundle), manifest)  # a bundle whose files don't match is not shown as valid
@@ -168,7 +214,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .validate import validate_bundle
+    from .steps.validate import validate_bundle
 
     progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
     result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
@@ -202,7 +248,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from .ingest import ingest_report
+    from .steps.ingest import ingest_report
 
     result = ingest_report(Path(args.bundle), Path(args.report))
     if args.json:
@@ -297,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         err_console.print(f"[bold red]{exc.kind}:[/] " + _escape(exc.message))
         if exc.hint:
-            err_console.print(f"  [dim]hint:[/] " + _escape(exc.hint))
+            err_console.print("  [dim]hint:[/] " + _escape(exc.hint))
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted:[/] no bundle was written; the previous one is untouched")

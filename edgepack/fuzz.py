@@ -13,7 +13,7 @@ outcome by the exit code `edgepack validate` gives:
     internal   an exception that is not an edgepack error (the CLI would print a traceback): a bug
 
 Runtimes run in child processes, so a crash ends one case, never the fuzzer. The children are forked
-from one fork server per runtime that imported it once (runtimes/session.py), so a case costs a
+from one fork server per runtime that imported it once (runtimes/forkserver.py), so a case costs a
 fraction of a second rather than the runtime's import (10-16 s for ExecuTorch). Each case draws from
 its own seeded generator, so ``--case N`` replays case N alone (``--keep DIR`` keeps its bundle).
 Prints counts per outcome and per format and the commonest messages; exits 1 when a case was
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
-from .runtimes.session import fork_server_pids
+from .runtimes.forkserver import fork_server_pids
 
 OUTCOMES = ("0", "1", "2", "3", "internal")
 OUTCOME_NAMES = {"0": "passed", "1": "parity failure", "2": "bundle error", "3": "runtime error",
@@ -191,7 +191,7 @@ def reseal(bundle: Path, relative: str) -> None:
 
 def validate_inprocess(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
     """What `edgepack validate BUNDLE --artifact FILE` exits with, and its message (same code, no argparse)."""
-    from .validate import validate_bundle
+    from .steps.validate import validate_bundle
 
     try:
         result = validate_bundle(bundle, artifact=file, threads=1, timeout_s=timeout_s)

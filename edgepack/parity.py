@@ -62,6 +62,17 @@ def headline(parity: dict | None) -> dict[str, float | None]:
             "top1_agreement": min(tops) if tops else None}
 
 
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """10 log10(signal / noise), capped at +-SQNR_CAP_DB: the one SQNR formula of the host side
+    (parity, diagnosis, QDQ profile). Identical outputs give the cap; a zero or unusable
+    signal, or a non-finite noise, gives -cap."""
+    if noise_power == 0.0:
+        return SQNR_CAP_DB
+    if signal_power <= 0.0 or not math.isfinite(noise_power):
+        return -SQNR_CAP_DB
+    return max(-SQNR_CAP_DB, min(SQNR_CAP_DB, 10.0 * math.log10(signal_power / noise_power)))
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0.0 and nb == 0.0:
@@ -91,12 +102,7 @@ def compare_output(name: str, reference: list[np.ndarray], actual: list[np.ndarr
     mean_abs = float(np.mean(np.abs(err))) if finite and err.size else (0.0 if finite else math.inf)
     cosines = [_cosine(r, a) for r, a in zip(ref, out)] if finite else [0.0]
     signal_power, noise_power = float(np.sum(ref_all**2)), float(np.sum(err**2)) if finite else math.inf
-    if noise_power == 0.0:
-        sqnr = SQNR_CAP_DB
-    elif signal_power == 0.0 or not math.isfinite(noise_power):
-        sqnr = -SQNR_CAP_DB
-    else:
-        sqnr = max(-SQNR_CAP_DB, min(SQNR_CAP_DB, 10.0 * math.log10(signal_power / noise_power)))
+    sqnr = sqnr_db(signal_power, noise_power)
     top1 = None
     if scores is None:
         scores = is_class_scores(np.asarray(reference[0]).shape, np.asarray(reference[0]).dtype)

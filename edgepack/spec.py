@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import EdgepackError, SpecError
 
 InputTuple = tuple[torch.Tensor, ...]
+# Calibration samples a build reads at most (quantizers cap themselves lower; see each recipe).
+MAX_CALIBRATION = 1024
 
 
 @dataclass
@@ -276,6 +279,11 @@ def calibration_list(samples: Iterable[InputTuple], where: str, example: InputTu
                 )
         out.append(tuple(sample))
     return out
+
+
+def as_numpy(sample: InputTuple) -> list[np.ndarray]:
+    """One input tuple as numpy arrays (what runtimes are fed)."""
+    return [t.detach().cpu().numpy() for t in sample]
 
 
 def is_finite_number(value: Any) -> bool:

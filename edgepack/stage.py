@@ -1,16 +1,15 @@
-"""Compression stages: a typed config per stage, a registry keyed by config type, run_stages().
+"""The stage contract: a typed config per stage, what a stage is given, what it reports.
 
 A stage module (one per file under edgepack/compress/) defines a pydantic config class
 with ``type: Literal["<stage-type>"]`` and a function
 ``run(config, model, ctx: StageContext) -> tuple[nn.Module, dict]`` returning the new model
-and stage-specific details. run_stages() measures params, nonzero params, MACs and bytes
-before and after every stage, and the spec's evaluate metrics when it has one.
+and stage-specific details. compress.run_stages() (the registry's side) runs them in order and
+measures params, nonzero params, MACs and bytes before and after every stage, and the spec's
+evaluate metrics when it has one.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -18,8 +17,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from .errors import EdgepackError, StageError
-from .modelstats import model_stats
 
 InputTuple = tuple[torch.Tensor, ...]
 
@@ -80,42 +77,3 @@ def torch_outputs_fn(model: nn.Module) -> Callable[[InputTuple], tuple[torch.Ten
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     return fn
-
-
-def _measure(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
-    stats: dict[str, Any] = model_stats(model, ctx.example_inputs)
-    if ctx.evaluate is not None:
-        model.eval()
-        stats["metrics"] = {k: float(v) for k, v in ctx.evaluate(torch_outputs_fn(model)).items()}
-    return stats
-
-
-def run_stages(model: nn.Module, configs: list[StageConfig], ctx: StageContext,
-               on_stage: Callable[[str], None] | None = None) -> tuple[nn.Module, list[StageRecord]]:
-    from .compress import registry
-
-    records: list[StageRecord] = []
-    current = copy.deepcopy(model).eval()
-    before = _measure(current, ctx) if configs else {}
-    for index, config in enumerate(configs):
-        entry = registry()[config.type]
-        if on_stage:
-            on_stage(config.type)
-        torch.manual_seed(ctx.seed + index)
-        start = time.perf_counter()
-        try:
-            current, details = entry.run(config, current, ctx)
-        except EdgepackError:
-            raise
-        except Exception as exc:
-            raise StageError(
-                f"stage {index + 1} ({config.type}) failed: {type(exc).__name__}: {exc}",
-                "check the stage's parameters in the profile (run with --debug for the traceback)",
-            ) from exc
-        seconds = time.perf_counter() - start
-        current.eval()
-        after = _measure(current, ctx)
-        records.append(StageRecord(name=f"{index + 1}:{config.type}", type=config.type,
-                                   before=before, after=after, seconds=seconds, details=details))
-        before = after
-    return current, records

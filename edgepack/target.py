@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .compress import registry as stage_registry
 from .errors import ConfigError
-from .fallback import FallbackSettings
+from .export import registry as export_registry
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
@@ -61,8 +62,38 @@ class Tolerance(_Strict):
 
 
 class Budgets(_Strict):
+    """Per-artifact limits, and the one rule that judges them (build, fallback steps, ingest)."""
+
     max_bytes: int | None = Field(default=None, gt=0, description="per artifact, all its files")
     max_latency_ms: float | None = Field(default=None, gt=0, description="p50, per artifact")
+
+    def failures(self, total_bytes: int | None, latency_ms: float | None, latency_label: str = "host p50") -> list[str]:
+        """What ``total_bytes`` / ``latency_ms`` exceed (a figure that is None is not judged)."""
+        found = []
+        if self.max_bytes is not None and total_bytes is not None and total_bytes > self.max_bytes:
+            found.append(f"{total_bytes} bytes > max_bytes {self.max_bytes}")
+        if self.max_latency_ms is not None and latency_ms is not None and latency_ms > self.max_latency_ms:
+            found.append(f"{latency_label} {latency_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
+        return found
+
+    def check(self, total_bytes: int | None, latency_ms: float | None, latency_source: str = "host",
+              latency_label: str = "host p50", **figures: Any) -> dict | None:
+        """The manifest's budgets record (None when the profile sets no budget): the limits, where
+        the latency came from, ``figures`` (e.g. the statistic used), passed and failures."""
+        if self.max_bytes is None and self.max_latency_ms is None:
+            return None
+        failures = self.failures(total_bytes, latency_ms, latency_label)
+        return {"max_bytes": self.max_bytes, "max_latency_ms": self.max_latency_ms, "latency_source": latency_source,
+                **figures, "passed": not failures, "failures": failures}
+
+
+class FallbackSettings(_Strict):
+    """How far the int8 fallback may go (on_parity_failure: fallback; analysis/fallback.py)."""
+
+    max_steps: int = Field(default=6, ge=1, le=64, description="re-exports at most")
+    group_size: int = Field(default=2, ge=1, le=64, description="layers moved to fp32 per step")
+    max_float_layers: int | None = Field(default=None, ge=1, description="never keep more layers in fp32")
+    diagnosis_samples: int = Field(default=4, ge=1, le=256, description="calibration samples the ranking uses")
 
 
 class ParitySettings(_Strict):
@@ -80,21 +111,17 @@ class LatencySettings(_Strict):
     warmup: int = Field(default=5, ge=0, le=10_000)
     runs: int = Field(default=30, ge=20, le=100_000)
     # A quantized artifact vs its float sibling: both loaded at once, timed in alternating rounds
-    # of ``runs`` each (pipeline.side_by_side).
+    # of ``runs`` each (steps/speed.py).
     comparison_rounds: int = Field(default=6, ge=2, le=1_000)
 
 
 def _stage_union():
-    from .compress import registry
-
-    configs = tuple(entry.config for entry in registry().values())
+    configs = tuple(entry.config for entry in stage_registry().values())
     return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
 
 
 def _artifact_union():
-    from .export import registry
-
-    configs = tuple(entry.config for entry in registry().values())
+    configs = tuple(entry.config for entry in export_registry().values())
     return Annotated[Union[configs], Field(discriminator="format")]  # type: ignore[valid-type]
 
 

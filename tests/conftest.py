@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,26 @@ import yaml
 # the profile's thread count as usual.
 torch.set_num_threads(1)
 
+# A test that runs a whole build, itself or through a fixture, is marked `build`: `make test-fast`
+# (pytest -m "not build and not slow") leaves those out for a quick inner loop; CI runs everything.
+_BUILD_CALL = re.compile(r"\bbuild\(|[\"']build[\"']")
+
+
+def _runs_a_build(function) -> bool:
+    try:
+        return bool(_BUILD_CALL.search(inspect.getsource(function)))
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        functions = [item.function] + [d.func for defs in fixtures.values() for d in defs]
+        if any(_runs_a_build(f) for f in functions):
+            item.add_marker(pytest.mark.build)
+
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
 TEST_MODELS = Path(__file__).resolve().parent / "models"
@@ -29,6 +50,14 @@ def digits_spec():
     from edgepack.spec import load_spec
 
     return load_spec(str(MODELS / "digits_cnn.py"))
+
+
+@pytest.fixture(scope="session")
+def hostile():
+    """tests/models/hostile.py: one 1x1 conv with a 1000x outlier channel that int8 cannot hold."""
+    from edgepack.spec import load_spec
+
+    return load_spec(str(TEST_MODELS / "hostile.py"))
 
 
 def write_profile(tmp_path: Path, base: str, name: str | None = None, **changes) -> Path:

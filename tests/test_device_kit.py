@@ -24,13 +24,13 @@ from edgepack.bundle import load_bundle_manifest, load_npz, save_npz
 from edgepack.cli import main as cli_main
 from edgepack.errors import BundleError
 from edgepack.export import registry
-from edgepack.ingest import ingest_report
+from edgepack.steps.ingest import ingest_report
 from edgepack.package import (KIT_FILES, check_reproducible, install_kit, payload_sha256, seal_bundle, write_zip,
                               zip_payload_sha256)
 from edgepack.pipeline import BuildOptions, build
 from edgepack.spec import load_spec
 from edgepack.target import load_target
-from edgepack.validate import validate_bundle
+from edgepack.steps.validate import validate_bundle
 
 KIT_SOURCE = Path(__file__).resolve().parent.parent / "edgepack" / "device"
 DEVICE_SCRIPT_MODULES = {"numpy", "onnxruntime", "ai_edge_litert", "tflite_runtime", "executorch", "torch"}

@@ -632,5 +632,3 @@ def test_bundle_contains_no_pickles(offline_builds):
             with np.load(path, allow_pickle=False) as arrays:  # raises on an object array
                 for key in arrays.files:
                     assert not arrays[key].dtype.hasobject, (path, key)
-
-

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 
 import pytest
-import torch
 
-from conftest import MODELS, TEST_MODELS
+from conftest import TEST_MODELS
 from edgepack.errors import SpecError
 from edgepack.spec import ModelSpec, load_spec
 

@@ -21,11 +21,12 @@ import yaml
 from conftest import TARGETS
 from edgepack.compress import registry
 from edgepack.compress.gradual import Schedule
-from edgepack.compress.qat import pt2e_qat_for
+from edgepack.quant.qat_graph import pt2e_qat_for
 from edgepack.compress.sparsify import n_m_mask, satisfies_n_m
 from edgepack.errors import ConfigError, StageError
 from edgepack.measure import zip_bytes
-from edgepack.stage import StageContext, StageRecord, run_stages
+from edgepack.compress import run_stages
+from edgepack.stage import StageContext, StageRecord
 from edgepack.target import load_target, parse_profile
 
 # stage type -> tests that run it; filled by @exercises, checked by test_every_stage_type_is_tested.
@@ -103,10 +104,10 @@ def lower_to_pte(graph_module: torch.nn.Module, example_inputs: tuple, path: Pat
 
 
 def ptq_int8_pte(model: torch.nn.Module, digits: Digits, path: Path) -> Path:
-    from edgepack.compress.pt2e import quantize_pt2e_xnnpack
+    from edgepack.quant.calibrate import quantize
 
     ctx = digits.context()
-    converted, _ = quantize_pt2e_xnnpack(model, ctx.example_inputs, ctx.calibration, calibration_samples=64)
+    converted, _ = quantize(model, ctx.example_inputs, ctx.calibration)
     return lower_to_pte(converted, ctx.example_inputs, path)
 
 

@@ -15,7 +15,6 @@ from torch import nn
 from conftest import MODELS
 from edgepack.compress.equalize import EqualizeConfig
 from edgepack.compress.equalize import run as equalize
-from edgepack.compress.pt2e import quantize_pt2e_xnnpack
 from edgepack.export import executorch as et_export
 from edgepack.export import onnx as onnx_export
 from edgepack.export.base import ExportContext
@@ -180,7 +179,9 @@ class SequenceMLP(nn.Module):
 
     def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
-        self.up, self.act, self.down = nn.Linear(16, 24), act(), nn.Linear(24, 8)
+        with torch.random.fork_rng():  # the same weights whichever tests ran before
+            torch.manual_seed(0)
+            self.up, self.act, self.down = nn.Linear(16, 24), act(), nn.Linear(24, 8)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             self.up.weight.mul_(torch.logspace(-1.0, 1.0, 24).view(-1, 1))  # uneven channel ranges
@@ -194,33 +195,6 @@ class SequenceMLP(nn.Module):
 def _sequences(count: int, seed: int) -> list[tuple[torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(1, 6, 16, generator=generator) * 0.5 + 0.2,) for _ in range(count)]
-
-
-def test_bias_correction_on_linears_over_a_sequence():
-    """Linears over [B, S, H] have their bias on the last dim: bias correction must average
-    over batch and sequence (it once averaged over dim 1 and crashed on a BERT encoder)."""
-    model = SequenceMLP().eval()
-    original = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    calibration, held_out = _sequences(16, 1), _sequences(8, 2)
-    with torch.no_grad():
-        reference = [model(x) for (x,) in held_out]
-    figures = {}
-    for corrected in (False, True):
-        converted, record = quantize_pt2e_xnnpack(model, calibration[0], calibration, per_channel=False,
-                                                  activation_observer="minmax", bias_correction=corrected)
-        with torch.no_grad():
-            got = [converted(x) for (x,) in held_out]
-        # the mean error per output feature, over samples and positions: what bias correction removes
-        shift = torch.stack([(g - r).mean(dim=(0, 1)) for g, r in zip(got, reference)]).mean(dim=0)
-        figures[corrected] = (float(shift.abs().max()), _sqnr(reference, got))
-        if corrected:
-            assert record["bias_correction"]["corrected_layers"] == 2
-            assert converted.state_dict()[next(k for k in converted.state_dict() if k.endswith("bias"))].dim() == 1
-    assert figures[True][0] < figures[False][0], figures
-    assert figures[True][1] > 25.0, figures
-    # the corrected biases live in the quantized graph only: the float model is untouched (they
-    # share tensors, and the correction once wrote into them, shifting every later export)
-    assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])

@@ -28,7 +28,7 @@ Measured on EfficientNet-Lite0 (exact; 2 pairs without ReLU6 between them: block
 int8 (clamp fusion, min/max, bias correction) logit cosine .9963 -> .9968 mean, .9876 -> .9934 min, 16/16 both.
 Bias correction (Nagel sec. 4.2) is not done here: it compensates the error of one
 quantizer's int8 weights, which changes the float function; it is part of the PT2E int8
-recipe (compress/pt2e.py ``bias_correction``) instead.
+recipe (quant/bias_correction.py) instead.
 """
 
 from __future__ import annotations

@@ -6,39 +6,34 @@
        ``freeze_observers_after`` epochs, if set)
     -> convert_pt2e(prepared): a float-in/float-out GraphModule with int8 q/dq inside
 
-The quantizer is compress/pt2e.py's XNNPACKQuantizer with the stock QAT config (moving-
-average fake-quant observers). pt2e.py's post-training-only refinements (clamp fusion for
+The quantizer is quant/quantizers.py's XNNPACKQuantizer with the stock QAT config (moving-
+average fake-quant observers). The recipe's post-training-only refinements (clamp fusion for
 ReLU6, the activation observer choice, bias correction) do not apply to QAT: the ranges and
 weights are learned instead. With compare_with_ptq the details also give the exporter's PTQ
 int8 of the incoming model, measured the same way, so the gain (or not) is on record.
 
-Hand-off to the exporters (edgepack/export/executorch.py wires it):
-  ctx.extras["pt2e_qat"] = PT2EQAT(model=<converted GraphModule>, example_inputs=<batch-1
-  inputs>, recipe=<quantization dict>, float_fingerprint=<sha256 of the returned float
-  weights>). For a pte int8 artifact whose granularity equals recipe["granularity"], the
-  exporter calls ``pt2e_qat_for(ctx.model, ctx.extras)`` and lowers
-  ``torch.export.export(qat.model, qat.example_inputs)`` with to_edge_transform_and_lower
-  + XnnpackPartitioner instead of running quantize_pt2e_xnnpack on ctx.model; the
-  manifest's quantization is ``qat.recipe``. Every other artifact (the float ONNX reference,
-  tflite, fp32 pte) uses the float model this stage returns: the QAT fine-tuned weights.
+Hand-off to the exporters: quant/qat_graph.py (PT2EQAT in ctx.extras). For a pte int8
+artifact of the same granularity the ExecuTorch exporter lowers that graph instead of running
+post-training quantization on ctx.model; the manifest's quantization is its recipe. Every other
+artifact (the float ONNX reference, tflite, fp32 pte) uses the float model this stage returns:
+the QAT fine-tuned weights.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..quant.calibrate import quantize
+from ..quant.qat_graph import EXTRAS_KEY, PT2EQAT, float_fingerprint
+from ..quant.quantizers import xnnpack_quantizer
+from ..quant.recipe import Recipe, describe
 from ..stage import StageConfig, StageContext, torch_outputs_fn
 from . import finetune
-from .pt2e import describe, quantize_pt2e_xnnpack, xnnpack_quantizer
-
-EXTRAS_KEY = "pt2e_qat"
 
 
 class QATConfig(StageConfig):
@@ -62,39 +57,6 @@ class QATConfig(StageConfig):
 
 
 CONFIG = QATConfig
-
-
-@dataclass(frozen=True)
-class PT2EQAT:
-    """What the qat stage leaves in ctx.extras for the ExecuTorch exporter."""
-
-    model: torch.fx.GraphModule  # convert_pt2e output: float IO, int8 q/dq inside, batch dim dynamic
-    example_inputs: tuple[torch.Tensor, ...]  # batch-1 inputs to torch.export it with
-    recipe: dict[str, Any]  # compress.pt2e.describe(..., qat=True), for the manifest
-    float_fingerprint: str  # float_fingerprint() of the float model the stage returned
-
-
-def float_fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def pt2e_qat_for(model: nn.Module, extras: dict[str, Any]) -> PT2EQAT | None:
-    """The QAT graph for ``model``, or None when no qat stage ran.
-
-    Raises ValueError when a stage after qat changed the model (the QAT graph would then
-    describe other weights than the float reference): qat must be the last weight-changing stage.
-    """
-    qat = extras.get(EXTRAS_KEY)
-    if qat is None:
-        return None
-    if qat.float_fingerprint != float_fingerprint(model):
-        raise ValueError("a stage after qat changed the model, so the QAT int8 graph no longer matches it; "
-                         "make qat the last stage in the profile")
-    return qat
 
 
 def _capture_dynamic_batch(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.fx.GraphModule:
@@ -179,7 +141,7 @@ def run(config: QATConfig, model: nn.Module, ctx: StageContext) -> tuple[nn.Modu
     }
     if config.compare_with_ptq and ctx.evaluate is not None:
         # The ExecuTorch exporter's post-training recipe on the incoming model, for comparison.
-        ptq, ptq_recipe = quantize_pt2e_xnnpack(model, example, ctx.calibration, per_channel=per_channel)
+        ptq, ptq_recipe = quantize(model, example, ctx.calibration, Recipe(per_channel=per_channel))
         details["ptq_int8_metrics_torch"] = _metrics(ctx, _per_sample(ptq, example))
         details["ptq_recipe"] = ptq_recipe
     return float_model, details

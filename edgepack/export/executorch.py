@@ -6,7 +6,7 @@ torch.export -> [quantize] -> to_edge_transform_and_lower(XnnpackPartitioner | V
 Precisions:
   fp32          float graph, delegated to XNNPACK as is.
   int8          PT2E static int8 (XNNPACKQuantizer, calibrated), per-channel or per-tensor weights,
-                with the recipe of compress/pt2e.py: ReLU6 fused before its output is observed,
+                with the recipe of quant/recipe.py: ReLU6 fused before its output is observed,
                 activation_observer (MSE), bias_correction, float_layers kept fp32 in the
                 delegate. details["quantization"] records the recipe and why it was chosen.
   int8-dynamic  PT2E int8 weights + int8 activations quantized at run time, no calibration.
@@ -16,7 +16,8 @@ Precisions:
                 dynamic activations) on nn.Linear layers whose in_features divide group_size;
                 other layers stay fp32.
 embeddings (int8, int8-dynamic, int4-weight): nn.Embedding tables int8 (one scale per row) or
-int4 (one scale per group_size values of a row), by torchao IntxWeightOnlyConfig; lowering fuses
+int4 (one scale per group_size values of a row), by torchao IntxWeightOnlyConfig
+(quant/weight_only.py); lowering fuses
 dequantize + embedding into quantized_decomposed::embedding_byte / embedding_4bit, which XNNPACK
 does not take: they run outside the delegate on ExecuTorch's quantized kernels, which an app
 links as quantized_ops_lib (the pip runtime registers them when executorch.kernels.quantized is
@@ -40,7 +41,6 @@ export that leaves any of them outside the delegate is rejected here rather than
 
 from __future__ import annotations
 
-import copy
 import operator
 import re
 from collections import Counter
@@ -52,35 +52,25 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import EdgepackError, ExportError, RuntimeUnavailable
+from ..quant.calibrate import quantize
+from ..quant.qat_graph import pt2e_qat_for
+from ..quant.recipe import INSTALL_HINT, Int8Options, recipe_for, recipe_reason
+from ..quant.weight_only import embedding_tables, int4_linears
+from ..runtimes.executorch import register_quantized_kernels
 from .base import ArtifactConfig, ExportContext, ExportResult
-
-_INSTALL_HINT = "pip install executorch==1.5.1 (brings torchao 0.18)"
 # Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
 _QUANT_NAMESPACES = ("quantized_decomposed", "torchao")
 
 
-class ExecuTorchArtifact(ArtifactConfig):
+class ExecuTorchArtifact(ArtifactConfig, Int8Options):
     """One .pte artifact lowered to XNNPACK (or, ahead of time only, to Vulkan)."""
 
     format: Literal["pte"] = "pte"
     precision: Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
-    granularity: Literal["per-channel", "per-tensor"] = Field(
-        default="per-channel", description="int8 weight scales: one per output channel or one per tensor")
-    calibration_samples: int = Field(default=64, ge=1, description="cap on calibration inputs (int8)")
     group_size: int = Field(default=32, ge=32, description="int4-weight: input channels per scale")
     backend: Literal["xnnpack", "vulkan"] = Field(
         default="xnnpack", description="xnnpack: CPU, run and checked on the build host; vulkan: mobile GPU "
                                        "(fp32/fp16), lowered ahead of time but not runnable on the build host")
-    # int8 (static) recipe; defaults chosen by measurement (compress/pt2e.py).
-    activation_observer: Literal["minmax", "moving-average", "histogram", "percentile", "mse"] = Field(
-        default="mse", description="int8: how activation ranges are chosen from the calibration data (mse "
-                                   "measured best, compress/pt2e.py; histogram = the stock XNNPACKQuantizer)")
-    fuse_clamp: bool = Field(default=True, description="int8: observe conv/linear + ReLU6 after the clamp "
-                                                       "(false = the stock quantizer: ReLU6 shares the conv's scale)")
-    float_layers: tuple[str, ...] = Field(
-        default=(), description="int8: module names (model.named_modules()) kept fp32 inside the delegate")
-    bias_correction: bool = Field(default=True, description="int8: empirical bias correction of conv/linear "
-                                                            "biases against the float model (Nagel et al. 2019)")
     embeddings: Literal["fp32", "int8", "int4"] = Field(
         default="fp32", description="nn.Embedding tables: fp32, int8 (a scale per row) or int4 (a scale per "
                                     "group_size values); run outside XNNPACK by ExecuTorch's quantized kernels, "
@@ -88,17 +78,12 @@ class ExecuTorchArtifact(ArtifactConfig):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "ExecuTorchArtifact":
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        for name in ("activation_observer", "fuse_clamp", "float_layers", "bias_correction"):
-            if self.precision != "int8" and getattr(self, name) != defaults[name]:
-                raise ValueError(f"pte {name} only applies to precision int8 (static), not {self.precision}")
+        self.check_recipe_options(self.precision == "int8", f"precision int8 (static), not {self.precision}")
         if self.backend == "vulkan" and self.precision not in ("fp32", "fp16"):
             raise ValueError(f"pte backend vulkan takes precision fp32 or fp16, not {self.precision}")
         if self.precision == "fp16" and self.backend != "vulkan":
             raise ValueError("pte fp16 is the Vulkan backend's force_fp16: set backend: vulkan "
                              "(XNNPACK .pte artifacts are fp32, int8, int8-dynamic or int4-weight)")
-        if len(set(self.float_layers)) != len(self.float_layers):
-            raise ValueError("pte float_layers lists a module twice")
         if self.precision == "int8-dynamic" and self.granularity == "per-tensor":
             raise ValueError("pte int8-dynamic needs granularity per-channel: XNNPACK does not "
                              "delegate dynamically quantized linear/conv with per-tensor weights")
@@ -138,7 +123,7 @@ def export(config: ExecuTorchArtifact, ctx: ExportContext) -> ExportResult:
         from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
         from executorch.version import __version__ as et_version
     except ImportError as exc:
-        raise RuntimeUnavailable(f"executorch is not installed ({exc})", _INSTALL_HINT) from exc
+        raise RuntimeUnavailable(f"executorch is not installed ({exc})", INSTALL_HINT) from exc
 
     example = tuple(ctx.example_inputs)
     with _eval_mode(ctx.model):
@@ -198,7 +183,7 @@ def _partitioner(config: ExecuTorchArtifact) -> Any:
             from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
         except ImportError as exc:
             raise RuntimeUnavailable(f"executorch's Vulkan partitioner is not importable ({exc})",
-                                     _INSTALL_HINT) from exc
+                                     INSTALL_HINT) from exc
         return VulkanPartitioner(_vulkan_options(config))
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
@@ -207,8 +192,6 @@ def _partitioner(config: ExecuTorchArtifact) -> Any:
 
 def _qat_graph(config: ExecuTorchArtifact, ctx: ExportContext):
     """The qat stage's converted graph when one ran with this artifact's weight granularity."""
-    from ..compress.qat import pt2e_qat_for
-
     try:
         qat = pt2e_qat_for(ctx.model, ctx.extras)
     except ValueError as exc:
@@ -225,12 +208,14 @@ def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
     if config.precision in ("fp32", "fp16"):  # fp16: the Vulkan delegate converts the weights
         with _stage("torch.export"):
             return torch.export.export(ctx.model, example), None, notes
-    source, embeddings = _quantized_embeddings(ctx.model, config)
+    with _stage("quantize"):
+        source, embeddings = embedding_tables(ctx.model, config.embeddings, config.group_size)
     if embeddings is not None:
         notes.append(f"{len(embeddings['tables'])} embedding table(s) {config.embeddings}: they run outside XNNPACK "
                      f"on ExecuTorch's quantized kernels (link quantized_ops_lib in the app)")
     if config.precision == "int4-weight":
-        model, quantization = _int4_weight(source, config.group_size)
+        with _stage("quantize"):
+            model, quantization = int4_linears(source, config.group_size)
         quantization["embeddings"] = embeddings
         if quantization["skipped_layers"]:
             notes.append(f"{len(quantization['skipped_layers'])} Linear layer(s) kept fp32: "
@@ -248,111 +233,15 @@ def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
             with _stage("torch.export"):
                 return torch.export.export(qat.model, qat.example_inputs), dict(qat.recipe), notes
 
-    from ..compress.pt2e import quantize_pt2e_xnnpack
-
-    modules = {name for name, _ in ctx.model.named_modules()}
-    unknown = [name for name in config.float_layers if name not in modules]
-    if unknown:
-        raise ExportError(f"pte int8: float_layers names no module of the model: {', '.join(unknown[:5])}",
-                          "use names from model.named_modules() (edgepack diagnose lists them)")
     with _stage("quantize"):
-        converted, quantization = quantize_pt2e_xnnpack(
-            source, example, ctx.calibration,
-            per_channel=config.granularity == "per-channel",
-            dynamic=config.precision == "int8-dynamic",
-            calibration_samples=config.calibration_samples,
-            activation_observer=config.activation_observer, fuse_clamp=config.fuse_clamp,
-            float_layers=config.float_layers, bias_correction=config.bias_correction,
-            reason=_recipe_reason(config))
+        converted, quantization = quantize(source, example, ctx.calibration, recipe_for(config),
+                                           reason=recipe_reason(config))
     quantization["embeddings"] = embeddings
     if quantization["calibration_samples"] < config.calibration_samples and not quantization["dynamic"]:
         notes.append(f"calibrated on {quantization['calibration_samples']} samples "
                      f"(cap {config.calibration_samples})")
     with _stage("torch.export"):
         return torch.export.export(converted, example), quantization, notes
-
-
-def _recipe_reason(config: ExecuTorchArtifact) -> str:
-    """Why this int8 recipe, for the manifest: the measured default, or the profile's choice."""
-    from ..compress.pt2e import DEFAULT_RECIPE_REASON
-
-    if config.precision == "int8-dynamic":
-        return "int8-dynamic: activations quantized at run time, no calibration"
-    defaults = {name: field.default for name, field in type(config).model_fields.items()}
-    changed = [name for name in ("activation_observer", "fuse_clamp", "bias_correction", "granularity")
-               if getattr(config, name) != defaults[name]]
-    reason = DEFAULT_RECIPE_REASON if not changed else f"set in the profile: {', '.join(changed)}"
-    if config.float_layers:
-        reason += f"; {len(config.float_layers)} layer(s) kept fp32 (float_layers)"
-    return reason
-
-
-def _quantized_embeddings(model: nn.Module, config: ExecuTorchArtifact) -> tuple[nn.Module, dict | None]:
-    """The model with its nn.Embedding tables quantized as the config asks (a copy), and the recipe."""
-    if config.embeddings == "fp32":
-        return model, None
-    tables = sorted(name for name, module in model.named_modules() if isinstance(module, nn.Embedding))
-    if not tables:
-        return model, None
-    try:
-        from torchao.quantization import quantize_
-        from torchao.quantization.granularity import PerAxis, PerGroup
-        from torchao.quantization.quant_api import IntxWeightOnlyConfig
-        from torchao.quantization.quant_primitives import MappingType
-    except ImportError as exc:
-        raise RuntimeUnavailable(f"torchao is not installed ({exc})", _INSTALL_HINT) from exc
-    int4 = config.embeddings == "int4"
-    dims = {name: module.embedding_dim for name, module in model.named_modules() if name in tables}
-    if int4 and any(dim % config.group_size for dim in dims.values()):
-        raise ExportError(f"pte embeddings int4: embedding_dim {sorted(set(dims.values()))} is not divisible by "
-                          f"group_size {config.group_size}", "use embeddings int8, or a group_size that divides it")
-    quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
-    with _stage("quantize"):
-        quantize_(quantized,
-                  IntxWeightOnlyConfig(weight_dtype=torch.int4 if int4 else torch.int8,
-                                       granularity=PerGroup(config.group_size) if int4 else PerAxis(0),
-                                       mapping_type=MappingType.SYMMETRIC),
-                  filter_fn=lambda module, fqn: isinstance(module, nn.Embedding))
-    return quantized, {
-        "method": "torchao-quantize_", "quantizer": "IntxWeightOnlyConfig", "tables": tables,
-        "weights": f"{config.embeddings} symmetric, " + (f"per-group({config.group_size})" if int4 else "per-row"),
-        "kernel": "quantized_decomposed::" + ("embedding_4bit" if int4 else "embedding_byte")
-                  + " (ExecuTorch quantized kernels, outside the delegate)",
-    }
-
-
-def _int4_weight(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
-    """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_)."""
-    try:
-        from torchao.quantization import quantize_
-        from torchao.quantization.granularity import PerGroup
-        from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
-    except ImportError as exc:
-        raise RuntimeUnavailable(f"torchao is not installed ({exc})", _INSTALL_HINT) from exc
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    eligible = sorted(name for name, m in linears.items() if m.in_features % group_size == 0)
-    if not eligible:
-        raise ExportError(
-            f"pte int4-weight: no nn.Linear layer has in_features divisible by group_size {group_size}",
-            "use fp32/int8 for this model, or a group_size that divides the Linear in_features")
-    quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
-    wanted = set(eligible)
-    with _stage("quantize"):
-        quantize_(quantized,
-                  Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                        weight_granularity=PerGroup(group_size)),
-                  filter_fn=lambda module, fqn: fqn in wanted)
-    return quantized, {
-        "method": "torchao-quantize_",
-        "quantizer": "Int8DynamicActivationIntxWeightConfig",
-        "granularity": f"per-group({group_size})",
-        "dynamic": True,
-        "weights": "int4 symmetric groupwise (nn.Linear only)",
-        "activations": "int8 affine per-token, dynamic (runtime)",
-        "calibration_samples": 0,
-        "quantized_layers": eligible,
-        "skipped_layers": sorted(set(linears) - wanted),
-    }
 
 
 def _op_name(target: Any) -> str:
@@ -384,8 +273,6 @@ def _delegated_ops(graph_module: torch.fx.GraphModule) -> Counter:
 
 
 def _reject_undelegated_quant_ops(graph_module: torch.fx.GraphModule) -> None:
-    from ..runtimes.executorch import register_quantized_kernels
-
     kernels = register_quantized_kernels()  # quantized embeddings have kernels outside the delegate
     left = sorted({
         _op_name(node.target) for node in graph_module.graph.nodes
@@ -405,12 +292,10 @@ def _reject_missing_kernels(portable_ops: list[dict]) -> None:
 
     Otherwise the .pte is written and only fails to load (OperatorMissing, op not named).
     """
-    from ..runtimes.executorch import register_quantized_kernels
-
     try:
         from executorch.runtime import Runtime
     except ImportError as exc:
-        raise RuntimeUnavailable(f"executorch runtime is not installed ({exc})", _INSTALL_HINT) from exc
+        raise RuntimeUnavailable(f"executorch runtime is not installed ({exc})", INSTALL_HINT) from exc
     register_quantized_kernels()
     available = Runtime.get().operator_registry.operator_names
     # The registry spells a default overload either "ns::op" or "ns::op.default".

@@ -7,28 +7,19 @@ Precisions (every one starts from the float ONNX; the conversions live in onnx_q
   int8-dynamic  int8 weights, activations quantized at run time (linear-heavy models).
   int4-weight   int4 block-wise MatMul weights (MatMulNBits), float activations.
 
-Weights go to an external ``.onnx.data`` file when they exceed ``external_data_mb``
-(protobuf caps a single file at 2 GB); the bundle then carries both files side by side,
-which is how onnxruntime loads them.
+The float export itself (and the build's reference) is onnx_float.py; weights above
+``external_data_mb`` go to ``model.onnx.data`` beside the model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import re
-import warnings
-from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from ..errors import ExportError, RuntimeUnavailable
+from . import onnx_quant
 from .base import ArtifactConfig, ExportContext, ExportResult
-
-DEFAULT_OPSET = 18
+from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
 
 class OnnxArtifact(ArtifactConfig):
@@ -80,56 +71,6 @@ class OnnxArtifact(ArtifactConfig):
 CONFIG = OnnxArtifact
 
 
-def _unsupported_op(text: str) -> str | None:
-    match = re.search(r"(aten::[A-Za-z0-9_.]+|aten\.[A-Za-z0-9_.]+|torch\.ops\.[A-Za-z0-9_.]+)", text)
-    return match.group(1) if match else None
-
-
-def export_float_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path, input_names: list[str],
-                      output_names: list[str], opset: int = DEFAULT_OPSET, external_data_mb: float = 1024.0) -> list[Path]:
-    """Export ``model`` to ``path``; return the files written (model first, external data after)."""
-    try:
-        import onnx
-    except ImportError as exc:
-        raise RuntimeUnavailable("onnx is not installed", "run `make setup`") from exc
-    path.parent.mkdir(parents=True, exist_ok=True)
-    captured = io.StringIO()
-    try:
-        # The exporter prints progress to stdout; keep it out of --json output.
-        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                model, example_inputs, dynamo=True, input_names=input_names, output_names=output_names,
-                opset_version=opset, optimize=True, verbose=False,
-            )
-    except Exception as exc:
-        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))  # the exporter colours its messages
-        op = _unsupported_op(text)
-        raise ExportError(
-            f"onnx: torch.onnx.export failed{' on op ' + op if op else ''}: {type(exc).__name__}: {text.splitlines()[0][:400] if text else ''}",
-            "replace the op with one ONNX supports, or drop the onnx artifact from the profile"
-            + (" (run with --debug for the full error)"),
-        ) from exc
-    weight_bytes = sum(
-        int(init.const_value.nbytes) for init in program.model.graph.initializers.values()
-        if init.const_value is not None
-    )
-    external = weight_bytes > external_data_mb * 1024 * 1024
-    data_path = path.with_name(path.name + ".data")
-    if data_path.exists():
-        data_path.unlink()
-    program.save(str(path), external_data=external)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"onnx: {path.name} fails onnx.checker: {exc}", "report the model; the export is invalid") from exc
-    files = [path]
-    if data_path.exists():
-        files.append(data_path)
-    return files
-
-
 def export(config: OnnxArtifact, ctx: ExportContext) -> ExportResult:
     path = ctx.workdir / config.file_name
     if config.precision == "fp32":
@@ -137,6 +78,4 @@ def export(config: OnnxArtifact, ctx: ExportContext) -> ExportResult:
                                   opset=config.opset, external_data_mb=config.external_data_mb)
         return ExportResult(files=files, runtime="onnxruntime",
                             details={"opset": config.opset, "external_data": len(files) > 1})
-    from . import onnx_quant
-
     return onnx_quant.export_converted(config, ctx, path)

@@ -59,6 +59,7 @@ import numpy as np
 
 from ..errors import ExportError, RuntimeUnavailable
 from .base import ExportContext, ExportResult
+from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
 # Ops that compute on integers (QOperator form) or on block-quantized weights.
 _INTEGER_OPS = frozenset({
@@ -112,8 +113,6 @@ def _quantization_module():
 
 def float_onnx(config, ctx: ExportContext, scratch: Path) -> Path:
     """The float ONNX to convert: the build's reference when it has the same opset, else a fresh export."""
-    from .onnx import DEFAULT_OPSET, export_float_onnx
-
     if ctx.reference_onnx is not None and config.opset == DEFAULT_OPSET:
         return Path(ctx.reference_onnx)
     return export_float_onnx(ctx.model, ctx.example_inputs, scratch / "float.onnx", ctx.input_names,

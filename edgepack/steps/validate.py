@@ -26,13 +26,13 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import ArtifactEntry, Manifest, load_bundle_manifest, load_npz, sha256_file
-from .errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
-from .export import RUNTIME_FOR_FORMAT
-from .package import MANIFEST, zip_payload_sha256
-from .parity import ParityReport, compare
-from .runtimes.base import TensorIO, from_native
-from .runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
+from ..bundle import ArtifactEntry, Manifest, load_bundle_manifest, load_npz, sha256_file
+from ..errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
+from ..export import RUNTIME_FOR_FORMAT
+from ..package import MANIFEST, zip_payload_sha256
+from ..parity import ParityReport, compare
+from ..runtimes.base import TensorIO, from_native
+from ..runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
 
 # Importable module(s) each runner needs; the first one found is enough.
 RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "executorch": ("executorch",),

@@ -2,7 +2,7 @@
 diagnosis ranks most harmful in fp32, one group per step, re-exporting and re-validating,
 until parity passes or a budget would be exceeded.
 
-    ranked = rank_layers(config, ctx.model, ctx.example_inputs, ctx.calibration)   # diagnose.py
+    ranked = rank_layers(config, ctx.model, ctx.example_inputs, ctx.calibration)   # analysis/diagnose.py
     result = fallback_search(ranked.groups, try_export, settings=..., budgets=profile.budgets,
                              initial=<the failed step>, why=ranked.why)
 
@@ -16,18 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class FallbackSettings(BaseModel):
-    """How far the fallback may go (a profile section; see on_parity_failure)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_steps: int = Field(default=6, ge=1, le=64, description="re-exports at most")
-    group_size: int = Field(default=2, ge=1, le=64, description="layers moved to fp32 per step")
-    max_float_layers: int | None = Field(default=None, ge=1, description="never keep more layers in fp32")
-    diagnosis_samples: int = Field(default=4, ge=1, le=256, description="calibration samples the ranking uses")
+from ..quant.recipe import recipe_for
+from ..target import Budgets, FallbackSettings
+from .diagnose import diagnose_pt2e
 
 
 @dataclass
@@ -70,25 +61,18 @@ class FallbackResult:
                 "steps": [s.to_dict() for s in self.steps], "ranked_layers": list(self.ranked_layers)}
 
 
-def budget_failures(step: FallbackStep, budgets: Any) -> list[str]:
-    """What a step's bytes/latency exceed in ``budgets`` (anything with max_bytes/max_latency_ms)."""
-    failures = []
-    max_bytes = getattr(budgets, "max_bytes", None)
-    max_latency = getattr(budgets, "max_latency_ms", None)
-    if max_bytes is not None and step.bytes > max_bytes:
-        failures.append(f"{step.bytes} bytes > max_bytes {max_bytes}")
-    if max_latency is not None and step.latency_ms is not None and step.latency_ms > max_latency:
-        failures.append(f"p50 {step.latency_ms:.3f} ms > max_latency_ms {max_latency}")
-    return failures
+def budget_failures(step: FallbackStep, budgets: Budgets | None) -> list[str]:
+    """What a step's bytes/latency exceed in ``budgets`` (the profile's one budget rule)."""
+    return budgets.failures(step.bytes, step.latency_ms) if budgets is not None else []
 
 
 def fallback_search(ranked_layers: Sequence[str | Sequence[str]], try_export: Callable[[list[str]], FallbackStep], *,
-                    settings: FallbackSettings | None = None, budgets: Any = None,
+                    settings: FallbackSettings | None = None, budgets: Budgets | None = None,
                     initial: FallbackStep | None = None, why: dict[str, str] | None = None) -> FallbackResult:
     """Keep ``settings.group_size`` more groups of the most harmful layers in fp32 per step
     until parity passes.
 
-    ``ranked_layers``: module names or groups of them (diagnose.py's float_groups: a layer
+    ``ranked_layers``: module names or groups of them (the diagnosis' float_groups: a layer
     whose output activation is the problem comes with the layers reading it), most harmful
     first. Stops, failing, when a step exceeds a budget (bytes or latency: more float layers
     only grow both), when ``max_steps`` or ``max_float_layers`` is reached, or when the
@@ -152,21 +136,12 @@ class Ranking:
 
 def rank_layers(config: Any, model: Any, example_inputs: tuple, calibration: Sequence[tuple],
                 samples: int = 4) -> Ranking:
-    """Rank the model's layers for ``config``'s int8 recipe (diagnose.py, PT2E emulation).
+    """Rank the model's layers for ``config``'s int8 recipe (analysis/diagnose.py, PT2E emulation).
 
     Layers already in config.float_layers are left out. A .pte config is diagnosed with the
     XNNPACK quantizer, a .tflite one with litert-torch's, both with the config's own recipe.
     """
-    from .compress.pt2e import DEFAULT_ACTIVATION_OBSERVER, Recipe
-    from .diagnose import diagnose_pt2e
-
-    recipe = Recipe(per_channel=getattr(config, "granularity", "per-channel") == "per-channel",
-                    activation_observer=getattr(config, "activation_observer", DEFAULT_ACTIVATION_OBSERVER),
-                    fuse_clamp=getattr(config, "fuse_clamp", True),
-                    float_layers=tuple(getattr(config, "float_layers", ())),
-                    calibration_samples=getattr(config, "calibration_samples", 64),
-                    bias_correction=getattr(config, "bias_correction", True),
-                    quantizer="litert" if getattr(config, "format", "pte") == "tflite" else "xnnpack")
+    recipe = recipe_for(config)
     report = diagnose_pt2e(model, example_inputs, calibration, recipe, samples)
     already = set(recipe.float_layers)
     groups, why = [], {}
@@ -192,7 +167,7 @@ def supports_fallback(config: Any) -> bool:
 
 
 def run_fallback(config: Any, ctx: Any, build: Callable[[Any], FallbackStep], *,
-                 settings: FallbackSettings | None = None, budgets: Any = None,
+                 settings: FallbackSettings | None = None, budgets: Budgets | None = None,
                  initial: FallbackStep | None = None) -> FallbackResult:
     """The whole fallback for one artifact: rank its layers (diagnosis with its own recipe),
     then fallback_search, calling ``build(config_with_float_layers) -> FallbackStep`` (export

@@ -21,58 +21,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from .bundle import DeviceLatency, DeviceMeasurement, Manifest, load_bundle_manifest, load_json_schema
-from .errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError
-from .package import write_manifest_atomic
-
-REPORT_KIND = "edgepack-device-report"
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # newer kits may add fields
-
-
-class ReportLatency(_Lenient):
-    source: Literal["device"]
-    tool: str
-    runtime: str | None = None
-    runtime_version: str | None = None
-    threads: int | None = None
-    warmup: int | None = None
-    runs: int | None = None
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    min_ms: float | None = None
-    mean_ms: float | None = None
-
-
-class ReportArtifact(_Lenient):
-    file: str
-    sha256: str | None = None
-    # passed / parity-failed: validate.py checked parity; measured: latency only (benchmark tools)
-    status: Literal["passed", "parity-failed", "measured", "skipped", "error"]
-    reason: str | None = None
-    runtime: str | None = None
-    runtime_version: str | None = None
-    parity: dict[str, Any] | None = None
-    latency: ReportLatency | None = None
-
-
-class DeviceReport(_Lenient):
-    schema_version: Literal[1]
-    kind: Literal["edgepack-device-report"]
-    created_by: str
-    created_at: str | None = None
-    bundle: dict[str, Any] | None = None
-    device: dict[str, Any] = {}
-    artifacts: list[ReportArtifact] = []
-    error: str | None = None
-
+from ..bundle import (DeviceLatency, DeviceMeasurement, DeviceReport, Manifest, load_bundle_manifest,
+                      load_json_schema)
+from ..errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError
+from ..package import write_manifest_atomic
+from ..target import Budgets
 
 @dataclass
 class IngestResult:
@@ -130,7 +88,11 @@ def ingest_report(bundle_dir: Path, report_path: Path) -> IngestResult:
                 raise BundleError(f"{report_path}: measured {key} {theirs!r}, this bundle is {key} {mine!r}",
                                   "ingest the report into the bundle it was made from")
     by_file = {a.file: a for a in manifest.artifacts if a.file}
-    budgets = manifest.target.profile.get("budgets") or {}
+    try:
+        budgets = Budgets.model_validate(manifest.target.profile.get("budgets") or {})
+    except ValidationError as exc:
+        raise BundleError(f"{root / 'manifest.json'}: target.profile.budgets is not a valid budgets block: "
+                          f"{exc.errors()[0]['msg']}", "rebuild the bundle") from None
     label = _label(report.device)
     failures: list[str] = []
     summaries: list[dict[str, Any]] = []
@@ -166,16 +128,9 @@ def ingest_report(bundle_dir: Path, report_path: Path) -> IngestResult:
         if lat is not None and (lat.p50_ms is not None or lat.mean_ms is not None):
             statistic = "p50_ms" if lat.p50_ms is not None else "mean_ms"
             value = float(getattr(lat, statistic))
-            over = []
-            if budgets.get("max_latency_ms") is not None and value > budgets["max_latency_ms"]:
-                over.append(f"device {statistic[:-3]} {value:.3f} ms > max_latency_ms {budgets['max_latency_ms']}")
-            if budgets.get("max_bytes") is not None and (art.bytes or 0) > budgets["max_bytes"]:
-                over.append(f"{art.bytes} bytes > max_bytes {budgets['max_bytes']}")
-            budget = None
-            if budgets.get("max_latency_ms") is not None or budgets.get("max_bytes") is not None:
-                budget = {"max_bytes": budgets.get("max_bytes"), "max_latency_ms": budgets.get("max_latency_ms"),
-                          "latency_source": "device", "statistic": statistic, "latency_ms": value,
-                          "passed": not over, "failures": over}
+            budget = budgets.check(art.bytes, value, latency_source="device",
+                                   latency_label=f"device {statistic[:-3]}", statistic=statistic, latency_ms=value)
+            over = budget["failures"] if budget else []
             if over:
                 mine.append(f"{rep.file}: budget exceeded on {label} ({lat.tool}): " + "; ".join(over))
                 exit_code = max(exit_code, EXIT_PARITY_OR_BUDGET)

@@ -1,0 +1,143 @@
+"""Post-training PT2E int8: capture the model, annotate it with the recipe's quantizer,
+calibrate (static) or not (dynamic), correct biases, convert. See quant/recipe.py."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import RuntimeUnavailable
+from .bias_correction import bias_correct
+from .quantizers import make_quantizer
+from .recipe import BIAS_CORRECTION_MAX_SAMPLES, INSTALL_HINT, Recipe, check_float_layers, recipe_record
+
+InputTuple = tuple[torch.Tensor, ...]
+
+def calibration_batches(calibration: Sequence[InputTuple], example_inputs: InputTuple,
+                        limit: int) -> Iterator[InputTuple]:
+    """Yield at most ``limit`` input tuples shaped exactly like ``example_inputs``.
+
+    The captured graph has static shapes, so each calibration tuple must match the example.
+    A calibration batch of B samples is split into single samples when the example batch
+    size is 1 and the other dimensions agree. Raises ValueError on any other mismatch.
+    """
+    produced = 0
+    for index, sample in enumerate(calibration):
+        if produced >= limit:
+            return
+        sample = (sample,) if isinstance(sample, torch.Tensor) else tuple(sample)
+        if len(sample) != len(example_inputs):
+            raise ValueError(f"calibration sample {index} has {len(sample)} inputs, "
+                             f"the model takes {len(example_inputs)}")
+        for part in _split_to_example(sample, example_inputs, index):
+            if produced >= limit:
+                return
+            produced += 1
+            yield part
+
+
+def _split_to_example(sample: InputTuple, example: InputTuple, index: int) -> list[InputTuple]:
+    if all(s.shape == e.shape for s, e in zip(sample, example)):
+        return [sample]
+    batch_sizes = {s.shape[0] for s in sample if s.dim() > 0}
+    splittable = (
+        len(batch_sizes) == 1
+        and all(e.dim() > 0 and e.shape[0] == 1 for e in example)
+        and all(s.shape[1:] == e.shape[1:] for s, e in zip(sample, example))
+    )
+    if not splittable:
+        got = [tuple(s.shape) for s in sample]
+        want = [tuple(e.shape) for e in example]
+        raise ValueError(f"calibration sample {index} has input shapes {got}; "
+                         f"the exported graph is static and needs {want}")
+    (batch,) = batch_sizes
+    return [tuple(s[i:i + 1] for s in sample) for i in range(batch)]
+
+
+# --------------------------------------------------------------------------- quantize
+
+
+_EVAL_DROPOUT = ("dropout.default", "feature_dropout.default", "alpha_dropout.default",
+                 "feature_alpha_dropout.default")
+
+
+def capture(model: nn.Module, example_inputs: InputTuple) -> torch.fx.GraphModule:
+    """torch.export the model (eval mode) and return the ATen-level GraphModule PT2E works on,
+    with eval-mode dropout (an identity) removed.
+
+    Why remove it: no quantizer annotates dropout, so a quantized producer and its consumer
+    separated by one get two observers and the graph requantizes (q -> dq -> q) in between.
+    MobileNetV2's classifier is such a consumer. ExecuTorch computes that chain as written;
+    litert-torch 0.10.0 folds it wrongly (see export/tflite.py repair_bias_scales).
+    """
+    graph_module = torch.export.export(model, tuple(example_inputs)).module()
+    removed = 0
+    for node in list(graph_module.graph.nodes):
+        name = str(node.target).removeprefix("aten.")
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        if node.op == "call_function" and name in _EVAL_DROPOUT and train is False:
+            node.replace_all_uses_with(node.args[0])
+            graph_module.graph.erase_node(node)
+            removed += 1
+    if removed:
+        graph_module.graph.lint()
+        graph_module.recompile()
+    return graph_module
+
+
+@torch.no_grad()
+def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple],
+                       recipe: Recipe) -> tuple[torch.fx.GraphModule, int]:
+    """Capture, annotate and calibrate: (prepared GraphModule with observers, samples used).
+
+    Static quantization raises ValueError if there is no calibration data (calibrating on
+    nothing would give meaningless activation ranges). Dynamic quantization ignores it.
+    """
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    check_float_layers([name for name, _ in model.named_modules()], recipe.float_layers)
+    quantizer = make_quantizer(recipe)
+    prepared = prepare_pt2e(capture(model, example_inputs), quantizer)
+    prepared.meta["edgepack_quantizer"] = quantizer  # litert-torch's convert wants the quantizer too
+    used = 0
+    if recipe.dynamic:
+        prepared(*example_inputs)  # placeholder observers; one pass keeps convert_pt2e happy
+    else:
+        for batch in calibration_batches(calibration, example_inputs, recipe.calibration_samples):
+            prepared(*batch)
+            used += 1
+        if used == 0:
+            raise ValueError("static int8 quantization needs calibration data and got none")
+    return prepared, used
+
+
+def prepare_corrected(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple],
+                      recipe: Recipe) -> tuple[torch.fx.GraphModule, dict]:
+    """prepare_calibrated, then bias correction if the recipe asks for it (static only):
+    (prepared graph ready for convert_pt2e, recipe record for the manifest)."""
+    prepared, used = prepare_calibrated(model, example_inputs, calibration, recipe)
+    record = recipe_record(recipe, used)
+    if recipe.bias_correction and not recipe.dynamic:
+        samples = list(calibration_batches(calibration, example_inputs,
+                                           min(used, BIAS_CORRECTION_MAX_SAMPLES)))
+        record["bias_correction"] = bias_correct(prepared, samples)
+    return prepared, record
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple],
+             recipe: Recipe = Recipe(), reason: str | None = None) -> tuple[torch.fx.GraphModule, dict]:
+    """Post-training int8 quantization with ``recipe``: (converted GraphModule, recipe record).
+    The converted graph is float-in/float-out with q/dq pairs around each quantized op."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    prepared, record = prepare_corrected(model, example_inputs, calibration, recipe)
+    if reason:
+        record["reason"] = reason
+    return convert_pt2e(prepared), record

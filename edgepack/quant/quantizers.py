@@ -1,0 +1,211 @@
+"""The PT2E quantizers with edgepack's recipe changes: XNNPACKQuantizer (ExecuTorch) and
+litert-torch's PT2EQuantizer (LiteRT), each with the chosen activation observer, conv/linear +
+ReLU6 clamp fusion and module names kept fp32 (quant/recipe.py says why)."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import RuntimeUnavailable
+from .graph import is_op
+from .observers import observer_classes
+from .recipe import DEFAULT_ACTIVATION_OBSERVER, INSTALL_HINT, Recipe
+
+def quantization_config(*, per_channel: bool, dynamic: bool, qat: bool = False,
+                        activation_observer: str = DEFAULT_ACTIVATION_OBSERVER) -> Any:
+    """XNNPACK's symmetric int8 config with the chosen activation observer (static PTQ only;
+    QAT and dynamic keep the stock fake-quant / placeholder observers)."""
+    try:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+        from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"executorch is not installed ({exc})", INSTALL_HINT) from exc
+    stock = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
+    if qat or dynamic or activation_observer == "histogram":
+        return stock
+    observer_class, arguments = observer_classes()[activation_observer]
+    observer = observer_class.with_args(eps=2 ** -12, **arguments)
+    act = stock.input_activation
+    spec = QuantizationSpec(dtype=act.dtype, observer_or_fake_quant_ctr=observer, quant_min=act.quant_min,
+                            quant_max=act.quant_max, qscheme=act.qscheme, ch_axis=act.ch_axis,
+                            is_dynamic=False)
+    return QuantizationConfig(spec, spec, stock.weight, stock.bias, False)
+
+
+def xnnpack_quantizer(*, per_channel: bool, dynamic: bool, qat: bool = False,
+                      activation_observer: str = DEFAULT_ACTIVATION_OBSERVER,
+                      fuse_clamp: bool = True, float_layers: Sequence[str] = ()) -> Any:
+    """The XNNPACKQuantizer with one symmetric int8 config applied to the whole model.
+
+    Weights: int8 symmetric in [-127, 127], per output channel or per tensor.
+    Activations: int8 affine per tensor; static (``activation_observer`` on calibration data)
+    or dynamic (scale chosen at run time from each input, no calibration).
+    ``fuse_clamp`` (static PTQ only): observe conv/linear + ReLU6 after the clamp.
+    ``float_layers``: module names (as in model.named_modules()) left in fp32.
+    QAT keeps the stock quantizer (the qat stage's recipe is unchanged).
+    """
+    try:
+        from torchao.quantization.pt2e.quantizer import get_module_name_filter
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    config = quantization_config(per_channel=per_channel, dynamic=dynamic, qat=qat,
+                                 activation_observer=activation_observer)
+    quantizer = _quantizer_class()(fuse_clamp=fuse_clamp and not qat and not dynamic)
+    quantizer.set_global(config)
+    if float_layers:
+        filters = [get_module_name_filter(name) for name in float_layers]
+        quantizer.set_filter_function(lambda node: not any(f(node) for f in filters))
+    return quantizer
+
+
+@lru_cache(maxsize=1)
+def _quantizer_class() -> type:
+    try:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"executorch is not installed ({exc})", INSTALL_HINT) from exc
+
+    class ClampFusingXNNPACKQuantizer(XNNPACKQuantizer):
+        """XNNPACKQuantizer that also fuses conv/linear + hardtanh (ReLU6) like + ReLU."""
+
+        def __init__(self, fuse_clamp: bool = True) -> None:
+            super().__init__()
+            self.fuse_clamp = fuse_clamp
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            if self.fuse_clamp and self.global_config is not None:
+                annotate_clamp_fusion(model, self.global_config, self.filter_fn)
+            # The conv+batch-norm patterns match training-mode batch norm only (QAT graphs);
+            # prepare_pt2e has already folded every eval-mode one into its conv. Each of those
+            # patterns is traced with torch.export on every call (~6 s a model), so they are
+            # skipped when no batch norm is left in the graph: the annotation is the same.
+            if not any("batch_norm" in str(node.target) for node in model.graph.nodes):
+                self.SUPPORTED_PATTERNS = [p for p in type(self).SUPPORTED_PATTERNS if "_bn" not in p.name]
+            else:
+                self.SUPPORTED_PATTERNS = type(self).SUPPORTED_PATTERNS
+            return super().annotate(model)
+
+    return ClampFusingXNNPACKQuantizer
+
+
+def litert_quantizer(*, per_channel: bool, dynamic: bool,
+                     activation_observer: str = DEFAULT_ACTIVATION_OBSERVER,
+                     fuse_clamp: bool = True, float_layers: Sequence[str] = ()) -> Any:
+    """litert-torch's PT2EQuantizer (TFLite int8 kernels' constraints) with the same recipe
+    changes as xnnpack_quantizer: observer choice, clamp fusion, fp32 layers."""
+    try:
+        from litert_torch.quantize import pt2e_quantizer
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"litert-torch is not installed ({exc})",
+                                 "pip install litert-torch==0.10.0") from exc
+    config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic)
+    if not dynamic and activation_observer != "histogram":
+        from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+        observer_class, arguments = observer_classes()[activation_observer]
+        act = config.input_activation
+        spec = QuantizationSpec(dtype=act.dtype, observer_or_fake_quant_ctr=observer_class.with_args(
+            eps=2 ** -12, **arguments), quant_min=act.quant_min, quant_max=act.quant_max, qscheme=act.qscheme,
+            ch_axis=act.ch_axis, is_dynamic=False)
+        config = dataclasses.replace(config, input_activation=spec, output_activation=spec)
+    quantizer = _litert_quantizer_class()(fuse_clamp=fuse_clamp and not dynamic, float_layers=tuple(float_layers))
+    return quantizer.set_global(config)
+
+
+@lru_cache(maxsize=1)
+def _litert_quantizer_class() -> type:
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
+
+    class ClampFusingPT2EQuantizer(PT2EQuantizer):
+        """litert-torch's PT2EQuantizer, plus conv/linear + hardtanh fusion and fp32 layers."""
+
+        def __init__(self, fuse_clamp: bool = True, float_layers: tuple[str, ...] = ()) -> None:
+            super().__init__()
+            self.fuse_clamp, self.float_layers = fuse_clamp, float_layers
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            mark_float_layers(model, self.float_layers)
+            if self.fuse_clamp and self.global_config is not None:
+                annotate_clamp_fusion(model, self.global_config)
+            return super().annotate(model)
+
+    return ClampFusingPT2EQuantizer
+
+
+def mark_float_layers(model: torch.fx.GraphModule, float_layers: Sequence[str]) -> int:
+    """Mark every op of the ``float_layers`` modules (and its weight/bias) as annotated with
+    nothing, so no annotator quantizes it: it runs in fp32 between dequantize and quantize."""
+    if not float_layers:
+        return 0
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, get_module_name_filter
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    filters = [get_module_name_filter(name) for name in float_layers]
+    marked = 0
+    for node in model.graph.nodes:
+        if node.op != "call_function" or not any(f(node) for f in filters):
+            continue
+        for target in [node, *(a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr")]:
+            target.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(_annotated=True)
+        marked += 1
+    return marked
+
+
+def make_quantizer(recipe: Recipe) -> Any:
+    if recipe.quantizer == "litert":
+        return litert_quantizer(per_channel=recipe.per_channel, dynamic=recipe.dynamic,
+                                activation_observer=recipe.activation_observer, fuse_clamp=recipe.fuse_clamp,
+                                float_layers=recipe.float_layers)
+    return xnnpack_quantizer(per_channel=recipe.per_channel, dynamic=recipe.dynamic,
+                             activation_observer=recipe.activation_observer, fuse_clamp=recipe.fuse_clamp,
+                             float_layers=recipe.float_layers)
+
+
+_HARDTANH = ("hardtanh.default", "hardtanh_.default")
+
+
+def annotate_clamp_fusion(model: torch.fx.GraphModule, config: Any, filter_fn: Any = None) -> list[list]:
+    """Annotate every conv/linear whose only user is a hardtanh as one partition with the
+    output observer after the hardtanh (what the stock quantizer does for relu)."""
+    from torchao.quantization.pt2e.quantizer import (QuantizationAnnotation, get_bias_qspec,
+                                                     get_input_act_qspec, get_output_act_qspec,
+                                                     get_weight_qspec)
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    def annotated(nodes: list) -> bool:
+        return any(Q_ANNOTATION_KEY in n.meta and n.meta[Q_ANNOTATION_KEY]._annotated for n in nodes)
+
+    partitions = []
+    for clamp in model.graph.nodes:
+        if not is_op(clamp, _HARDTANH):
+            continue
+        producer = clamp.args[0]
+        if not isinstance(producer, torch.fx.Node) or len(producer.users) != 1:
+            continue
+        if not is_op(producer, ("conv1d.default", "conv2d.default", "linear.default")) and not (
+                is_op(producer, ("convolution.default",)) and not producer.args[6]):  # not transposed
+            continue
+        act, weight = producer.args[0], producer.args[1]
+        bias = producer.args[2] if len(producer.args) > 2 else None
+        if not isinstance(act, torch.fx.Node) or not isinstance(weight, torch.fx.Node):
+            continue
+        partition = [clamp, producer, weight] + ([bias] if isinstance(bias, torch.fx.Node) else [])
+        if annotated(partition) or (filter_fn is not None and not all(filter_fn(n) for n in partition)):
+            continue
+        qspecs = {act: get_input_act_qspec(config), weight: get_weight_qspec(config)}
+        if isinstance(bias, torch.fx.Node):
+            qspecs[bias] = get_bias_qspec(config)
+        producer.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
+        clamp.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config),
+                                                              _annotated=True)
+        for node in partition:
+            if Q_ANNOTATION_KEY not in node.meta:
+                node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation()
+            node.meta[Q_ANNOTATION_KEY]._annotated = True
+        partitions.append(partition)
+    return partitions
+

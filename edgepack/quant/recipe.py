@@ -1,0 +1,211 @@
+"""The PT2E int8 recipe (XNNPACK for .pte, litert-torch for .tflite): one options block, one
+mapping from an artifact config to a Recipe, and the record the manifest keeps.
+
+Used by the ExecuTorch and LiteRT exporters (post-training quantization), the per-layer
+diagnosis, the fallback ranking and the QAT stage, so all of them use exactly the same recipe.
+
+Recipe (executorch 1.5.1, torchao 0.18, litert-torch 0.10):
+  torch.export.export(model, example).module()
+  -> prepare_pt2e(gm, <XNNPACKQuantizer | litert PT2EQuantizer, with the changes below>)
+  -> run calibration batches (static) or the example once (dynamic: observers are placeholders)
+  -> bias_correct(prepared, calibration)   # static, if bias_correction
+  -> convert_pt2e(gm)   # q/dq pairs around each op, weights frozen as int8
+The result is a float-in/float-out GraphModule; re-export it and lower it.
+
+Changes to the stock recipe, measured on EfficientNet-Lite0 (real weights; 32 calibration and
+16 held-out photo views; figures vs the float model on the held-out views: top-1 agreement,
+logit cosine mean/min; "torch" = the converted graph in torch, then each artifact in its own
+runtime):
+
+  recipe                                         torch            .pte (ExecuTorch)     .tflite (LiteRT)
+  stock (ReLU6 shares scale, histogram)          7/16 .837/.679   7/16 .839/.694        6/16 .816/.682
+  stock, min/max                                 9/16 .854/.755
+  + clamp fusion, histogram                      12/16 .973/.895
+  + clamp fusion, min/max                        12/16 .972/.897  13/16 .973/.905       14/16 .974/.911
+    (moving-average .975/.915, percentile .971/.916, MSE .976/.912, 8 / 16 calibration
+     samples .973 / .975: without bias correction the observer is not what limits it)
+  + clamp fusion, bias correction, min/max       16/16 .996/.988  16/16 .9965/.9926     16/16 .9966/.9914
+                                   histogram     16/16 .996/.992  15/16 .9964/.9939     16/16 .9961/.9926
+                                   moving-avg.   15/16 .997/.994
+                                   percentile    15/16 .986/.977
+                                   MSE           16/16 .997/.995  16/16 .9971/.9957     16/16 .9972/.9961
+    MSE is the default (best output SQNR on both paths: 20.3 / 20.7 dB vs min/max 19.5 /
+    19.7 dB; its grid search adds ~15 s of calibration on EfficientNet-Lite0). min/max with
+    8 / 16 calibration samples: 15/16 .995/.983, 15/16 .996/.992. Bytes: .pte 0.267x,
+    .tflite 0.285x the float artifact's (the recipe does not change them).
+
+1. Clamp fusion (``fuse_clamp``, quantizers.py). The stock quantizers fuse conv/linear + ReLU,
+   but not + ReLU6 (aten.hardtanh): hardtanh is a "share the observer" op, so a ReLU6 output is
+   quantized with the scale of the *pre-activation* conv output (BN folded, often [-40, 30]),
+   leaving ~20 of 256 levels for the [0, 6] values the next layer reads. We annotate
+   conv/linear -> hardtanh like conv -> relu: the observer sits after the clamp. XNNPACK and
+   TFLite fuse the clamp into the conv, so the lowered graph keeps its shape.
+2. Bias correction (``bias_correction``, bias_correction.py; Nagel et al. 2019 sec. 4.2,
+   empirical): after calibration every conv/linear bias absorbs the mean per-channel shift its
+   int8 weights and inputs cause, layer by layer. The diagnosis showed the remaining error
+   after (1) is dominated by weights (depthwise 3x3 filters with large, cancelling taps) whose
+   error has a per-channel mean the global average pool accumulates; removing it is what
+   brings EfficientNet-Lite0 to 16/16.
+3. The activation observer is selectable (observers.py): MSE by default (the range, [min, max]
+   scaled by a searched ratio, that minimises the int8 round-trip error on the calibration
+   values); histogram is the stock choice.
+
+Float layers: module names in ``float_layers`` are left unannotated, so their ops run in fp32
+(inside the XNNPACK delegate / as float TFLite ops) between dequantize and quantize. Note
+that an int8 consumer still quantizes a float layer's output.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ExportError
+
+INSTALL_HINT = "pip install executorch==1.5.1 (brings torchao 0.18)"
+
+ObserverName = Literal["minmax", "moving-average", "histogram", "percentile", "mse"]
+ACTIVATION_OBSERVERS: tuple[str, ...] = typing.get_args(ObserverName)
+# Chosen by measurement on EfficientNet-Lite0 (the table in the module docstring).
+DEFAULT_ACTIVATION_OBSERVER: str = "mse"
+DEFAULT_RECIPE_REASON = (
+    "measured default (quant/recipe.py): ReLU6 fused before its output is observed, MSE-chosen "
+    "activation ranges, empirical bias correction; on EfficientNet-Lite0 (16 held-out views) this "
+    "takes the .pte from 7/16 top-1 agreement, logit cosine 0.84 (stock XNNPACK recipe) to 16/16, "
+    "0.997, and the .tflite from 6/16, 0.82 to 16/16, 0.997")
+DEFAULT_BIAS_CORRECTION = True
+# Samples the bias correction runs in lockstep (float and int8 graph, all at once): memory
+# grows with it (EfficientNet-Lite0: ~15 MB per sample at the widest layer).
+BIAS_CORRECTION_MAX_SAMPLES = 32
+# Whose PT2E quantizer annotates each format's graph.
+QUANTIZER_FOR_FORMAT = {"pte": "xnnpack", "tflite": "litert"}
+# The options that change the numerics of the static recipe (granularity applies more widely).
+RECIPE_OPTIONS = ("activation_observer", "fuse_clamp", "float_layers", "bias_correction")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the int8 numerics of a PT2E quantization."""
+
+    per_channel: bool = True
+    dynamic: bool = False
+    activation_observer: str = DEFAULT_ACTIVATION_OBSERVER
+    fuse_clamp: bool = True
+    float_layers: tuple[str, ...] = ()
+    calibration_samples: int = 64
+    bias_correction: bool = DEFAULT_BIAS_CORRECTION
+    # Whose quantizer annotates the graph: XNNPACKQuantizer (ExecuTorch) or litert-torch's
+    # PT2EQuantizer (LiteRT); the recipe changes above apply to both.
+    quantizer: Literal["xnnpack", "litert"] = "xnnpack"
+
+    def __post_init__(self) -> None:
+        if self.activation_observer not in ACTIVATION_OBSERVERS:
+            raise ValueError(f"activation_observer {self.activation_observer!r}: "
+                             f"expected one of {', '.join(ACTIVATION_OBSERVERS)}")
+
+
+class Int8Options(BaseModel):
+    """The int8 recipe options of an artifact config (.pte and .tflite share them).
+
+    Defaults are the measured recipe (module docstring); each format's config says when they
+    apply (``check_recipe_options``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    granularity: Literal["per-channel", "per-tensor"] = Field(
+        default="per-channel", description="int8 weight scales: one per output channel, or one per tensor")
+    calibration_samples: int = Field(default=64, ge=1, description="int8: calibration inputs used (the first N)")
+    activation_observer: ObserverName = Field(
+        default="mse", description="int8: how activation ranges are chosen from the calibration data (mse "
+                                   "measured best, quant/recipe.py; histogram = the stock quantizers' choice)")
+    fuse_clamp: bool = Field(default=True, description="int8: observe conv/linear + ReLU6 after the clamp "
+                                                       "(false = the stock quantizer: ReLU6 shares the conv's scale)")
+    float_layers: tuple[str, ...] = Field(
+        default=(), description="int8: module names (model.named_modules()) kept fp32 between dequantize and "
+                                "quantize (inside the XNNPACK delegate / as float TFLite ops)")
+    bias_correction: bool = Field(default=True, description="int8: empirical bias correction of conv/linear "
+                                                            "biases against the float model (Nagel et al. 2019)")
+
+    def changed_options(self, names: Sequence[str] = RECIPE_OPTIONS) -> list[str]:
+        """Which of ``names`` the profile set away from the measured defaults."""
+        fields = type(self).model_fields
+        return [name for name in names if getattr(self, name) != fields[name].default]
+
+    def check_recipe_options(self, applies: bool, when: str) -> None:
+        """Raise ValueError if a recipe option is set where it does not apply (``when`` says
+        where it does), or float_layers names a module twice."""
+        fmt = getattr(self, "format", "int8")
+        for name in self.changed_options():
+            if not applies:
+                raise ValueError(f"{fmt} {name} only applies to {when}")
+        if len(set(self.float_layers)) != len(self.float_layers):
+            raise ValueError(f"{fmt} float_layers lists a module twice")
+
+
+def recipe_for(config: Any) -> Recipe:
+    """The Recipe of a .pte or .tflite artifact config: the only config -> recipe mapping."""
+    return Recipe(per_channel=config.granularity == "per-channel", dynamic=config.precision == "int8-dynamic",
+                  activation_observer=config.activation_observer, fuse_clamp=config.fuse_clamp,
+                  float_layers=tuple(config.float_layers), calibration_samples=config.calibration_samples,
+                  bias_correction=config.bias_correction, quantizer=QUANTIZER_FOR_FORMAT[config.format])
+
+
+def recipe_reason(config: Any) -> str:
+    """Why this int8 recipe, for the manifest: the measured default, or the profile's choice."""
+    if config.precision == "int8-dynamic":
+        return "int8-dynamic: activations quantized at run time, no calibration"
+    changed = config.changed_options(("activation_observer", "fuse_clamp", "bias_correction", "granularity"))
+    reason = DEFAULT_RECIPE_REASON if not changed else f"set in the profile: {', '.join(changed)}"
+    if config.float_layers:
+        reason += f"; {len(config.float_layers)} layer(s) kept fp32 (float_layers)"
+    return reason
+
+
+def check_float_layers(module_names: Sequence[str], float_layers: Sequence[str]) -> None:
+    """Every name in ``float_layers`` must be a module of the model (ExportError otherwise)."""
+    unknown = sorted(set(float_layers) - set(module_names))
+    if unknown:
+        raise ExportError(f"int8: float_layers names no module of the model: {', '.join(unknown[:5])}",
+                          "use names from model.named_modules() (edgepack diagnose lists them)")
+
+
+def describe(*, per_channel: bool, dynamic: bool, calibration_samples: int, qat: bool = False,
+             activation_observer: str | None = None, fuse_clamp: bool | None = None,
+             float_layers: Sequence[str] = (), reason: str | None = None) -> dict:
+    """The recipe as a plain dict, for the manifest."""
+    if dynamic:
+        observer = "none (dynamic)"
+    elif qat:
+        observer = "FusedMovingAvgObsFakeQuantize (QAT)"
+    else:
+        observer = activation_observer or DEFAULT_ACTIVATION_OBSERVER
+    record = {
+        "method": "pt2e-qat" if qat else "pt2e-ptq",
+        "quantizer": "XNNPACKQuantizer.get_symmetric_quantization_config",
+        "granularity": "per-channel" if per_channel else "per-tensor",
+        "dynamic": dynamic,
+        "weights": "int8 symmetric [-127, 127]",
+        "activations": "int8 affine per-tensor, " + ("dynamic (runtime)" if dynamic else "static (calibrated)"),
+        "activation_observer": observer,
+        "clamp_fusion": bool(fuse_clamp) if fuse_clamp is not None else (not qat and not dynamic),
+        "float_layers": list(float_layers),
+        "calibration_samples": calibration_samples,
+    }
+    if reason:
+        record["reason"] = reason
+    return record
+
+
+def recipe_record(recipe: Recipe, used: int, reason: str | None = None) -> dict:
+    """describe() of a Recipe that calibrated on ``used`` samples."""
+    record = describe(per_channel=recipe.per_channel, dynamic=recipe.dynamic, calibration_samples=used,
+                      activation_observer=recipe.activation_observer,
+                      fuse_clamp=recipe.fuse_clamp and not recipe.dynamic,
+                      float_layers=recipe.float_layers, reason=reason)
+    record["bias_correction"] = bool(recipe.bias_correction and not recipe.dynamic)
+    if recipe.quantizer == "litert":
+        record["quantizer"] = "litert_torch PT2EQuantizer.get_symmetric_quantization_config"
+    return record

@@ -1,0 +1,89 @@
+"""Weight-only recipes (torchao quantize_), for the ExecuTorch exporter: int8 or int4 nn.Embedding
+tables and int4 grouped nn.Linear weights.
+
+Embedding tables int8 (one scale per row) or int4 (one scale per group_size values of a row) by
+IntxWeightOnlyConfig; lowering fuses dequantize + embedding into
+quantized_decomposed::embedding_byte / embedding_4bit, which run outside XNNPACK on ExecuTorch's
+quantized kernels (an app links quantized_ops_lib). int4 linears: Int8DynamicActivationIntxWeightConfig
+(int4 groupwise weights, int8 per-token dynamic activations) on every nn.Linear whose in_features
+divide group_size; other layers stay fp32. Measurements: export/executorch.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ExportError, RuntimeUnavailable
+from .recipe import INSTALL_HINT
+
+
+def embedding_tables(model: nn.Module, kind: Literal["fp32", "int8", "int4"],
+                     group_size: int) -> tuple[nn.Module, dict | None]:
+    """The model with its nn.Embedding tables quantized as ``kind`` (a copy), and the recipe
+    (None when nothing changed: fp32, or no table)."""
+    if kind == "fp32":
+        return model, None
+    tables = sorted(name for name, module in model.named_modules() if isinstance(module, nn.Embedding))
+    if not tables:
+        return model, None
+    try:
+        from torchao.quantization import quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+        from torchao.quantization.quant_api import IntxWeightOnlyConfig
+        from torchao.quantization.quant_primitives import MappingType
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    int4 = kind == "int4"
+    dims = {name: module.embedding_dim for name, module in model.named_modules() if name in tables}
+    if int4 and any(dim % group_size for dim in dims.values()):
+        raise ExportError(f"pte embeddings int4: embedding_dim {sorted(set(dims.values()))} is not divisible by "
+                          f"group_size {group_size}", "use embeddings int8, or a group_size that divides it")
+    quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
+    quantize_(quantized,
+              IntxWeightOnlyConfig(weight_dtype=torch.int4 if int4 else torch.int8,
+                                   granularity=PerGroup(group_size) if int4 else PerAxis(0),
+                                   mapping_type=MappingType.SYMMETRIC),
+              filter_fn=lambda module, fqn: isinstance(module, nn.Embedding))
+    return quantized, {
+        "method": "torchao-quantize_", "quantizer": "IntxWeightOnlyConfig", "tables": tables,
+        "weights": f"{kind} symmetric, " + (f"per-group({group_size})" if int4 else "per-row"),
+        "kernel": "quantized_decomposed::" + ("embedding_4bit" if int4 else "embedding_byte")
+                  + " (ExecuTorch quantized kernels, outside the delegate)",
+    }
+
+
+def int4_linears(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
+    """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_)."""
+    try:
+        from torchao.quantization import quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    eligible = sorted(name for name, m in linears.items() if m.in_features % group_size == 0)
+    if not eligible:
+        raise ExportError(
+            f"pte int4-weight: no nn.Linear layer has in_features divisible by group_size {group_size}",
+            "use fp32/int8 for this model, or a group_size that divides the Linear in_features")
+    quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
+    wanted = set(eligible)
+    quantize_(quantized,
+              Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
+              filter_fn=lambda module, fqn: fqn in wanted)
+    return quantized, {
+        "method": "torchao-quantize_",
+        "quantizer": "Int8DynamicActivationIntxWeightConfig",
+        "granularity": f"per-group({group_size})",
+        "dynamic": True,
+        "weights": "int4 symmetric groupwise (nn.Linear only)",
+        "activations": "int8 affine per-token, dynamic (runtime)",
+        "calibration_samples": 0,
+        "quantized_layers": eligible,
+        "skipped_layers": sorted(set(linears) - wanted),
+    }
+

@@ -1,0 +1,245 @@
+"""Judge one artifact: export it, run it in its own runtime on the parity set, compare with the
+float reference, check the budgets, write its golden I/O, and, when the profile says
+``on_parity_failure: fallback``, keep its worst layers in fp32 until parity passes.
+
+    judge = ArtifactJudge(profile, ctx, staged, reference, findings, say, threads, ...)
+    entry = judge.judge(config)          # an ArtifactEntry for the manifest
+
+The entry's status says parity-failed / budget-exceeded; judge() records those (and, with
+--keep-going, export or runtime errors) in ``findings``, which the build turns into its exit
+code. The order of a build is pipeline.py's; this module knows one artifact at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import bundle as bundle_mod
+from .. import package
+from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
+from ..bundle import ArtifactEntry, ArtifactIO, GoldenFiles, stack_samples
+from ..costmodel import estimate_latency
+from ..errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, RuntimeCheckError, \
+    RuntimeUnavailable
+from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
+from ..export.base import ExportContext
+from ..measure import latency_summary, zip_bytes
+from ..parity import compare, headline
+from ..runtimes.base import from_native, to_native
+from ..runtimes.session import RuntimeSession
+from ..spec import as_numpy
+
+
+@dataclass
+class Findings:
+    """What a build found so far: failures (each with the exit code it implies) and warnings."""
+
+    failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    def fail(self, message: str, code: int) -> None:
+        self.failures.append(message)
+        self.exit_code = max(self.exit_code, code)
+
+
+@dataclass
+class Reference:
+    """The float reference on the parity set: what every artifact is judged against."""
+
+    inputs: list[list[np.ndarray]]  # per sample, the model-level inputs
+    outputs: list[list[np.ndarray]]  # per sample, the float ONNX outputs (onnxruntime)
+    output_names: list[str]
+    bytes: int  # the float ONNX's bytes, for size ratios
+
+
+def isolated(ctx: ExportContext, **changes: Any) -> ExportContext:
+    """The context with a private copy of the model: exporters are plugins, and whatever one
+    does to the module it is given (torch.export shares its parameters with the graph it
+    captures), every artifact must start from the model the reference was made from."""
+    return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), **changes)
+
+
+def metrics(values: dict) -> dict[str, float]:
+    return {str(k): float(v) for k, v in values.items()}
+
+
+def session_fn(session: RuntimeSession) -> Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+    """An artifact running in its runtime, as the spec's evaluate() calls a model."""
+    def fn(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        feeds = to_native(as_numpy(inputs), session.inputs)
+        outputs = from_native(session.run(feeds), session.outputs)
+        return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
+
+    return fn
+
+
+@dataclass
+class ArtifactJudge:
+    profile: Any  # TargetProfile
+    ctx: ExportContext
+    staged: Path  # the bundle being built
+    reference: Reference
+    findings: Findings
+    say: Callable[[str], None]
+    threads: int
+    timeout_s: float = 300.0
+    keep_going: bool = False
+    check_reproducible: bool = True
+    evaluate: Callable[..., dict[str, float]] | None = None
+    score_outputs: list[str] | None = None
+
+    def judge(self, config: Any) -> ArtifactEntry:
+        """Export, validate and judge one artifact (with the fallback if the profile asks)."""
+        fallback = self.profile.on_parity_failure == "fallback" and supports_fallback(config)
+        # With a fallback possible, the bytes are checked once, on the artifact that is kept.
+        entry, summary = self.export_validate(config, self.check_reproducible and not fallback)
+        if entry.status == "parity-failed" and self.profile.on_parity_failure == "fallback":
+            if fallback:
+                entry, summary = self.fallback(config, entry, summary)
+            else:
+                entry.notes.append(f"on_parity_failure: fallback does not apply to {config.format} "
+                                   f"{config.precision} (static int8 made with the pt2e recipe only)")
+        label = f"{config.file_name} ({config.format}, {config.precision})"
+        if entry.status == "parity-failed":
+            self.findings.fail(f"{label}: parity failed\n" + summary, EXIT_PARITY_OR_BUDGET)
+        elif entry.status == "budget-exceeded":
+            self.findings.fail(f"{label}: budget exceeded: " + "; ".join(entry.budgets["failures"]),
+                               EXIT_PARITY_OR_BUDGET)
+        return entry
+
+    def fallback(self, config: Any, failed: ArtifactEntry, failed_summary: str) -> tuple[ArtifactEntry, str]:
+        """on_parity_failure: fallback. Keep the most harmful layers in fp32, a group per step,
+        until parity passes or a limit or budget stops it; the entry kept says what each step cost."""
+
+        def step_of(entry: ArtifactEntry, summary: str, float_layers: list[str]) -> FallbackStep:
+            return FallbackStep(float_layers, entry.status != "parity-failed", entry.bytes or 0,
+                                (entry.latency or {}).get("p50_ms"), parity=headline(entry.parity),
+                                artifact=(entry, summary))
+
+        def try_config(candidate: Any) -> FallbackStep:
+            self.say(f"fallback: {config.file_name} with {len(candidate.float_layers)} layer(s) in fp32")
+            entry, summary = self.export_validate(candidate, check_reproducible=False)
+            if entry.status == "failed":
+                raise ExportError(f"{config.file_name}: fallback step with float_layers "
+                                  f"{list(candidate.float_layers)} failed: {entry.error}",
+                                  "set on_parity_failure: fail and put the layers in float_layers by hand")
+            return step_of(entry, summary, list(candidate.float_layers))
+
+        self.say(f"{config.file_name}: parity failed; ranking layers for the fp32 fallback")
+        initial = step_of(failed, failed_summary, list(getattr(config, "float_layers", ())))
+        result = run_fallback(config, self.ctx, try_config, settings=self.profile.fallback,
+                              budgets=self.profile.budgets, initial=initial)
+        final = result.final or initial
+        entry, summary = final.artifact
+        if final is not result.steps[-1]:
+            # The files on disk belong to a later step (over budget): rebuild the one kept.
+            self.say(f"fallback: rebuilding {config.file_name} with the {len(final.float_layers)} layer(s) kept")
+            entry, summary = self.export_validate(with_float_layers(config, final.float_layers),
+                                                  check_reproducible=self.check_reproducible)
+        elif self.check_reproducible:
+            export = exporter_registry()[config.format].module.export
+            kept = with_float_layers(config, final.float_layers)
+            entry.reproducible = package.check_reproducible(export, kept, self.ctx,
+                                                            [self.staged / f.path for f in entry.files])
+        entry.export["fallback"] = result.to_dict()
+        if result.float_layers:
+            entry.notes.append(f"on_parity_failure: fallback kept {len(result.float_layers)} layer(s) in fp32 "
+                               f"({', '.join(result.float_layers)}): {result.reason}")
+        else:
+            entry.notes.append(f"on_parity_failure: fallback: {result.reason}")
+        return entry, summary
+
+    def export_validate(self, config: Any, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
+        """Export one artifact, run it in its runtime and judge it: (entry, parity summary).
+        Parity and budget results are in entry.status; judge() records them as failures."""
+        profile, staged = self.profile, self.staged
+        exporter = exporter_registry()[config.format]
+        label = f"{config.file_name} ({config.format}, {config.precision})"
+        base = {"name": config.name, "format": config.format, "precision": config.precision,
+                "config": config.model_dump(mode="json")}
+        self.say(f"exporting {label}")
+        try:
+            result = exporter.module.export(config, isolated(self.ctx))
+        except (ExportError, RuntimeUnavailable) as exc:
+            if not self.keep_going:
+                raise
+            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            return ArtifactEntry(status="failed", error=exc.message, **base), ""
+        files = result.files
+        main = files[0]
+        reproducible = None
+        if check_reproducible:
+            self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
+            reproducible = package.check_reproducible(exporter.module.export, config, self.ctx, files)
+        total_bytes = sum(p.stat().st_size for p in files)
+        size = {"bytes": total_bytes, "float_reference_bytes": self.reference.bytes,
+                "ratio_to_float": round(total_bytes / self.reference.bytes, 4)}
+        if config.device_only:
+            # Shipped for the device, never run here: no parity, latency or golden outputs claimed.
+            self.findings.warnings.append(f"{config.file_name}: {config.device_only}")
+            return ArtifactEntry(
+                status="not-validated", file=main.name, files=[bundle_mod.file_entry(p, staged) for p in files],
+                bytes=total_bytes, zip_bytes=zip_bytes(files), sha256=bundle_mod.sha256_file(main),
+                runtime=result.runtime, export=result.details, notes=result.notes, size=size,
+                reproducible=reproducible, **base), ""
+        self.say(f"validating {label} in {result.runtime}")
+        try:
+            with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], main, self.threads, self.timeout_s) as session:
+                native_inputs = [to_native(x, session.inputs) for x in self.reference.inputs]
+                native_outputs = [session.run(x) for x in native_inputs]
+                outputs = [from_native(o, session.outputs) for o in native_outputs]
+                bench = session.bench(native_inputs[0], profile.latency.warmup, profile.latency.runs)
+                accuracy = metrics(self.evaluate(session_fn(session))) if self.evaluate is not None else None
+                io = ArtifactIO(inputs=[t.to_dict() for t in session.inputs],
+                                outputs=[t.to_dict() for t in session.outputs])
+                load_ms, info = session.load_ms, session.info
+        except RuntimeCheckError as exc:
+            if not self.keep_going:
+                raise
+            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            for path in files:
+                path.unlink(missing_ok=True)
+            return ArtifactEntry(status="failed", error=exc.message, **base), ""
+
+        if info.get("delegation"):  # measured in the runtime: what its default delegate took
+            result.details["delegation"] = info["delegation"]
+            left = info["delegation"].get("undelegated_ops")
+            if left:
+                result.notes.append(f"{result.runtime}: ops left outside {info['delegation']['delegate'] or 'a delegate'}"
+                                    f" (run by the runtime's own kernels): {left}")
+        tolerance = profile.tolerance_for(config.precision).model_dump()
+        parity = compare(self.reference.outputs, outputs, tolerance, self.reference.output_names, self.score_outputs)
+        golden_in = f"golden/{config.file_name}.inputs.npz"
+        golden_out = f"golden/{config.file_name}.outputs.npz"
+        bundle_mod.save_npz(staged / golden_in, stack_samples(native_inputs, [t.name for t in io.inputs]))
+        bundle_mod.save_npz(staged / golden_out, stack_samples(native_outputs, [t.name for t in io.outputs]))
+
+        latency = latency_summary(bench["times_ms"])
+        latency.update({"source": "host", "runtime": result.runtime, "threads": self.threads,
+                        "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
+                        "peak_rss_mb": round(bench["peak_rss_mb"], 1)})
+        latency["device_estimate"] = estimate_latency(self.ctx.reference_onnx, config.precision, profile.device)
+        budgets = profile.budgets.check(total_bytes, latency["p50_ms"])
+        status = "ok"
+        if not parity.passed:
+            status = "parity-failed"
+        elif budgets and not budgets["passed"]:
+            status = "budget-exceeded"
+        return ArtifactEntry(
+            status=status, file=main.name,
+            files=[bundle_mod.file_entry(p, staged) for p in files],
+            bytes=total_bytes, zip_bytes=zip_bytes(files), sha256=bundle_mod.sha256_file(main),
+            runtime=result.runtime, runtime_version=str(info.get("version", "")),
+            export=result.details, notes=result.notes, io=io,
+            golden=GoldenFiles(inputs=golden_in, outputs=golden_out),
+            parity=parity.to_dict(), latency=latency, size=size,
+            accuracy=accuracy, budgets=budgets, reproducible=reproducible, **base,
+        ), parity.summary()

@@ -1,0 +1,55 @@
+"""quant/calibrate.py: capture (eval dropout removed), calibration batches split to the example's
+shape and capped, static int8 needs calibration data, and the converted graph tracks float."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgepack.quant.calibrate import calibration_batches, capture, prepare_calibrated, quantize
+from edgepack.quant.recipe import Recipe
+from int8_support import SeparableNet, images, sqnr
+from test_tflite import DropoutHead, _inputs
+
+
+def test_calibration_batches_split_a_batch_and_stop_at_the_limit():
+    example = (torch.zeros(1, 3, 4, 4),)
+    batch = (torch.randn(5, 3, 4, 4),)
+    got = list(calibration_batches([example, batch, batch], example, limit=4))
+    assert len(got) == 4 and all(t[0].shape == (1, 3, 4, 4) for t in got)
+    torch.testing.assert_close(got[1][0], batch[0][:1])
+    with pytest.raises(ValueError, match="calibration sample 1 has input shapes"):
+        list(calibration_batches([example, (torch.zeros(2, 3, 5, 5),)], example, limit=8))
+    with pytest.raises(ValueError, match="has 2 inputs"):
+        list(calibration_batches([(example[0], example[0])], example, limit=8))
+
+
+def test_static_int8_needs_calibration_and_dynamic_does_not():
+    model = SeparableNet(nn.ReLU).eval()
+    example = images(1, 1)[0]
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prepare_calibrated(model, example, [], Recipe())
+    _, used = prepare_calibrated(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(1, 4),), [],
+                                 Recipe(dynamic=True))
+    assert used == 0
+
+
+def test_quantize_tracks_the_float_model():
+    model = SeparableNet(nn.ReLU).eval()
+    calibration, held_out = images(16, 1), images(8, 2)
+    converted, record = quantize(model, calibration[0], calibration, Recipe(calibration_samples=16), reason="test")
+    with torch.no_grad():
+        assert sqnr([model(x) for (x,) in held_out], [converted(x) for (x,) in held_out]) > 25.0
+    assert record["calibration_samples"] == 16 and record["reason"] == "test"
+    assert record["method"] == "pt2e-ptq" and record["bias_correction"]["corrected_layers"] >= 4
+
+
+def test_eval_dropout_leaves_no_requantize_chain():
+
+
+    model = DropoutHead().eval()
+    graph = capture(model, _inputs([(1, 3, 8, 8)], 1, seed=0)[0])
+    assert not [n for n in graph.graph.nodes if "dropout" in str(n.target)]
+    sample = _inputs([(1, 3, 8, 8)], 1, seed=1)[0]
+    torch.testing.assert_close(graph(*sample), model(*sample))
