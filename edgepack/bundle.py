@@ -14,12 +14,11 @@ import json
 import os
 import shutil
 import uuid
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
@@ -63,20 +62,26 @@ class ReproducibilityCheck(_Strict):
     detail: str | None = None
 
 
+_Text = Annotated[str, Field(max_length=400)]
+_Ms = Annotated[float, Field(ge=0.0)]
+
+
 class DeviceFigures(BaseModel):
     """Latency figures one device run measured: the fields a device report's ``latency`` and
-    the manifest's ``device_latency`` share (one schema for both)."""
+    the manifest's ``device_latency`` share (one schema for both). Finite, non-negative and
+    bounded: a report is untrusted input."""
 
-    tool: str
-    runtime: str | None = None
-    runtime_version: str | None = None
-    threads: int | None = None
-    warmup: int | None = None
-    runs: int | None = None
-    p50_ms: float | None = None
-    p90_ms: float | None = None
-    min_ms: float | None = None
-    mean_ms: float | None = None
+    model_config = ConfigDict(allow_inf_nan=False)
+    tool: _Text
+    runtime: _Text | None = None
+    runtime_version: _Text | None = None
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    warmup: int | None = Field(default=None, ge=0, le=10_000_000)
+    runs: int | None = Field(default=None, ge=1, le=100_000_000)
+    p50_ms: _Ms | None = None
+    p90_ms: _Ms | None = None
+    min_ms: _Ms | None = None
+    mean_ms: _Ms | None = None
 
 
 class DeviceLatency(DeviceFigures):
@@ -106,13 +111,13 @@ class ReportLatency(DeviceFigures):
 
 
 class ReportArtifact(_Lenient):
-    file: str
-    sha256: str | None = None
+    file: _Text
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     # passed / parity-failed: validate.py checked parity; measured: latency only (benchmark tools)
     status: Literal["passed", "parity-failed", "measured", "skipped", "error"]
-    reason: str | None = None
-    runtime: str | None = None
-    runtime_version: str | None = None
+    reason: Annotated[str, Field(max_length=4000)] | None = None
+    runtime: _Text | None = None
+    runtime_version: _Text | None = None
     parity: dict[str, Any] | None = None
     latency: ReportLatency | None = None
 
@@ -120,12 +125,12 @@ class ReportArtifact(_Lenient):
 class DeviceReport(_Lenient):
     schema_version: Literal[1]
     kind: Literal["edgepack-device-report"]
-    created_by: str
-    created_at: str | None = None
+    created_by: _Text
+    created_at: _Text | None = None
     bundle: dict[str, Any] | None = None
     device: dict[str, Any] = {}
-    artifacts: list[ReportArtifact] = []
-    error: str | None = None
+    artifacts: list[ReportArtifact] = Field(default_factory=list, max_length=256)
+    error: Annotated[str, Field(max_length=4000)] | None = None
 
 
 class ArtifactEntry(_Strict):
@@ -276,11 +281,6 @@ def stack_samples(samples: list[list[np.ndarray]], names: list[str]) -> dict[str
     return {name: np.stack([s[i] for s in samples]) for i, name in enumerate(names)}
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
 def write_manifest(path: Path, manifest: Manifest) -> None:
     text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
     path.write_text(text)
@@ -339,42 +339,3 @@ def commit_dir(staged: Path, dest: Path) -> None:
 
 def commit_file(staged: Path, dest: Path) -> None:
     os.replace(staged, dest)
-
-
-def load_bundle_manifest(bundle_dir: Path) -> Manifest:
-    """Read and check a bundle's manifest.json against the JSON Schema and the pydantic model."""
-    import jsonschema
-
-    from .errors import BundleError
-
-    path = Path(bundle_dir) / "manifest.json"
-    if not Path(bundle_dir).is_dir():
-        raise BundleError(f"{bundle_dir}: not a bundle directory", "pass dist/<model>/<target>")
-    if not path.is_file():
-        raise BundleError(f"{path}: missing", "the bundle is incomplete; rebuild it")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON: {exc}", "the manifest is corrupt; rebuild the bundle") from None
-    error = jsonschema.exceptions.best_match(_schema_validator().iter_errors(data))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise BundleError(f"{path}: does not match the manifest schema at {where}: {error.message[:300]}",
-                          "the manifest was edited or comes from another version; rebuild the bundle")
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "/".join(str(p) for p in first["loc"]) or "(top level)"
-        raise BundleError(f"{path}: invalid manifest at {where}: {first['msg'][:300]}",
-                          "the manifest was edited or comes from another version; rebuild the bundle") from None
-
-
-@lru_cache(maxsize=1)
-def _schema_validator():
-    import jsonschema
-
-    schema = load_json_schema()
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator_cls.check_schema(schema)
-    return validator_cls(schema)

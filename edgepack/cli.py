@@ -9,6 +9,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,36 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         err_console.print(f"[bold red]error:[/] {message}")
         raise SystemExit(EXIT_USAGE)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0 and at most 86400")
+    return value
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: give between 1 and 1024 threads")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,8 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="re-run parity from a bundle (directory or .zip) on this host")
     validate.add_argument("bundle", help="bundle directory (dist/<model>/<target>) or its .zip")
     validate.add_argument("--artifact", help="validate only this file, e.g. model.onnx")
-    validate.add_argument("--threads", type=int, help="runtime threads (default: the profile's, capped at the CPUs)")
-    validate.add_argument("--timeout", type=float, default=300.0, help="seconds a runtime may take per call")
+    validate.add_argument("--threads", type=_thread_count,
+                          help="runtime threads (default: the profile's, capped at the CPUs)")
+    validate.add_argument("--timeout", type=_positive_seconds, default=300.0,
+                          help="seconds a runtime may take per call")
     validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     ingest = sub.add_parser("ingest", help="merge a device_report.json into a bundle's manifest")
@@ -74,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--target", "-t", required=True, help="target name or a YAML path (its int8 recipe)")
     diagnose.add_argument("--out", help="where diagnosis.json and diagnosis.png go "
                                         "(default: dist/<model>/<target>.diagnosis)")
-    diagnose.add_argument("--samples", type=int, help="calibration samples compared layer by layer (default: 8)")
-    diagnose.add_argument("--top", type=int, default=10, help="rows in the table (default: 10)")
+    diagnose.add_argument("--samples", type=_count, help="calibration samples compared layer by layer (default: 8)")
+    diagnose.add_argument("--top", type=_count, default=10, help="rows in the table (default: 10)")
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     diagnose.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     return parser
@@ -115,12 +148,10 @@ def cmd_build(args) -> int:
 def cmd_diagnose(args) -> int:
     """edgepack diagnose SPEC --target T [--out DIR] [--samples N] [--top K] [--json]"""
     from .analysis.diagnose import DIAGNOSIS_SAMPLES, run_diagnosis
-    from .errors import ConfigError, ExportError
+    from .errors import ExportError
     from .spec import load_spec
     from .target import load_target
 
-    if (args.samples is not None and args.samples < 1) or args.top < 1:
-        raise ConfigError("diagnose: --samples and --top must be at least 1", "pass a positive count")
     err = err_console
     profile = load_target(args.target)
     spec = load_spec(args.spec)
@@ -201,7 +232,7 @@ def cmd_targets(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .bundle import load_bundle_manifest
+    from .intake import load_bundle_manifest
     from .steps.validate import verify_files
 
     manifest = load_bundle_manifest(Path(args.bundle))
@@ -242,21 +273,28 @@ def cmd_validate(args) -> int:
     for check in result.artifacts:
         if not check.passed:
             err_console.print(f"[bold red]parity failure:[/] {check.file}\n" + _escape(check.parity.summary()))
+    if result.manifest.status != "passed":
+        err_console.print(f"[bold red]this bundle's build failed[/] (parity re-checked here: "
+                          f"{'passed' if result.parity_passed else 'failed'}); the build recorded:")
+        for failure in result.manifest.failures:
+            err_console.print("  " + _escape(failure.splitlines()[0]))
     if result.exit_code == 0:
         err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s), {result.files_verified} file(s) verified")
     return result.exit_code
 
 
 def cmd_ingest(args) -> int:
+    from .intake import printable
     from .steps.ingest import ingest_report
 
     result = ingest_report(Path(args.bundle), Path(args.report))
     if args.json:
         sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
     else:
+        # Everything below comes from the report (untrusted): printed without control characters.
         device = result.measurement.device
-        err_console.print(f"device: {_escape(str(device.get('label') or device.get('machine') or 'unknown'))} "
-                          f"({_escape(result.measurement.created_by)})")
+        err_console.print(_escape(f"device: {printable(device.get('label') or device.get('machine') or 'unknown')} "
+                                  f"({printable(result.measurement.created_by)})"))
         for summary in result.measurement.artifacts:
             line = f"  {summary['file']}: {summary['status']}"
             latency = summary.get("latency")
@@ -266,9 +304,9 @@ def cmd_ingest(args) -> int:
                 line += f", {which} {figure:.3f} ms ({latency.get('tool')}, {latency.get('threads')} thread(s))"
             if summary.get("budgets"):
                 line += ", within budget" if summary["budgets"]["passed"] else ", OVER BUDGET"
-            err_console.print(_escape(line))
+            err_console.print(_escape(printable(line, 1000)))
     for message in result.messages:
-        err_console.print(f"[bold red]failed:[/] {_escape(message)}")
+        err_console.print(f"[bold red]failed:[/] {_escape(printable(message, 2000))}")
     err_console.print(f"manifest updated: {Path(args.bundle) / 'manifest.json'}")
     return result.exit_code
 
@@ -315,21 +353,32 @@ def print_manifest(manifest, console: Console) -> None:
         console.print(f"[red]failure:[/] {failure}")
 
 
+def _stop_now(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
             "ingest": cmd_ingest, "diagnose": cmd_diagnose}
 
 
 def _on_signal(signum, frame):
-    from .errors import note_interrupt
+    """Record the signal; the build stops at its next step boundary (errors.check_interrupted).
+    A second signal stops at once."""
+    from .errors import interrupted_by, note_interrupt
 
+    if interrupted_by() is not None:
+        raise KeyboardInterrupt(f"signal {signum}")
     note_interrupt(f"signal {signum}")
-    raise KeyboardInterrupt(f"signal {signum}")
+    os.write(2, b"interrupt received: stopping at the next step (send it again to stop now)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # build writes a bundle atomically and checks for a recorded signal at every step; the other
+    # commands write nothing half-way and stop where the signal lands.
+    handler = _on_signal if args.command == "build" else _stop_now
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
     if not args.debug:
         # Exporters' deprecation chatter is not for the user of a build; --debug shows it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

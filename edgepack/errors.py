@@ -90,9 +90,10 @@ EXIT_EXPORT_OR_RUNTIME = 3
 EXIT_INTERRUPTED = 130
 
 
-# A SIGINT/SIGTERM seen by the CLI. The handler raises KeyboardInterrupt where Python happens to
-# be, and a library (an exporter retrying with another strategy, a C++ callback translating it)
-# may swallow it there; the build checks this flag at every step so it stops anyway.
+# A SIGINT/SIGTERM seen by the CLI. The handler only records it: raising KeyboardInterrupt
+# wherever Python happens to be can land inside a native module's import or a C++ callback,
+# which may swallow it or abort (std::terminate). The build checks this flag at every step
+# boundary, and runtime sessions while they wait, and stop there; a second signal stops at once.
 _interrupted_by: str | None = None
 
 
@@ -101,7 +102,11 @@ def note_interrupt(what: str) -> None:
     _interrupted_by = what
 
 
+def interrupted_by() -> str | None:
+    return _interrupted_by
+
+
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt if the process was interrupted, even if that was swallowed."""
+    """Raise KeyboardInterrupt if the process was interrupted (the signal is recorded, not raised)."""
     if _interrupted_by is not None:
         raise KeyboardInterrupt(_interrupted_by)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -224,28 +225,61 @@ def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions |
     options = options or BuildOptions()
     dest = bundle_path(options.out_dir, spec.name, profile.name)
     builder = _Builder(spec, profile, profile_source, options)
+    model_dir_existed = dest.parent.exists()
     try:
         staged = bundle_mod.staging_dir(dest)
     except OSError as exc:
         raise EdgepackError(f"{dest.parent}: cannot write the bundle there: {exc.strerror or exc}",
                             "choose a writable --out directory") from exc
+    zip_staged = None
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
-            builder.run(staged, Path(scratch))
+            try:
+                builder.run(staged, Path(scratch))
+            except OSError as exc:
+                raise _scratch_full(exc, Path(scratch), dest.parent) or exc
         builder.step("package")
         package.install_kit(staged)
         manifest = package.seal_bundle(staged)
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
         zip_path = None
         if options.write_zip and manifest.status == "passed":
-            # Zipped from the staged copy: a concurrent build cannot swap the directory mid-zip.
+            # Zipped from the staged copy (a concurrent build cannot swap the directory mid-zip) to a
+            # temp name, and put in place only once the directory is: both land, or neither.
             zip_path = Path(options.out_dir) / f"{spec.name}-{profile.name}.zip"
-            package.write_zip(staged, zip_path, root_name=zip_path.stem)
+            zip_staged = zip_path.with_name(f".{zip_path.name}.tmp-{os.getpid()}-{staged.name[-8:]}")
+            package.write_zip(staged, zip_staged, root_name=zip_path.stem)
         builder.step("commit")
         bundle_mod.commit_dir(staged, final)
+        if zip_staged is not None:
+            os.replace(zip_staged, zip_path)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
+        if zip_staged is not None:
+            zip_staged.unlink(missing_ok=True)
+        if not model_dir_existed:
+            try:
+                dest.parent.rmdir()  # only if empty: a concurrent build's bundle stays
+            except OSError:
+                pass
         raise
     return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.findings.exit_code,
                        messages=builder.findings.failures,
                        zip_path=zip_path)
+
+
+def _scratch_full(exc: OSError, scratch: Path, out: Path) -> EdgepackError | None:
+    """An EdgepackError naming the scratch directory when a full disk there (not under --out)
+    is what failed the build; None otherwise."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    try:
+        if os.stat(scratch).st_dev == os.stat(out).st_dev:
+            return None  # one filesystem: the CLI's output error names --out, which is right
+        if shutil.disk_usage(scratch).free >= shutil.disk_usage(out).free:
+            return None
+    except OSError:
+        return None
+    return EdgepackError(f"{scratch.parent}: no space left for the build's scratch files ({exc.strerror})",
+                         "free space there or point TMPDIR at a directory with room; the previous bundle is "
+                         "untouched")

@@ -10,7 +10,9 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import math
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ from .errors import EdgepackError, SpecError
 InputTuple = tuple[torch.Tensor, ...]
 # Calibration samples a build reads at most (quantizers cap themselves lower; see each recipe).
 MAX_CALIBRATION = 1024
+# A bundle name becomes a directory and a shell word on the device (device/run_android.sh).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -162,8 +166,10 @@ def load_spec(ref: str) -> ModelSpec:
 
 def check_spec(spec: ModelSpec, where: str) -> None:
     """Validate a spec's fields and run the model once on its example inputs."""
-    if not isinstance(spec.name, str) or not spec.name or any(c in spec.name for c in "/\\ ") or spec.name.startswith("."):
-        raise SpecError(f"{where}: name {spec.name!r} is not usable in a path", "use a short name like 'digits-cnn'")
+    if not isinstance(spec.name, str) or not SAFE_NAME.fullmatch(spec.name):
+        raise SpecError(f"{where}: name {spec.name!r} is not a safe bundle name",
+                        "use letters, digits, '.', '_' and '-' (at most 64, starting with a letter or digit), "
+                        "like 'digits-cnn': the name becomes a path and a shell word on the device")
     if not isinstance(spec.model, nn.Module):
         raise SpecError(f"{where}: model is {type(spec.model).__name__}, not torch.nn.Module", "set model= to an nn.Module")
     if not isinstance(spec.example_inputs, tuple) or not spec.example_inputs or not all(
@@ -193,11 +199,14 @@ def check_spec(spec: ModelSpec, where: str) -> None:
         raise SpecError(f"{where}: {len(spec.input_names)} input_names for {n_inputs} inputs", "give one name per input")
     if spec.output_names is not None and len(spec.output_names) != len(outputs):
         raise SpecError(f"{where}: {len(spec.output_names)} output_names for {len(outputs)} outputs", "give one name per output")
-    samples = calibration_list(spec.calibration, f"{where}: calibration", example=spec.example_inputs)
-    if not samples:
+    for label, data in (("calibration", spec.calibration), ("holdout", spec.holdout), ("train_data", spec.train_data)):
+        if data is not None and not _reiterable(data):
+            raise SpecError(f"{where}: {label} is a one-shot iterator ({type(data).__name__}); edgepack reads it more "
+                            f"than once", "pass a list, or an object whose __iter__ starts over each time")
+    if not check_samples(spec.calibration, f"{where}: calibration", spec.example_inputs, MAX_CALIBRATION):
         raise SpecError(f"{where}: calibration is empty", "give at least one real input sample in calibration")
     if spec.holdout is not None:
-        calibration_list(spec.holdout, f"{where}: holdout", example=spec.example_inputs)
+        check_samples(spec.holdout, f"{where}: holdout", spec.example_inputs, MAX_CALIBRATION)
     if spec.evaluate is not None:
         if not callable(spec.evaluate):
             raise SpecError(f"{where}: evaluate is {type(spec.evaluate).__name__}, not callable",
@@ -251,12 +260,31 @@ def _checked_metrics(values: Any, where: str) -> dict[str, float]:
     return metrics
 
 
+def _reiterable(data: Any) -> bool:
+    """Whether iterating ``data`` again starts over (a list, a tuple, a Dataset-like object), as
+    opposed to a generator or iterator that a first pass would consume."""
+    try:
+        return iter(data) is not data
+    except TypeError:
+        return False
+
+
+def check_samples(samples: Iterable[InputTuple], where: str, example: InputTuple, limit: int) -> int:
+    """Check up to ``limit`` samples one at a time, keeping none (memory stays that of one
+    sample); returns how many were checked."""
+    count = 0
+    for _ in _checked(samples, where, example, limit):
+        count += 1
+    return count
+
+
 def calibration_list(samples: Iterable[InputTuple], where: str, example: InputTuple, limit: int | None = None) -> list[InputTuple]:
     """Materialise up to ``limit`` samples, checking each one's arity, shape, dtype and finiteness."""
-    out: list[InputTuple] = []
-    for index, sample in enumerate(samples):
-        if limit is not None and index >= limit:
-            break
+    return list(_checked(samples, where, example, limit))
+
+
+def _checked(samples: Iterable[InputTuple], where: str, example: InputTuple, limit: int | None):
+    for index, sample in enumerate(itertools.islice(samples, limit)):  # never asks for one more
         if isinstance(sample, torch.Tensor):
             sample = (sample,)
         if not isinstance(sample, tuple) or len(sample) != len(example):
@@ -277,8 +305,7 @@ def calibration_list(samples: Iterable[InputTuple], where: str, example: InputTu
                     f"{where}: sample {index} input {pos} has {bad} NaN/Inf value(s)",
                     "remove or fix that sample; calibration must be real, finite data",
                 )
-        out.append(tuple(sample))
-    return out
+        yield tuple(sample)
 
 
 def as_numpy(sample: InputTuple) -> list[np.ndarray]:

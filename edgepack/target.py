@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -68,15 +69,22 @@ class Budgets(_Strict):
     max_latency_ms: float | None = Field(default=None, gt=0, description="p50, per artifact")
 
     def failures(self, total_bytes: int | None, latency_ms: float | None, latency_label: str = "host p50") -> list[str]:
-        """What ``total_bytes`` / ``latency_ms`` exceed (a figure that is None is not judged)."""
+        """What ``total_bytes`` / ``latency_ms`` exceed. A budget never passes on missing data:
+        a limit whose figure is None (or not a finite number) fails, saying so."""
         found = []
-        if self.max_bytes is not None and total_bytes is not None and total_bytes > self.max_bytes:
-            found.append(f"{total_bytes} bytes > max_bytes {self.max_bytes}")
-        if self.max_latency_ms is not None and latency_ms is not None and latency_ms > self.max_latency_ms:
-            found.append(f"{latency_label} {latency_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
+        if self.max_bytes is not None:
+            if total_bytes is None:
+                found.append("no size to judge max_bytes against")
+            elif total_bytes > self.max_bytes:
+                found.append(f"{total_bytes} bytes > max_bytes {self.max_bytes}")
+        if self.max_latency_ms is not None:
+            if latency_ms is None or not math.isfinite(latency_ms):
+                found.append(f"no {latency_label} latency to judge max_latency_ms against")
+            elif latency_ms > self.max_latency_ms:
+                found.append(f"{latency_label} {latency_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
         return found
 
-    def check(self, total_bytes: int | None, latency_ms: float | None, latency_source: str = "host",
+    def check(self, total_bytes: int | None, latency_ms: float | None, /, latency_source: str = "host",
               latency_label: str = "host p50", **figures: Any) -> dict | None:
         """The manifest's budgets record (None when the profile sets no budget): the limits, where
         the latency came from, ``figures`` (e.g. the statistic used), passed and failures."""

@@ -10,7 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from conftest import TEST_MODELS, leftovers, run_cli, write_profile
-from edgepack.bundle import SCHEMA_PATH, load_bundle_manifest, load_json_schema, load_npz, manifest_json_schema
+from edgepack.bundle import SCHEMA_PATH, load_json_schema, manifest_json_schema
+from edgepack.intake import load_bundle_manifest
+from edgepack.intake import load_golden as load_npz
 from edgepack.pipeline import BuildOptions, build
 from edgepack.spec import load_spec
 from edgepack.target import load_target

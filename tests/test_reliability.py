@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, TARGETS, TEST_MODELS, leftovers
-from edgepack.bundle import commit_dir, load_bundle_manifest, staging_dir
+from conftest import REPO, TARGETS, TEST_MODELS, leftovers, run_cli
+from edgepack.bundle import commit_dir, staging_dir
+from edgepack.intake import load_bundle_manifest
 from edgepack.errors import RuntimeCheckError, SpecError
 from edgepack.pipeline import BuildOptions, build
 from edgepack.runtimes.session import RuntimeSession
@@ -632,3 +633,111 @@ def test_bundle_contains_no_pickles(offline_builds):
             with np.load(path, allow_pickle=False) as arrays:  # raises on an object array
                 for key in arrays.files:
                     assert not arrays[key].dtype.hasobject, (path, key)
+
+
+# --- values checked up front, and what a failed build leaves ---------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["validate", "dist", "--timeout", "-1"], "--timeout"), (["validate", "dist", "--timeout", "0"], "--timeout"),
+    (["validate", "dist", "--timeout", "nan"], "--timeout"), (["validate", "dist", "--threads", "-5"], "--threads"),
+    (["validate", "dist", "--threads", "1e9"], "--threads"), (["diagnose", "m.py", "-t", "x86-64", "--top", "0"], "--top"),
+])
+def test_cli_values_are_checked_before_anything_runs(args, words):
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    _no_traceback(proc)
+
+
+def test_a_build_failing_at_commit_replaces_neither_the_bundle_nor_the_zip(good_bundle, fast_profile, tmp_path):
+    """The zip is made beside its destination and put in place only after the directory: a build
+    that fails in between leaves the previous zip and bundle as they were."""
+    out = tmp_path / "dist"
+    first = build(load_spec(TWO_IO), load_target(str(fast_profile)), str(fast_profile),
+                  BuildOptions(out_dir=out, check_reproducible=False))
+    zip_bytes = first.zip_path.read_bytes()
+    bundle_before = _snapshot(first.bundle_dir)
+
+    def fail_at_commit(step: str) -> None:
+        if step == "commit":
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        build(load_spec(TWO_IO), load_target(str(fast_profile)), str(fast_profile),
+              BuildOptions(out_dir=out, check_reproducible=False, step_hook=fail_at_commit))
+    assert first.zip_path.read_bytes() == zip_bytes and _snapshot(first.bundle_dir) == bundle_before
+    assert leftovers(out) == [] and not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_failed_build_leaves_no_empty_model_folder(fast_profile, tmp_path):
+    out = tmp_path / "dist"
+
+    def fail_early(step: str) -> None:
+        if step == "reference":
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        build(load_spec(TWO_IO), load_target(str(fast_profile)), str(fast_profile),
+              BuildOptions(out_dir=out, step_hook=fail_early))
+    assert not (out / "two-io").exists()
+
+
+def test_validate_on_a_failed_bundle_says_the_build_failed(fast_profile, tmp_path):
+    """A bundle whose build exceeded a budget: validate re-checks parity (passes) but exits 1
+    and says what the build recorded, instead of 'passed'."""
+    profile = yaml.safe_load(fast_profile.read_text())
+    profile["budgets"] = {"max_bytes": 100}
+    path = tmp_path / "tiny-budget.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    result = build(load_spec(TWO_IO), load_target(str(path)), str(path),
+                   BuildOptions(out_dir=tmp_path / "dist", check_reproducible=False, write_zip=False))
+    assert result.exit_code == 1 and result.bundle_dir.name.endswith(".failed")
+    proc = run_cli("validate", str(result.bundle_dir))
+    assert proc.returncode == 1 and "this bundle's build failed" in proc.stderr and "max_bytes 100" in proc.stderr
+    assert "passed:" not in proc.stderr
+
+
+def test_scratch_full_is_reported_as_scratch_not_as_out(tmp_path, monkeypatch):
+    """ENOSPC on another filesystem than --out, with less room there: the message names the
+    scratch directory and TMPDIR."""
+    import errno
+
+    from edgepack import pipeline
+
+    scratch = Path("/dev/shm") / f"edgepack-test-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        if os.stat(scratch).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same filesystem as the test's tmp dir here")
+        usage = {str(scratch): 0, str(tmp_path): 10**12}
+        monkeypatch.setattr(pipeline.shutil, "disk_usage",
+                            lambda p: type("U", (), {"free": usage[str(p)]})())
+        error = pipeline._scratch_full(OSError(errno.ENOSPC, "No space left on device"), scratch, tmp_path)
+        assert error is not None and "scratch" in error.message and "TMPDIR" in error.hint
+        assert pipeline._scratch_full(OSError(errno.EACCES, "denied"), scratch, tmp_path) is None
+    finally:
+        scratch.rmdir()
+
+
+def test_a_signal_during_a_build_is_recorded_and_raised_at_the_next_step():
+    """The build's handler never raises where the signal lands (inside a native import, say, which
+    once turned it into std::terminate): it records it, check_interrupted raises at the next step
+    boundary, and a second signal stops at once."""
+    code = textwrap.dedent("""
+        import os, signal
+        from edgepack import cli, errors
+        signal.signal(signal.SIGTERM, cli._on_signal)
+        os.kill(os.getpid(), signal.SIGTERM)   # lands here: recorded, nothing raised
+        import onnx                            # a native import goes on undisturbed
+        try:
+            errors.check_interrupted()
+        except KeyboardInterrupt as exc:
+            print("raised at the step:", exc)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            print("second signal: stopped at once")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "raised at the step: signal 15" in proc.stdout and "second signal: stopped at once" in proc.stdout
+    assert "stopping at the next step" in proc.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
+from torch import nn
 
 from conftest import TEST_MODELS
 from edgepack.errors import SpecError
@@ -121,8 +123,51 @@ def spec():
     x = (torch.randn(1, 4),)
     return ModelSpec(name="../escape", model=m, example_inputs=x, calibration=[x])
 """)
-    with pytest.raises(SpecError, match="not usable in a path"):
+    with pytest.raises(SpecError, match="not a safe bundle name"):
         load_spec(path)
+
+
+@pytest.mark.parametrize("name", ["bob's-cnn;$(id)", "nul\x00name", "a b", ".hidden", "x" * 65, "é-net"])
+def test_names_that_would_be_unsafe_paths_or_shell_words_are_refused(tmp_path, name):
+    """The bundle name becomes a folder on the device and a word in run_android.sh's adb commands."""
+    path = _spec_file(tmp_path, HEADER + f"""
+def spec():
+    m = nn.Linear(4, 3)
+    x = (torch.randn(1, 4),)
+    return ModelSpec(name={name!r}, model=m, example_inputs=x, calibration=[x])
+""")
+    with pytest.raises(SpecError, match="letters, digits"):
+        load_spec(path)
+
+
+def test_a_one_shot_calibration_generator_is_refused_at_load(tmp_path):
+    path = _spec_file(tmp_path, HEADER + """
+def spec():
+    m = nn.Linear(4, 3)
+    x = (torch.randn(1, 4),)
+    return ModelSpec(name="gen", model=m, example_inputs=x, calibration=(x for _ in range(8)))
+""")
+    with pytest.raises(SpecError, match="one-shot iterator") as caught:
+        load_spec(path)
+    assert "pass a list" in caught.value.hint
+
+
+def test_the_spec_check_streams_calibration_and_stops_at_the_cap():
+    """10,000 samples made on demand: the check looks at 1,024 and keeps none of them."""
+    from edgepack.spec import MAX_CALIBRATION, check_spec
+
+    class Samples:
+        produced = 0
+
+        def __iter__(self):
+            for index in range(10_000):
+                Samples.produced += 1
+                yield (torch.full((1, 4), float(index)),)
+
+    spec = ModelSpec(name="stream", model=nn.Linear(4, 3).eval(), example_inputs=(torch.zeros(1, 4),),
+                     calibration=Samples())
+    check_spec(spec, "stream")
+    assert Samples.produced == MAX_CALIBRATION
 
 
 def test_bad_module_reference():

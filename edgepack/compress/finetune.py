@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import check_interrupted
 from ..stage import InputTuple, StageContext
 
 Batch = tuple[InputTuple, torch.Tensor]
@@ -93,6 +94,7 @@ def train(model: nn.Module, ctx: StageContext, *, stage: str, epochs: int, lr: f
         for _ in range(epochs):
             total, count = 0.0, 0
             for index, item in enumerate(data):
+                check_interrupted()  # a recorded SIGINT/SIGTERM stops training between batches
                 inputs, target = _as_batch(item, index)
                 loss = batch_loss(model, inputs, target)
                 if not torch.isfinite(loss):

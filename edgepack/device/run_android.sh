@@ -57,32 +57,52 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgepack-android.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # Bundle facts from the manifest: NAME, THREADS, RUNS, WARMUP, then one "file<TAB>format" per artifact.
-"$HOST_PYTHON" - "$BUNDLE" >"$WORK/plan.txt" <<'PY'
-import json, sys
+# The manifest is untrusted: every value that becomes a path or a word of a remote command must be a
+# plain name (letters, digits, . _ -) or a bounded integer, or the script stops here.
+"$HOST_PYTHON" - "$BUNDLE" >"$WORK/plan.txt" <<'PY' || die "the manifest names something this script will not pass to the device" "rebuild the bundle with edgepack"
+import json, re, sys
+SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+def refuse(what, value):
+    sys.exit(f"error: {what} {value!r} is not a plain name")
+def count(value, low, high, what):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        sys.exit(f"error: {what} {value!r} is not a whole number in [{low}, {high}]")
+    return value
 m = json.load(open(sys.argv[1] + "/manifest.json"))
 p = m["target"].get("profile") or {}
-print(f"{m['model']['name']}-{m['target']['name']}")
-print((p.get("device") or {}).get("threads", 1))
-print((p.get("latency") or {}).get("runs", 30))
-print((p.get("latency") or {}).get("warmup", 5))
+name = f"{m['model']['name']}-{m['target']['name']}"
+if not SAFE.fullmatch(name):
+    refuse("bundle name", name)
+print(name)
+print(count((p.get("device") or {}).get("threads", 1), 1, 1024, "device.threads"))
+print(count((p.get("latency") or {}).get("runs", 30), 1, 10_000_000, "latency.runs"))
+print(count((p.get("latency") or {}).get("warmup", 5), 0, 10_000_000, "latency.warmup"))
 for a in m["artifacts"]:
     if a.get("file") and a.get("files"):
+        if not SAFE.fullmatch(str(a["file"])) or a.get("format") not in ("tflite", "pte", "onnx"):
+            refuse("artifact file", a["file"])
         print(f"{a['file']}\t{a['format']}")
 PY
 NAME=$(sed -n 1p "$WORK/plan.txt")
 THREADS=${THREADS:-$(sed -n 2p "$WORK/plan.txt")}
 RUNS=${RUNS:-$(sed -n 3p "$WORK/plan.txt")}
 WARMUP=${WARMUP:-$(sed -n 4p "$WORK/plan.txt")}
+for value in "$THREADS" "$RUNS" "$WARMUP"; do
+  case "$value" in ''|*[!0-9]*) die "THREADS, RUNS and WARMUP must be whole numbers (got '$value')" "unset them or pass digits";; esac
+done
+case "$USE_XNNPACK" in true|false) ;; *) die "USE_XNNPACK must be true or false" "unset it or pass true/false";; esac
 REMOTE="$DEVICE_ROOT/$NAME"
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 
 # stdin from /dev/null: adb shell would otherwise swallow the artifact list the loop below reads.
 dev() { "$ADB" shell "$@" </dev/null; }
-dev_has() { dev "[ -x '$1' ]" >/dev/null 2>&1; }
+# One word for the device's shell: single-quoted, with any ' inside closed, escaped and reopened.
+q() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
+dev_has() { dev "[ -x $(q "$1") ]" >/dev/null 2>&1; }
 
 echo "pushing $BUNDLE to $REMOTE" >&2
-dev "rm -rf '$REMOTE' && mkdir -p '$REMOTE'"
+dev "rm -rf $(q "$REMOTE") && mkdir -p $(q "$REMOTE")"
 "$ADB" push "$BUNDLE/." "$REMOTE/" >/dev/null
 
 # Device description (getprop), one key=value per line.
@@ -104,8 +124,8 @@ while IFS=$'\t' read -r file format; do
     tflite)
       if dev_has "$BENCHMARK_MODEL"; then
         echo "benchmark_model: $file ($THREADS threads, xnnpack $USE_XNNPACK, $WARMUP warmup + $RUNS runs)" >&2
-        if ! dev "'$BENCHMARK_MODEL' --graph='$REMOTE/$file' --num_threads=$THREADS --use_xnnpack=$USE_XNNPACK \
-              --warmup_runs=$WARMUP --num_runs=$RUNS" >"$LOGS/$file.benchmark_model.log" 2>&1; then
+        if ! dev "$(q "$BENCHMARK_MODEL") $(q "--graph=$REMOTE/$file") --num_threads=$THREADS \
+              --use_xnnpack=$USE_XNNPACK --warmup_runs=$WARMUP --num_runs=$RUNS" >"$LOGS/$file.benchmark_model.log" 2>&1; then
           echo "  benchmark_model failed; log kept in the report" >&2
           tool_failed=1
         fi
@@ -146,8 +166,8 @@ PY
         done
         total=$((WARMUP + RUNS))
         echo "$(basename "$runner"): $file ($THREADS threads, $total executions, first $WARMUP not counted when per-run times are printed)" >&2
-        if ! dev "'$runner' --model_path='$REMOTE/$file' --inputs='$remote_inputs' --num_executions=$total \
-              --cpu_threads=$THREADS" >"$LOGS/$file.executor_runner.log" 2>&1; then
+        if ! dev "$(q "$runner") $(q "--model_path=$REMOTE/$file") $(q "--inputs=$remote_inputs") \
+              --num_executions=$total --cpu_threads=$THREADS" >"$LOGS/$file.executor_runner.log" 2>&1; then
           echo "  $(basename "$runner") failed; log kept in the report" >&2
           tool_failed=1
         fi
@@ -169,8 +189,8 @@ fi
 if [ -n "$python_on_device" ]; then
   echo "device/validate.py with $python_on_device" >&2
   set +e
-  dev "cd '$REMOTE' && '$python_on_device' device/validate.py --threads $THREADS --runs $RUNS --warmup $WARMUP \
-       --report '$REMOTE/device_report.validate.json'" >"$LOGS/validate.log" 2>&1
+  dev "cd $(q "$REMOTE") && $(q "$python_on_device") device/validate.py --threads $THREADS --runs $RUNS \
+       --warmup $WARMUP --report $(q "$REMOTE/device_report.validate.json")" >"$LOGS/validate.log" 2>&1
   echo $? >"$LOGS/validate.rc"
   set -e
   "$ADB" pull "$REMOTE/device_report.validate.json" "$LOGS/device_report.validate.json" >/dev/null 2>&1 || true

@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -72,15 +73,60 @@ class ArtifactRuntimeError(Exception):
 
 # --- manifest and files ------------------------------------------------------------------
 
+MAX_MANIFEST_BYTES = 32 << 20
+MAX_JSON_DEPTH = 64
+MAX_ARRAY_BYTES = 512 << 20
+
+
+def confined(bundle, relative):
+    """The regular file ``relative`` inside the bundle: no absolute path, '..', backslash or NUL,
+    and no symlink, device file, FIFO or directory on the way (a bundle is untrusted input)."""
+    parts = relative.split("/") if isinstance(relative, str) else []
+    if (not parts or "\x00" in relative or "\\" in relative or relative.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)):
+        raise SetupError(f"manifest.json names the file {relative!r}, which is not a plain path inside the bundle",
+                         "copy the bundle again")
+    path = bundle
+    for index, part in enumerate(parts):
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise SetupError(f"{relative}: missing from the bundle", "copy the whole bundle directory to the device") from None
+        except OSError as exc:
+            raise SetupError(f"{relative}: cannot be read ({exc})", "copy the bundle again") from None
+        if stat.S_ISLNK(mode):
+            raise SetupError(f"{relative}: a symlink inside the bundle; refusing to follow it", "copy the bundle again")
+        last = index == len(parts) - 1
+        if (last and not stat.S_ISREG(mode)) or (not last and not stat.S_ISDIR(mode)):
+            raise SetupError(f"{relative}: not a regular file inside the bundle", "copy the bundle again")
+    return path
+
+
+def json_too_deep(value, limit=MAX_JSON_DEPTH):
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def load_manifest(bundle):
-    path = os.path.join(bundle, "manifest.json")
-    if not os.path.isfile(path):
-        raise SetupError(f"{path}: missing", "run from inside an unzipped bundle, or pass --bundle DIR")
+    path = confined(bundle, "manifest.json")
+    if os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        raise SetupError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes", "copy the bundle again")
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except (OSError, ValueError) as exc:
         raise SetupError(f"{path}: not valid JSON ({exc})", "copy the bundle again; the manifest is corrupt") from None
+    except RecursionError:
+        raise SetupError(f"{path}: nested too deeply to be a manifest", "copy the bundle again") from None
+    if json_too_deep(manifest):
+        raise SetupError(f"{path}: nested deeper than {MAX_JSON_DEPTH} levels", "copy the bundle again")
     problems = []
     if not isinstance(manifest, dict):
         raise SetupError(f"{path}: not a JSON object", "copy the bundle again")
@@ -117,47 +163,80 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def safe_join(bundle, relative):
-    if os.path.isabs(relative) or ".." in relative.replace("\\", "/").split("/"):
-        raise SetupError(f"manifest.json names the file {relative!r} outside the bundle", "copy the bundle again")
-    return os.path.join(bundle, *relative.split("/"))
-
-
 def verify_files(bundle, manifest, selected):
-    """sha256 of every file the manifest lists; returns how many were checked."""
+    """sha256 of every file the manifest lists; returns how many were checked. Every file this
+    script opens (each artifact's file, its golden data, the reference outputs) must be one of them."""
     entries = {}
     package = manifest.get("package") or {}
     for entry in package.get("files") or []:
-        entries[entry["path"]] = entry
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            entries[entry["path"]] = entry
     for art in selected:
         for entry in art.get("files") or []:
-            entries[entry["path"]] = entry
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                entries[entry["path"]] = entry
     needed = [manifest["golden"]["reference_outputs"]]
     for art in selected:
-        needed += [art["golden"]["inputs"], art["golden"]["outputs"]]
+        needed += [art["file"], art["golden"]["inputs"], art["golden"]["outputs"]]
     for relative in needed:
-        if not os.path.isfile(safe_join(bundle, relative)):
-            raise SetupError(f"{relative}: missing from the bundle", "copy the whole bundle directory to the device")
+        confined(bundle, relative)
+        if relative not in entries:
+            raise SetupError(f"{relative}: not checksummed by the manifest; refusing to use it",
+                             "every file this script opens must be listed with its sha256; rebuild the bundle")
     for relative in sorted(entries):
         entry = entries[relative]
-        path = safe_join(bundle, relative)
-        if not os.path.isfile(path):
-            raise SetupError(f"{relative}: missing from the bundle", "copy the whole bundle directory to the device")
+        path = confined(bundle, relative)
+        size = os.path.getsize(path)
+        if size != entry.get("bytes"):
+            raise SetupError(f"{relative}: {size} bytes, the manifest says {entry.get('bytes')}",
+                             "the file was modified or damaged in transfer; copy the bundle again (adb push / unzip)")
         actual = sha256_file(path)
         if actual != entry.get("sha256"):
             raise SetupError(
                 f"checksum mismatch: {relative} has sha256 {actual[:16]}..., the manifest says "
-                f"{str(entry.get('sha256'))[:16]}... ({os.path.getsize(path)} bytes, manifest {entry.get('bytes')})",
+                f"{str(entry.get('sha256'))[:16]}... ({size} bytes)",
                 "the file was modified or damaged in transfer; copy the bundle again (adb push / unzip)")
     return len(entries)
 
 
-def load_npz(path):
+def load_npz(path, expected=None):
+    """A golden .npz, headers checked before any data is read: no object arrays (pickles), no
+    array over MAX_ARRAY_BYTES, and the shapes in ``expected`` (name -> shape) when given."""
+    import zipfile
+    import zlib
+
     try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else None
+                if name is None:
+                    raise SetupError(f"{path}: entry {info.filename!r} is not an array", "copy the bundle again")
+                with archive.open(info) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+                    else:
+                        raise SetupError(f"{path}: {info.filename} uses .npy format {version}", "copy the bundle again")
+                if dtype.hasobject:
+                    raise SetupError(f"{path}: {name} holds Python objects (a pickle); refusing to load it",
+                                     "copy the bundle again")
+                nbytes = dtype.itemsize
+                for dim in shape:
+                    nbytes *= int(dim)
+                if nbytes > MAX_ARRAY_BYTES:
+                    raise SetupError(f"{path}: {name} declares {nbytes} bytes", "copy the bundle again")
+                if expected and name in expected and tuple(expected[name]) != tuple(shape):
+                    raise SetupError(f"{path}: {name} has shape {tuple(shape)}, the manifest says "
+                                     f"{tuple(expected[name])}", "rebuild the bundle")
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise SetupError(f"{path}: cannot read ({exc})", "copy the bundle again") from None
+    except SetupError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise SetupError(f"{path}: a damaged golden file ({type(exc).__name__}: {str(exc)[:200]})",
+                         "copy the bundle again") from None
 
 
 # --- runners: one per runtime, fed and returning native tensors ------------------------
@@ -418,10 +497,18 @@ def latency_summary(times_ms):
 
 def golden_rows(bundle, art, manifest):
     io = art["io"]
-    inputs = load_npz(safe_join(bundle, art["golden"]["inputs"]))
-    reference = load_npz(safe_join(bundle, manifest["golden"]["reference_outputs"]))
-    host = load_npz(safe_join(bundle, art["golden"]["outputs"]))
     in_specs, out_specs = io.get("inputs") or [], io.get("outputs") or []
+    samples = (manifest.get("golden") or {}).get("samples")
+
+    def shapes(specs):
+        if not isinstance(samples, int):
+            return None
+        return {t["name"]: (samples, *t["shape"]) for t in specs if isinstance(t, dict) and "shape" in t}
+
+    inputs = load_npz(confined(bundle, art["golden"]["inputs"]), shapes(in_specs))
+    reference = load_npz(confined(bundle, manifest["golden"]["reference_outputs"]),
+                         shapes(manifest["io"].get("outputs") or []))
+    host = load_npz(confined(bundle, art["golden"]["outputs"]), shapes(out_specs))
     model_outputs = _io_names(manifest["io"], "outputs")
     for label, data, names in ((art["golden"]["inputs"], inputs, [t["name"] for t in in_specs]),
                                (manifest["golden"]["reference_outputs"], reference, model_outputs),
@@ -462,7 +549,7 @@ def score_outputs_of(art, model_outputs):
 def check_artifact(bundle, manifest, art, threads, warmup, runs, say):
     runtime = RUNTIME_FOR_FORMAT[art["format"]]
     rows, ref_rows, host, model_outputs = golden_rows(bundle, art, manifest)
-    path = safe_join(bundle, art["file"])
+    path = confined(bundle, art["file"])
     start = time.perf_counter()
     try:
         runner = RUNNERS[runtime](path, threads, art["io"])
@@ -677,7 +764,7 @@ def main(argv=None):
     try:
         try:
             report = run(args, say)
-        except (KeyError, TypeError, IndexError) as exc:  # a manifest field of the wrong shape
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:  # a manifest field of the wrong shape
             raise SetupError(f"manifest.json is malformed ({type(exc).__name__}: {exc})",
                              "use the device/validate.py shipped with this bundle, or rebuild it") from exc
     except SetupError as exc:

@@ -18,12 +18,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
-from ..errors import RuntimeCheckError
+from ..errors import RuntimeCheckError, check_interrupted
 from .protocol import recv_control, send_control
 
 FORK_SERVER_VAR = "EDGEPACK_FORK_SERVER"
 _SERVER_CALL_S = 60.0  # a fork, or a status query beyond its own wait: the server does nothing slow
+_WAIT_SLICE_S = 0.25  # how often a wait for a runtime looks at a recorded interrupt
 
 
 def signal_name(number: int) -> str:
@@ -61,6 +63,20 @@ def kill_group(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wait_readable(source, timeout_s: float) -> bool:
+    """select() on one fd or socket for up to ``timeout_s``, in short slices so that a signal the
+    CLI recorded (errors.check_interrupted) stops the wait within a quarter of a second."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        check_interrupted()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([source], [], [], min(left, _WAIT_SLICE_S))
+        if ready:
+            return True
 
 
 def use_fork_server() -> bool:
@@ -144,8 +160,7 @@ class ForkServer:
 
     def _receive(self, timeout_s: float) -> dict:
         try:
-            ready, _, _ = select.select([self._control], [], [], timeout_s)
-            if ready:
+            if wait_readable(self._control, timeout_s):
                 reply, _ = recv_control(self._control)
                 return reply
         except (EOFError, OSError) as exc:

@@ -12,7 +12,6 @@ instead (what happens anyway off Linux).
 from __future__ import annotations
 
 import os
-import select
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ import numpy as np
 
 from ..errors import RuntimeCheckError
 from .base import TensorIO
-from .forkserver import ForkedWorker, ServerFailed, how_it_ended, kill_group, log_tail, server_for, use_fork_server
+from .forkserver import (ForkedWorker, ServerFailed, how_it_ended, kill_group, log_tail, server_for, use_fork_server,
+                         wait_readable)
 from .protocol import decode_arrays, encode_arrays, read_message, write_message
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -164,8 +164,7 @@ class RuntimeSession:
             write_message(self._write_fd, header, payload)
         except (BrokenPipeError, OSError):
             raise self._died(what) from None
-        ready, _, _ = select.select([self._read_fd], [], [], self.timeout_s)
-        if not ready:
+        if not wait_readable(self._read_fd, self.timeout_s):
             self._kill()
             raise RuntimeCheckError(
                 f"{self.runtime} did not answer within {self.timeout_s:g} s while {what} {self.path.name}; "

@@ -26,8 +26,9 @@ from typing import Any
 import jsonschema
 from pydantic import ValidationError
 
-from ..bundle import (DeviceLatency, DeviceMeasurement, DeviceReport, Manifest, load_bundle_manifest,
-                      load_json_schema)
+from ..bundle import DeviceLatency, DeviceMeasurement, DeviceReport, Manifest, load_json_schema
+from ..intake import (MAX_REPORT_BYTES, brief_parity, clean_device, load_bundle_manifest, parse_json, printable,
+                      read_limited)
 from ..errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError
 from ..package import write_manifest_atomic
 from ..target import Budgets
@@ -41,23 +42,25 @@ class IngestResult:
 
 
 def read_report(path: Path) -> tuple[DeviceReport, str]:
+    """A device report, read as untrusted input: a regular file of at most MAX_REPORT_BYTES,
+    JSON without NaN/Infinity and nested at most MAX_JSON_DEPTH deep, every figure finite and
+    in range; its device description and parity figures kept bounded and printable."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read the device report ({exc.strerror or exc})",
-                          "pass the device_report.json written by device/validate.py") from None
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc})", "pass the device_report.json written by the kit") from None
+    raw = read_limited(path, MAX_REPORT_BYTES, "device report")
+    data = parse_json(raw, str(path), "device report")
     try:
         report = DeviceReport.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise BundleError(f"{path}: not an edgepack device report: {where}: {err['msg']}",
+        raise BundleError(f"{path}: not an edgepack device report: {where}: {printable(err['msg'], 200)}",
                           "pass the device_report.json written by device/validate.py or run_android.sh") from None
+    report.device = clean_device(report.device)
+    for artifact in report.artifacts:
+        artifact.parity = brief_parity(artifact.parity)
+        artifact.reason = printable(artifact.reason, 1000) if artifact.reason is not None else None
+    if report.error is not None:
+        report.error = printable(report.error, 1000)
     return report, hashlib.sha256(raw).hexdigest()
 
 
@@ -85,7 +88,7 @@ def ingest_report(bundle_dir: Path, report_path: Path) -> IngestResult:
         for key, mine in (("model", manifest.model.name), ("target", manifest.target.name)):
             theirs = report.bundle.get(key)
             if theirs is not None and theirs != mine:
-                raise BundleError(f"{report_path}: measured {key} {theirs!r}, this bundle is {key} {mine!r}",
+                raise BundleError(f"{report_path}: measured {key} {printable(repr(theirs), 100)}, this bundle is {key} {mine!r}",
                                   "ingest the report into the bundle it was made from")
     by_file = {a.file: a for a in manifest.artifacts if a.file}
     try:
@@ -101,10 +104,10 @@ def ingest_report(bundle_dir: Path, report_path: Path) -> IngestResult:
     for rep in report.artifacts:
         art = by_file.get(rep.file)
         if art is None:
-            raise BundleError(f"{report_path}: reports {rep.file!r}, which this bundle does not ship",
+            raise BundleError(f"{report_path}: reports {printable(repr(rep.file), 100)}, which this bundle does not ship",
                               "ingest the report into the bundle it was made from")
         if rep.sha256 and art.sha256 and rep.sha256 != art.sha256:
-            raise BundleError(f"{report_path}: measured a different {rep.file} (sha256 {rep.sha256[:16]}..., "
+            raise BundleError(f"{report_path}: measured a different {printable(rep.file, 100)} (sha256 {rep.sha256[:16]}..., "
                               f"bundle {art.sha256[:16]}...)", "ingest the report into the bundle it was made from")
         summary: dict[str, Any] = {"file": rep.file, "status": rep.status, "runtime": rep.runtime,
                                    "runtime_version": rep.runtime_version}

@@ -20,15 +20,18 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
 
-from ..bundle import ArtifactEntry, Manifest, load_bundle_manifest, load_npz, sha256_file
+from ..bundle import ArtifactEntry, Manifest, sha256_file
 from ..errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
 from ..export import RUNTIME_FOR_FORMAT
+from ..intake import (check_zip_against_manifest, checksummed_paths, confined, load_bundle_manifest, load_golden,
+                      read_zip_manifest)
 from ..package import MANIFEST, zip_payload_sha256
 from ..parity import ParityReport, compare
 from ..runtimes.base import TensorIO, from_native
@@ -70,12 +73,20 @@ class ValidationResult:
     skipped: list[str] = field(default_factory=list)
 
     @property
+    def parity_passed(self) -> bool:
+        return all(a.passed for a in self.artifacts)
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_OK if all(a.passed for a in self.artifacts) else EXIT_PARITY_OR_BUDGET
+        """0 only when every artifact re-checked here passed parity and the bundle's own build
+        passed: a .failed bundle (a budget exceeded, say) is not made good by passing parity."""
+        return EXIT_OK if self.parity_passed and self.manifest.status == "passed" else EXIT_PARITY_OR_BUDGET
 
     def to_dict(self) -> dict:
         return {"source": str(self.source), "model": self.manifest.model.name, "target": self.manifest.target.name,
                 "passed": self.exit_code == EXIT_OK, "exit_code": self.exit_code,
+                "parity_passed": self.parity_passed, "build_status": self.manifest.status,
+                "build_failures": list(self.manifest.failures),
                 "files_verified": self.files_verified, "artifacts": [a.to_dict() for a in self.artifacts],
                 "skipped": self.skipped}
 
@@ -128,7 +139,8 @@ def stat_is_symlink(info: zipfile.ZipInfo) -> bool:
 
 def extract_bundle_zip(zip_path: Path, scratch: Path) -> tuple[Path, str]:
     """Check and extract; return the bundle root (the zip's top folder, or the zip root) and the
-    payload digest of the zip's entries."""
+    payload digest of the zip's entries. The manifest inside is read first and every other entry
+    must be a file it checksums, at the size it records: nothing else is extracted."""
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -144,49 +156,41 @@ def extract_bundle_zip(zip_path: Path, scratch: Path) -> tuple[Path, str]:
                 raise BundleError(f"{zip_path}: no manifest.json at the top or in a single top folder",
                                   "pass a zip written by edgepack build")
             prefix = next(iter(tops)) + "/"
+        manifest = read_zip_manifest(archive, zip_path, prefix)
+        keep = check_zip_against_manifest(archive.infolist(), manifest, zip_path, prefix)
         try:
-            archive.extractall(scratch)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:  # CRC errors, truncation
+            for info in keep:
+                archive.extract(info, scratch)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # CRC errors, truncation
             raise BundleError(f"{zip_path}: cannot extract ({exc})", "copy or rebuild the archive") from None
         root = scratch / prefix.rstrip("/") if prefix else scratch
-        manifest = load_bundle_manifest(root)
-        if manifest.package is not None:
-            listed = {e.path for e in manifest.package.files} | {MANIFEST}
-            extra = sorted(n[len(prefix):] for n in names if n[len(prefix):] not in listed)
-            if extra:
-                raise BundleError(f"{zip_path}: entries the manifest does not list: {extra[:5]}",
-                                  "the archive was modified after the build; rebuild it")
         digest = zip_payload_sha256(archive, prefix)
     return root, digest
 
 
 # --- files -------------------------------------------------------------------------------
 
-def _inside(root: Path, relative: str) -> Path:
-    parts = PurePosixPath(relative).parts
-    if PurePosixPath(relative).is_absolute() or ".." in parts:
-        raise BundleError(f"manifest.json names {relative!r}, outside the bundle", "rebuild the bundle")
-    return root.joinpath(*parts)
-
-
 def verify_files(root: Path, manifest: Manifest) -> int:
-    """Check the size and sha256 of every file the manifest lists; returns how many."""
-    entries = {}
-    if manifest.package is not None:
-        entries.update({e.path: e for e in manifest.package.files})
-    for art in manifest.artifacts:
-        entries.update({e.path: e for e in art.files})
+    """Check the size and sha256 of every file the manifest lists (each confined to the bundle:
+    no symlink, device or FIFO); the golden files a check reads must be among them. Returns how many."""
+    if manifest.package is None:
+        raise BundleError(f"{root}: the manifest is not sealed (no package section)", "rebuild the bundle")
+    entries = checksummed_paths(manifest)
     needed = [manifest.golden.inputs, manifest.golden.reference_outputs]
     for art in manifest.artifacts:
         if art.golden is not None:
             needed += [art.golden.inputs, art.golden.outputs]
     for relative in needed:
-        if not _inside(root, relative).is_file():
-            raise BundleError(f"{root / relative}: missing", "the bundle is incomplete; copy or rebuild it")
+        confined(root, relative)
+        if relative not in entries:
+            raise BundleError(f"{root / relative}: not checksummed by the manifest",
+                              "every file validate reads must be in package.files; rebuild the bundle")
     for relative in sorted(entries):
-        entry, path = entries[relative], _inside(root, relative)
-        if not path.is_file():
-            raise BundleError(f"{path}: missing", "the bundle is incomplete; copy or rebuild it")
+        entry, path = entries[relative], confined(root, relative)
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(f"{path}: {size:,} bytes, the manifest records {entry.bytes:,}",
+                              "the file was modified or damaged since the build; copy or rebuild the bundle")
         actual = sha256_file(path)
         if actual != entry.sha256:
             raise BundleError(f"{path}: checksum mismatch (sha256 {actual[:16]}..., manifest {entry.sha256[:16]}...)",
@@ -220,9 +224,14 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
     in_specs = [TensorIO(**t.model_dump()) for t in art.io.inputs]
     out_specs = [TensorIO(**t.model_dump()) for t in art.io.outputs]
     output_names = [t.name for t in manifest.io.outputs]
-    inputs = load_npz(_inside(root, art.golden.inputs))
-    reference = load_npz(_inside(root, manifest.golden.reference_outputs))
-    host = load_npz(_inside(root, art.golden.outputs))
+    samples = manifest.golden.samples
+
+    def rows(specs) -> dict[str, tuple[int, ...]]:
+        return {t.name: (samples, *t.shape) for t in specs}
+
+    inputs = load_golden(confined(root, art.golden.inputs), rows(in_specs), {t.name: t.dtype for t in in_specs})
+    reference = load_golden(confined(root, manifest.golden.reference_outputs), rows(manifest.io.outputs))
+    host = load_golden(confined(root, art.golden.outputs), rows(out_specs), {t.name: t.dtype for t in out_specs})
     for label, data, names in ((art.golden.inputs, inputs, [t.name for t in in_specs]),
                                (manifest.golden.reference_outputs, reference, output_names),
                                (art.golden.outputs, host, [t.name for t in out_specs])):
@@ -232,7 +241,7 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
     samples = len(reference[output_names[0]])
     feeds = [[np.ascontiguousarray(inputs[t.name][i]) for t in in_specs] for i in range(samples)]
     ref_rows = [[reference[n][i] for n in output_names] for i in range(samples)]
-    with RuntimeSession(runtime, _inside(root, art.file), threads, timeout_s) as session:
+    with RuntimeSession(runtime, confined(root, art.file), threads, timeout_s) as session:
         got_in, got_out = [_io_key(t) for t in session.inputs], [_io_key(t) for t in session.outputs]
         if got_in != [_io_key(t) for t in in_specs] or got_out != [_io_key(t) for t in out_specs]:
             raise RuntimeCheckError(

@@ -1,13 +1,15 @@
-"""Bounded byte-level fuzzing of real artifacts through the bundle validation (`edgepack validate`).
+"""Bounded fuzzing of everything a bundle carries, through the commands that read it.
 
-    python -m edgepack.fuzz --cases 2000 [--seed 0] [--bundle DIR ...] [--formats onnx,pte,tflite]
-                            [--via inprocess|cli] [--timeout 60] [--json FILE] [--case N --keep DIR]
+    python -m edgepack.fuzz --cases 2000 [--seed 0] [--bundle DIR] [--formats onnx,pte,tflite]
+                            [--kinds artifact,golden,manifest,zip,report,link] [--via inprocess|cli]
+                            [--timeout 60] [--json FILE] [--case N --keep DIR]
 
-Builds one small bundle holding an fp32 artifact per available format (or takes --bundle
-directories), then for each case copies the bundle, damages one artifact's bytes (bit flips,
-overwrites, truncation, insertion, deletion, duplication), rewrites that file's sha256 and size in
-the manifest so the runtime really loads the damaged file, validates the copy and classifies the
-outcome by the exit code `edgepack validate` gives:
+Builds one small bundle holding an fp32 artifact per available format (or takes --bundle), then for
+each case copies the bundle and damages one thing (fuzz/cases.py: an artifact's or a golden file's
+bytes with checksums rewritten so the damage reaches the runtime, the manifest's bytes or values,
+the bundle's zip, a device report, or a file swapped for a symlink out of the bundle), runs the
+command that reads it (`edgepack validate` or `edgepack ingest`) and classifies the outcome by the
+exit code it gives:
 
     0 passed   1 parity failure   2 bundle error   3 runtime error (a clean failure, a crash or a hang)
     internal   an exception that is not an edgepack error (the CLI would print a traceback): a bug
@@ -16,8 +18,9 @@ Runtimes run in child processes, so a crash ends one case, never the fuzzer. The
 from one fork server per runtime that imported it once (runtimes/forkserver.py), so a case costs a
 fraction of a second rather than the runtime's import (10-16 s for ExecuTorch). Each case draws from
 its own seeded generator, so ``--case N`` replays case N alone (``--keep DIR`` keeps its bundle).
-Prints counts per outcome and per format and the commonest messages; exits 1 when a case was
-``internal`` or left a process behind, 130 when interrupted.
+Prints counts per outcome, per kind and per format, the commonest messages and the fuzzer's peak
+memory; exits 1 when a case was ``internal``, read outside its bundle or left a process behind, 130
+when interrupted.
 """
 
 from __future__ import annotations
@@ -26,39 +29,23 @@ import argparse
 import collections
 import json
 import os
-import random
+import resource
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
-from .runtimes.forkserver import fork_server_pids
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
+from ..runtimes.forkserver import fork_server_pids
+from .cases import KINDS, OUTCOMES, Case, prepare_base, run_case
 
-OUTCOMES = ("0", "1", "2", "3", "internal")
 OUTCOME_NAMES = {"0": "passed", "1": "parity failure", "2": "bundle error", "3": "runtime error",
                  "internal": "INTERNAL (not an edgepack error)"}
-MUTATIONS = ("bitflip", "byte-set", "overwrite", "zero-run", "truncate", "insert", "delete", "duplicate")
-INTERESTING_BYTES = (0x00, 0x01, 0x7F, 0x80, 0xFF)
-
-
-@dataclass
-class Case:
-    case: int
-    bundle: str
-    file: str
-    format: str
-    mutation: str
-    detail: str
-    outcome: str = ""
-    message: str = ""
-    seconds: float = 0.0
 
 
 # --- the bundles to fuzz -------------------------------------------------------------------------
@@ -68,7 +55,7 @@ def fuzz_spec():
     import torch
     from torch import nn
 
-    from .spec import ModelSpec, check_spec
+    from ..spec import ModelSpec, check_spec
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -83,7 +70,7 @@ def fuzz_spec():
 
 
 def fuzz_profile(formats: list[str]):
-    from .target import parse_profile
+    from ..target import parse_profile
 
     return parse_profile({
         "name": "fuzz", "description": "edgepack.fuzz: one fp32 artifact per format, short loops",
@@ -98,7 +85,7 @@ def fuzz_profile(formats: list[str]):
 
 def build_bundle(formats: list[str], out: Path, say) -> Path:
     """Build the fuzz bundle with --keep-going; a format that fails to build is left out, not fatal."""
-    from .pipeline import BuildOptions, build
+    from ..pipeline import BuildOptions, build
 
     result = build(fuzz_spec(), fuzz_profile(formats), "edgepack.fuzz",
                    BuildOptions(out_dir=out, keep_going=True, progress=say, check_reproducible=False,
@@ -108,104 +95,9 @@ def build_bundle(formats: list[str], out: Path, say) -> Path:
     return result.bundle_dir
 
 
-def runnable_artifacts(bundle: Path) -> list[tuple[str, str]]:
-    """(file, format) of every artifact the bundle ships and validate can run."""
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    return [(a["file"], a["format"]) for a in manifest["artifacts"]
-            if a.get("file") and a.get("files") and a.get("golden") and a.get("io") and a.get("parity")]
-
-
-# --- mutations -----------------------------------------------------------------------------------
-
-def _offset(rng: random.Random, size: int) -> int:
-    if size <= 0:
-        return 0
-    if rng.random() < 0.25:  # headers, magic numbers and root offsets live at the start
-        return rng.randrange(min(size, 64))
-    return rng.randrange(size)
-
-
-def mutate(data: bytes, mutation: str, rng: random.Random) -> tuple[bytes, str]:
-    """Damage ``data``; returns the new bytes and what was done."""
-    buf = bytearray(data)
-    size = len(buf)
-    if mutation == "bitflip":
-        spots = [_offset(rng, size) for _ in range(rng.randint(1, 8))]
-        for spot in spots:
-            buf[spot] ^= 1 << rng.randrange(8)
-        return bytes(buf), f"flipped bits at {sorted(spots)}"
-    if mutation == "byte-set":
-        spots = [_offset(rng, size) for _ in range(rng.randint(1, 16))]
-        for spot in spots:
-            buf[spot] = rng.choice(INTERESTING_BYTES)
-        return bytes(buf), f"set bytes at {sorted(spots)}"
-    start = _offset(rng, size)
-    length = rng.randint(1, 256)
-    if mutation == "overwrite":
-        buf[start:start + length] = rng.randbytes(len(buf[start:start + length]))
-        return bytes(buf), f"overwrote {length} bytes at {start}"
-    if mutation == "zero-run":
-        buf[start:start + length] = bytes(len(buf[start:start + length]))
-        return bytes(buf), f"zeroed {length} bytes at {start}"
-    if mutation == "truncate":
-        cut = rng.randrange(size) if size else 0
-        return bytes(buf[:cut]), f"truncated to {cut} of {size} bytes"
-    if mutation == "insert":
-        return bytes(buf[:start] + rng.randbytes(length) + buf[start:]), f"inserted {length} bytes at {start}"
-    if mutation == "delete":
-        return bytes(buf[:start] + buf[start + length:]), f"deleted {length} bytes at {start}"
-    if mutation == "duplicate":
-        source = rng.randrange(size) if size else 0
-        chunk = buf[source:source + length]
-        return bytes(buf[:start] + chunk + buf[start:]), f"copied {len(chunk)} bytes from {source} to {start}"
-    raise ValueError(f"unknown mutation {mutation!r}")
-
-
-def reseal(bundle: Path, relative: str) -> None:
-    """Record ``relative``'s new sha256 and size in the manifest, as if the build had written it."""
-    from .bundle import sha256_file
-
-    path = bundle / relative
-    digest, size = sha256_file(path), path.stat().st_size
-    manifest_path = bundle / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for art in manifest["artifacts"]:
-        for entry in art.get("files") or []:
-            if entry["path"] == relative:
-                entry.update(sha256=digest, bytes=size)
-                art["bytes"] = sum(e["bytes"] for e in art["files"])
-                if art.get("file") == relative:
-                    art["sha256"] = digest
-    package = manifest.get("package")
-    if package:
-        for entry in package.get("files", []):
-            if entry["path"] == relative:
-                entry.update(sha256=digest, bytes=size)
-        from .package import payload_sha256
-
-        package["payload_sha256"] = payload_sha256(bundle, [e["path"] for e in package.get("files", [])])
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-# --- validation and classification ---------------------------------------------------------------
-
-def validate_inprocess(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
-    """What `edgepack validate BUNDLE --artifact FILE` exits with, and its message (same code, no argparse)."""
-    from .steps.validate import validate_bundle
-
-    try:
-        result = validate_bundle(bundle, artifact=file, threads=1, timeout_s=timeout_s)
-    except EdgepackError as exc:
-        return str(exc.exit_code), exc.message
-    except Exception as exc:  # the point of fuzzing: anything else is a bug, recorded, never fatal
-        return "internal", f"{type(exc).__name__}: {exc} | " + traceback.format_exc(limit=-3).replace("\n", " | ")
-    failed = [check.file for check in result.artifacts if not check.passed]
-    return str(result.exit_code), ("parity failed: " + ", ".join(failed)) if failed else "passed"
-
-
-def validate_cli(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
+def validate_cli(bundle: Path, file: str | None, timeout_s: float) -> tuple[str, str]:
     """Run `python -m edgepack.cli validate` itself."""
-    command = [sys.executable, "-m", "edgepack.cli", "validate", str(bundle), "--artifact", file,
+    command = [sys.executable, "-m", "edgepack.cli", "validate", str(bundle), *(["--artifact", file] if file else []),
                "--timeout", str(timeout_s), "--threads", "1", "--json"]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s * 4 + 120)
@@ -215,7 +107,7 @@ def validate_cli(bundle: Path, file: str, timeout_s: float) -> tuple[str, str]:
     if "Traceback" in proc.stderr or str(proc.returncode) not in OUTCOMES:
         return "internal", f"exit {proc.returncode}: " + " | ".join(lines[-3:])
     if proc.returncode in (0, 1):
-        return str(proc.returncode), "passed" if proc.returncode == 0 else "parity failed: " + file
+        return str(proc.returncode), "passed" if proc.returncode == 0 else f"parity failed: {file or 'bundle'}"
     return str(proc.returncode), next((line for line in lines if "error" in line.split(":")[0]), " | ".join(lines[-2:]))
 
 
@@ -223,6 +115,7 @@ def signature(message: str, bundle: Path) -> str:
     """The message with paths, numbers and hex runs masked, so alike failures count together."""
     text = message.splitlines()[0] if message else ""
     text = text.replace(str(bundle), "<bundle>")
+    text = re.sub(r"\S*/case-\d+", "<case>", text)
     text = re.sub(r"0x[0-9a-fA-F]+|\b[0-9a-f]{16,}\b", "<hex>", text)
     text = re.sub(r"\d+", "N", text)
     return text[:140]
@@ -247,28 +140,6 @@ def tagged_processes(tag: str) -> list[int]:
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def run_case(number: int, seed: int, targets: list[tuple[Path, str, str]], scratch: Path, validate,
-             timeout_s: float, keep: Path | None = None) -> Case:
-    rng = random.Random(f"edgepack-fuzz:{seed}:{number}")
-    bundle, file, fmt = targets[rng.randrange(len(targets))]
-    mutation = rng.choice(MUTATIONS)
-    work = keep if keep is not None else scratch / f"case-{number}"
-    shutil.copytree(bundle, work, dirs_exist_ok=True)
-    data, detail = mutate((work / file).read_bytes(), mutation, rng)
-    (work / file).write_bytes(data)
-    reseal(work, file)
-    case = Case(case=number, bundle=str(bundle), file=file, format=fmt, mutation=mutation, detail=detail)
-    started = time.monotonic()
-    try:
-        case.outcome, message = validate(work, file, timeout_s)
-        case.message = signature(message, work) if case.outcome != "internal" else message[:2000]
-    finally:
-        case.seconds = round(time.monotonic() - started, 3)
-        if keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    return case
-
-
 def runtime_error_kind(message: str) -> str:
     """How a runtime error (outcome 3) ended: the worker was killed by a signal, hung, or failed cleanly."""
     if " was killed by " in message:
@@ -278,26 +149,44 @@ def runtime_error_kind(message: str) -> str:
     return "clean"
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """Largest resident set of this process and of its largest waited-for child (Linux reports KiB)."""
+    return {"fuzzer": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "largest_child": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
 def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, out, servers: int = 0) -> dict:
     by_outcome = collections.Counter(c.outcome for c in cases)
+    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     by_format: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     format_seconds: dict[str, list[float]] = collections.defaultdict(list)
     messages: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for case in cases:
-        by_format[case.format][case.outcome] += 1
-        format_seconds[case.format].append(case.seconds)
-        messages[case.outcome][case.message] += 1
+        by_kind[case.kind][case.outcome] += 1
+        if case.kind == "artifact":
+            by_format[case.format][case.outcome] += 1
+            format_seconds[case.format].append(case.seconds)
+        messages[case.outcome][signature(case.message, Path(case.bundle)) if case.outcome != "internal"
+                               else case.message[:2000]] += 1
+    violations = [c for c in cases if c.violation]
+    memory = peak_memory_mb()
     out.write(f"edgepack fuzz: {len(cases)} case(s), seed {seed}, {seconds:.1f} s, "
-              f"{servers} fork server(s)\n")
+              f"{servers} fork server(s), peak memory {memory['fuzzer']:.0f} MB (largest child "
+              f"{memory['largest_child']:.0f} MB)\n")
     out.write("outcome (exit code)                        cases\n")
     for outcome in OUTCOMES:
         out.write(f"  {outcome:<9} {OUTCOME_NAMES[outcome]:<33} {by_outcome.get(outcome, 0):>5}\n")
-    kinds = {fmt: collections.Counter(runtime_error_kind(c.message) for c in cases if c.format == fmt and c.outcome == "3")
+    out.write("per kind (what was damaged)\n")
+    for kind in KINDS:
+        if kind in by_kind:
+            out.write(f"  {kind:<9} " + "  ".join(f"{o}={by_kind[kind].get(o, 0)}" for o in OUTCOMES) + "\n")
+    kinds = {fmt: collections.Counter(runtime_error_kind(c.message) for c in cases
+                                      if c.kind == "artifact" and c.format == fmt and c.outcome == "3")
              for fmt in sorted(by_format)}
-    out.write("runtime errors (3) by how the worker ended: " + "; ".join(
+    out.write("artifact runtime errors (3) by how the worker ended: " + "; ".join(
         f"{fmt} " + ", ".join(f"{kind}={counts.get(kind, 0)}" for kind in ("clean", "crash", "hang"))
         for fmt, counts in kinds.items()) + "\n")
-    out.write("per format                                                 validate s/case (mean, max)\n")
+    out.write("artifact cases per format                                  validate s/case (mean, max)\n")
     for fmt in sorted(by_format):
         counts = "  ".join(f"{o}={by_format[fmt].get(o, 0)}" for o in OUTCOMES)
         times = format_seconds[fmt]
@@ -306,18 +195,22 @@ def summarize(cases: list[Case], leaks: list[str], seconds: float, seed: int, ou
         for message, count in messages[outcome].most_common(5):
             out.write(f"  [{outcome}] x{count}: {message[:200]}\n")
     for case in cases:
-        if case.outcome == "internal":
-            out.write(f"INTERNAL case {case.case} ({case.file}, {case.mutation}: {case.detail}); replay: "
+        if case.outcome == "internal" or case.violation:
+            what = case.violation or "INTERNAL"
+            out.write(f"{what}: case {case.case} ({case.kind} {case.file}, {case.mutation}: {case.detail}); replay: "
                       f"python -m edgepack.fuzz --seed {seed} --case {case.case} --bundle {case.bundle} --keep DIR\n")
     for leak in leaks:
         out.write(f"LEAK {leak}\n")
     return {"seed": seed, "cases": len(cases), "seconds": round(seconds, 1), "fork_servers": servers,
+            "peak_memory_mb": memory,
             "outcomes": {o: by_outcome.get(o, 0) for o in OUTCOMES},
+            "by_kind": {kind: {o: counts.get(o, 0) for o in OUTCOMES} for kind, counts in sorted(by_kind.items())},
             "by_format": {fmt: {o: counts.get(o, 0) for o in OUTCOMES} for fmt, counts in sorted(by_format.items())},
             "runtime_errors": {fmt: {k: counts.get(k, 0) for k in ("clean", "crash", "hang")}
                                for fmt, counts in kinds.items()},
             "seconds_per_case": {fmt: {"mean": round(sum(t) / len(t), 3), "max": max(t)}
                                  for fmt, t in sorted(format_seconds.items())},
+            "violations": [asdict(c) for c in violations],
             "messages": {o: dict(messages[o].most_common()) for o in OUTCOMES if messages[o]},
             "leaks": leaks, "records": [asdict(c) for c in cases]}
 
@@ -327,12 +220,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--case", type=int, help="replay this one case only")
-    parser.add_argument("--bundle", action="append", type=Path, help="fuzz this bundle (repeatable); "
-                        "default: build one with an fp32 artifact per available format")
+    parser.add_argument("--bundle", type=Path, help="fuzz this bundle; default: build one with an fp32 artifact "
+                                                    "per available format")
     parser.add_argument("--formats", help="formats to build, comma-separated (default: every registered one)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"what to damage, comma-separated (default: all of {', '.join(KINDS)})")
     parser.add_argument("--via", choices=["inprocess", "cli"], default="inprocess",
-                        help="inprocess: edgepack.validate (runtimes still in child processes; fast); "
-                             "cli: a `python -m edgepack.cli validate` process per case")
+                        help="inprocess: edgepack's validate/ingest (runtimes still in child processes; fast); "
+                             "cli: a `python -m edgepack.cli validate` process per validate case")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a runtime may take per call")
     parser.add_argument("--work", type=Path, help="where to build and copy bundles (default: a temp dir)")
     parser.add_argument("--keep", type=Path, help="with --case: keep the damaged bundle in this directory")
@@ -344,12 +239,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    if args.cases < 0 or args.timeout <= 0:
-        print("error: --cases must be >= 0 and --timeout > 0", file=sys.stderr)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if args.cases < 0 or args.timeout <= 0 or not kinds or set(kinds) - set(KINDS):
+        print(f"error: --cases must be >= 0, --timeout > 0, --kinds among {', '.join(KINDS)}", file=sys.stderr)
         return EXIT_USAGE
     if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
         print(f"error: --keep {args.keep}: must not exist or be empty", file=sys.stderr)
         return EXIT_USAGE
+    from .cases import validate_inprocess
+
     validate = validate_cli if args.via == "cli" else validate_inprocess
     # Tag first, so the fork servers the bundle build starts carry it too, and so their workers.
     tag = os.environ.setdefault(TAG_VAR, uuid.uuid4().hex)
@@ -357,21 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            bundles = list(args.bundle or [])
-            if not bundles:
-                from .export import registry
+            bundle = args.bundle
+            if bundle is None:
+                from ..export import registry
 
                 formats = args.formats.split(",") if args.formats else sorted(registry())
                 say(f"building the fuzz bundle ({', '.join(formats)}, fp32)")
-                bundles = [build_bundle(formats, work / "dist", say)]
-            targets = [(b, file, fmt) for b in bundles for file, fmt in runnable_artifacts(b)]
+                bundle = build_bundle(formats, work / "dist", say)
+            base = prepare_base(bundle, work)
         except (EdgepackError, OSError, ValueError, KeyError) as exc:
-            print(f"error: cannot prepare the bundles to fuzz: {exc}", file=sys.stderr)
+            print(f"error: cannot prepare the bundle to fuzz: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if not targets:
-            print("error: no runnable artifact in " + ", ".join(map(str, bundles)), file=sys.stderr)
+        if not base.artifacts:
+            print(f"error: no runnable artifact in {bundle}", file=sys.stderr)
             return EXIT_USAGE
-        say("fuzzing " + ", ".join(f"{b.name}/{f}" for b, f, _ in targets))
+        say(f"fuzzing {bundle} ({', '.join(f for f, _ in base.artifacts)}): {', '.join(kinds)}")
         numbers = [args.case] if args.case is not None else list(range(args.cases))
         cases: list[Case] = []
         leaks: list[str] = []
@@ -382,17 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             for number in numbers:
                 keep = args.keep if args.case is not None else None
                 try:
-                    case = run_case(number, args.seed, targets, work, validate, args.timeout, keep)
+                    case = run_case(number, args.seed, base, work, args.timeout, kinds, keep, validate)
                 except Exception as exc:  # a bug in this driver: recorded like edgepack's own, never fatal
-                    case = Case(case=number, bundle="", file="", format="?", mutation="", detail="",
-                                outcome="internal", message=f"fuzz driver: {type(exc).__name__}: {exc}")
+                    case = Case(case=number, kind="?", bundle=str(bundle), file="", format="?", mutation="",
+                                detail="", outcome="internal",
+                                message=f"fuzz driver: {type(exc).__name__}: {exc} | "
+                                        + traceback.format_exc(limit=-3).replace("\n", " | "))
                 cases.append(case)
                 servers = fork_server_pids()
                 servers_seen.update(servers)
                 left = [pid for pid in tagged_processes(tag) if pid not in servers]
                 if left:
                     leaks.append(f"case {number}: process(es) {left} still running after validation")
-                say(f"case {number}: {case.file} {case.mutation} -> {case.outcome} ({case.seconds:.1f} s) "
+                say(f"case {number}: {case.kind} {case.file} {case.mutation} -> {case.outcome} ({case.seconds:.1f} s) "
                     f"{case.message[:100]}")
         except KeyboardInterrupt:
             interrupted = True
@@ -402,8 +302,4 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if interrupted:
         return EXIT_INTERRUPTED
-    return 1 if summary["outcomes"]["internal"] or leaks else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 1 if summary["outcomes"]["internal"] or summary["violations"] or leaks else 0
