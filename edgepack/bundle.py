@@ -198,6 +198,9 @@ class GoldenInfo(_Strict):
     inputs: str
     reference_outputs: str
     samples: int = Field(ge=1)
+    # where the parity set came from: the first calibration samples, then the held-out ones
+    calibration_samples: int | None = Field(default=None, ge=0)
+    holdout_samples: int | None = Field(default=None, ge=0)
 
 
 class PackageInfo(_Strict):

@@ -137,13 +137,19 @@ class _Builder:
                               "with one ONNX supports (run with --debug for the full error)") from exc
         parity_samples = calibration[: profile.parity.calibration_samples] + holdout
         parity_inputs = [as_numpy(s) for s in parity_samples]
+        masks = {output: (mask, [x[input_names.index(mask)] for x in parity_inputs])
+                 for output, mask in (spec.output_masks or {}).items()}
+        if not holdout:
+            self.findings.warnings.append(
+                "parity ran on calibration samples only: the spec gives no held-out samples, so the parity "
+                "figures show how the artifact does on the data it was calibrated on; add `holdout` to the spec")
         with RuntimeSession("onnxruntime", ref_files[0], self.threads, self.options.runtime_timeout_s) as ref:
             reference = [ref.run(x) for x in parity_inputs]
             ref_bench = ref.bench(parity_inputs[0], profile.latency.warmup, profile.latency.runs)
             ref_version = ref.info.get("version", "")
         torch_outputs = [[o.numpy() for o in torch_outputs_fn(model)(s)] for s in parity_samples]
         fp32_tol = (profile.tolerances["fp32"].model_dump() if "fp32" in profile.tolerances else DEFAULT_FP32_TOLERANCE)
-        torch_parity = compare(reference, torch_outputs, fp32_tol, output_names, self.score_outputs)
+        torch_parity = compare(reference, torch_outputs, fp32_tol, output_names, self.score_outputs, masks)
         if not torch_parity.passed:
             self.findings.fail("the float ONNX reference does not match the torch model: " + torch_parity.summary(),
                                EXIT_PARITY_OR_BUDGET)
@@ -166,7 +172,7 @@ class _Builder:
                                    threads=self.threads, train_data=spec.train_data, loss=spec.loss,
                                    reference_onnx=ref_files[0], extras=stage_ctx.extras)
         judge = ArtifactJudge(profile=profile, ctx=export_ctx, staged=staged,
-                              reference=Reference(parity_inputs, reference, output_names, ref_bytes),
+                              reference=Reference(parity_inputs, reference, output_names, ref_bytes, masks),
                               findings=self.findings, say=self.say, threads=self.threads,
                               timeout_s=self.options.runtime_timeout_s, keep_going=self.options.keep_going,
                               check_reproducible=self.options.check_reproducible, evaluate=self.evaluate,
@@ -201,7 +207,8 @@ class _Builder:
             artifacts=artifacts,
             accuracy=accuracy,
             golden=GoldenInfo(inputs="golden/inputs.npz", reference_outputs="golden/reference_outputs.npz",
-                              samples=len(parity_inputs)),
+                              samples=len(parity_inputs), calibration_samples=len(parity_samples) - len(holdout),
+                              holdout_samples=len(holdout)),
             toolchain=toolchain_versions(),
             host=host_info(),
             timings=self.timings,

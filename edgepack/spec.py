@@ -49,6 +49,10 @@ class ModelSpec:
     loss: optional ``loss(outputs_tuple, target) -> Tensor`` (default: cross-entropy on output 0).
     student: optional ``student() -> nn.Module`` for distillation into a smaller model.
     input_names / output_names: optional names; default ``input_0..`` / ``output_0..``.
+    score_outputs: optional names of the outputs holding class scores (judged by top-1 too);
+        default: any [1, C] float output.
+    output_masks: optional {output name: input name}: judge that output only where the input
+        is nonzero (e.g. a per-token output and its attention_mask, so padding does not count).
     """
 
     name: str
@@ -63,6 +67,7 @@ class ModelSpec:
     input_names: Sequence[str] | None = None
     output_names: Sequence[str] | None = None
     score_outputs: Sequence[str] | None = None
+    output_masks: Mapping[str, str] | None = None
     source: str = ""
     source_sha256: str = ""
     notes: list[str] = field(default_factory=list)
@@ -199,6 +204,18 @@ def check_spec(spec: ModelSpec, where: str) -> None:
         raise SpecError(f"{where}: {len(spec.input_names)} input_names for {n_inputs} inputs", "give one name per input")
     if spec.output_names is not None and len(spec.output_names) != len(outputs):
         raise SpecError(f"{where}: {len(spec.output_names)} output_names for {len(outputs)} outputs", "give one name per output")
+    if spec.output_masks is not None:
+        inputs = spec.resolved_input_names()
+        outputs_named = spec.resolved_output_names(len(outputs))
+        for output, mask in dict(spec.output_masks).items():
+            if output not in outputs_named or mask not in inputs:
+                raise SpecError(f"{where}: output_masks maps {output!r} -> {mask!r}; outputs are {outputs_named}, "
+                                f"inputs {inputs}", "map an output name to the input that marks its valid positions")
+            shape_in = tuple(spec.example_inputs[inputs.index(mask)].shape)
+            shape_out = tuple(outputs[outputs_named.index(output)].shape)
+            if shape_out[:len(shape_in)] != shape_in:
+                raise SpecError(f"{where}: output_masks: {mask!r} {shape_in} does not lead {output!r} {shape_out}",
+                                "the mask's shape must be the output's leading dims, e.g. [1, S] for [1, S, H]")
     for label, data in (("calibration", spec.calibration), ("holdout", spec.holdout), ("train_data", spec.train_data)):
         if data is not None and not _reiterable(data):
             raise SpecError(f"{where}: {label} is a one-shot iterator ({type(data).__name__}); edgepack reads it more "

@@ -175,7 +175,7 @@ def verify_files(bundle, manifest, selected):
         for entry in art.get("files") or []:
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
                 entries[entry["path"]] = entry
-    needed = [manifest["golden"]["reference_outputs"]]
+    needed = [manifest["golden"]["reference_outputs"], manifest["golden"]["inputs"]]
     for art in selected:
         needed += [art["file"], art["golden"]["inputs"], art["golden"]["outputs"]]
     for relative in needed:
@@ -387,20 +387,66 @@ def is_class_scores(shape, dtype):
     return len(shape) == 2 and shape[0] == 1 and shape[1] >= 2 and np.issubdtype(dtype, np.floating)
 
 
-def compare_output(name, reference, actual, tolerance, scores=None):
-    """reference/actual: one array per sample. Returns a dict like edgepack's OutputParity."""
-    ref = [np.asarray(r, dtype=np.float64).ravel() for r in reference]
-    out = [np.asarray(a, dtype=np.float64).ravel() for a in actual]
+DECISIVE_SIGMAS = 4.0  # as edgepack/parity.py: a float margin above this many error RMS is decisive
+MIN_DECISIVE = 4
+MIN_DECISIVE_SHARE = 0.25
+TIE_SHARE = 0.1  # ... and a near-tie is within this share of the float scores' range (max - min)
 
-    def result(max_abs, mean_abs, cos_mean, cos_min, sqnr, top1, violations, failures):
+
+def top1_decisions(ref, out):
+    """Top-1 agreement judged per decision (module docstring of edgepack/parity.py): with sigma the
+    RMS of the artifact's error on a sample and band = DECISIVE_SIGMAS x sigma, a change of answer
+    is a near-tie when the float model scored the artifact's answer within band of its own, and a
+    decisive flip otherwise; a sample whose float runner-up is beyond band is decisive."""
+    decisive = agree = flips = near = 0
+    for r, a in zip(ref, out):
+        top, choice = int(np.argmax(r)), int(np.argmax(a))
+        # a tie: within what the error could flip, and a small part of the float scores' spread
+        band = min(DECISIVE_SIGMAS * float(np.sqrt(np.mean((a - r) ** 2))), TIE_SHARE * float(np.ptp(r)))
+        runner_up = float(np.sort(r)[-2])
+        if choice != top and float(r[top] - r[choice]) > band:
+            decisive += 1
+            flips += 1
+        elif float(r[top]) - runner_up > band:
+            decisive += 1
+            agree += 1
+        elif choice != top:
+            near += 1
+    return {"decisive": decisive, "agreement": agree / decisive if decisive else None, "flips": flips,
+            "near_tie_flips": near}
+
+
+def _select(values, masks):
+    if masks is None:
+        return [np.asarray(v, dtype=np.float64).ravel() for v in values]
+    picked = []
+    for value, mask in zip(values, masks):
+        value, mask = np.asarray(value, dtype=np.float64), np.asarray(mask) != 0
+        if value.shape[:mask.ndim] != mask.shape:
+            raise ValueError(f"mask of shape {mask.shape} does not lead output of shape {value.shape}")
+        picked.append(value[mask].ravel())
+    return picked
+
+
+def compare_output(name, reference, actual, tolerance, scores=None, masks=None, masked_by=None):
+    """reference/actual: one array per sample. Returns a dict like edgepack's OutputParity."""
+
+    def result(max_abs, mean_abs, cos_mean, cos_min, sqnr, top1, violations, failures, decisions=None, notes=()):
+        decisions = decisions or {}
         return {"name": name, "max_abs_error": max_abs, "mean_abs_error": mean_abs, "cosine_mean": cos_mean,
                 "cosine_min": cos_min, "sqnr_db": sqnr, "top1_agreement": top1,
-                "allclose_violations": violations, "passed": not failures, "failures": failures}
+                "allclose_violations": violations, "passed": not failures, "failures": failures,
+                "top1_decisive_samples": decisions.get("decisive"),
+                "top1_decisive_agreement": decisions.get("agreement"),
+                "top1_decisive_flips": decisions.get("flips"),
+                "top1_near_tie_flips": decisions.get("near_tie_flips"),
+                "notes": list(notes), "masked_by": masked_by}
 
-    for r, a in zip(ref, out):
-        if r.shape != a.shape:
+    for r, a in zip(reference, actual):
+        if np.shape(r) != np.shape(a):
             return result(math.inf, math.inf, 0.0, 0.0, -SQNR_CAP_DB, None, None,
-                          [f"shape {a.shape} differs from reference {r.shape}"])
+                          [f"shape {np.shape(a)} differs from reference {np.shape(r)}"])
+    ref, out = _select(reference, masks), _select(actual, masks)
     ref_all, out_all = np.concatenate(ref), np.concatenate(out)
     err = out_all - ref_all
     finite = bool(np.isfinite(out_all).all())
@@ -411,16 +457,20 @@ def compare_output(name, reference, actual, tolerance, scores=None):
     noise_power = float(np.sum(err ** 2)) if finite else math.inf
     if noise_power == 0.0:
         sqnr = SQNR_CAP_DB
-    elif signal_power == 0.0 or not math.isfinite(noise_power):
+    elif signal_power <= 0.0 or not math.isfinite(noise_power):
         sqnr = -SQNR_CAP_DB
     else:
         sqnr = max(-SQNR_CAP_DB, min(SQNR_CAP_DB, 10.0 * math.log10(signal_power / noise_power)))
     if scores is None:
         first = np.asarray(reference[0])
-        scores = is_class_scores(first.shape, first.dtype)
-    top1 = float(np.mean([int(np.argmax(r) == np.argmax(a)) for r, a in zip(ref, out)])) if scores else None
+        scores = is_class_scores(first.shape, first.dtype) and masks is None
+    top1, decisions = None, None
+    if scores:
+        top1 = float(np.mean([int(np.argmax(r) == np.argmax(a)) for r, a in zip(ref, out)]))
+        decisions = top1_decisions(ref, out) if finite else {"decisive": 0, "agreement": None, "flips": 0,
+                                                             "near_tie_flips": 0}
     violations = None
-    failures = []
+    failures, notes = [], []
     if not finite:
         failures.append("output contains NaN/Inf")
     atol, rtol = tolerance.get("atol"), tolerance.get("rtol")
@@ -433,19 +483,35 @@ def compare_output(name, reference, actual, tolerance, scores=None):
         failures.append(f"cosine min {min(cosines):.5f} < {tolerance['min_cosine']}")
     if tolerance.get("min_sqnr_db") is not None and sqnr < tolerance["min_sqnr_db"]:
         failures.append(f"SQNR {sqnr:.2f} dB < {tolerance['min_sqnr_db']} dB")
-    if tolerance.get("min_top1_agreement") is not None and top1 is not None and top1 < tolerance["min_top1_agreement"]:
-        failures.append(f"top-1 agreement {top1:.3f} < {tolerance['min_top1_agreement']}")
+    threshold = tolerance.get("min_top1_agreement")
+    if decisions is not None:
+        if decisions["near_tie_flips"]:
+            notes.append(f"top-1 changed on {decisions['near_tie_flips']} near-tie sample(s) where the float model "
+                         f"scored both answers within the tie band (not a failure)")
+        if threshold is not None and finite:
+            needed = max(MIN_DECISIVE, math.ceil(MIN_DECISIVE_SHARE * len(ref)))
+            if decisions["decisive"] < needed and not decisions["flips"]:
+                notes.append(f"top-1 not judged: only {decisions['decisive']} of {len(ref)} sample(s) were decisive "
+                             f"(at least {needed} needed): the artifact's error is as large as the float model's "
+                             f"margins, or the samples are ones the model is unsure about")
+            elif decisions["flips"]:
+                failures.append(f"top-1 changed on {decisions['flips']} of {decisions['decisive']} decisive sample(s) "
+                                f"(the float model ranked the artifact's answer clearly lower: beyond the tie band)")
+            elif decisions["agreement"] < threshold:
+                failures.append(f"top-1 agreement on decisive samples {decisions['agreement']:.3f} < {threshold}")
     return result(max_abs, mean_abs, float(np.mean(cosines)), float(np.min(cosines)), float(sqnr), top1,
-                  violations, failures)
+                  violations, failures, decisions, notes)
 
 
-def compare(reference, actual, tolerance, output_names, score_outputs=None):
-    """reference/actual: per sample, a list of model-level float outputs."""
+def compare(reference, actual, tolerance, output_names, score_outputs=None, masks=None):
+    """reference/actual: per sample, a list of model-level float outputs; masks: output name ->
+    (input name, per-sample masks) for outputs judged only where the mask is nonzero."""
     outputs = []
     for index, name in enumerate(output_names):
         scores = None if score_outputs is None else name in score_outputs
+        masked_by, sample_masks = (masks or {}).get(name, (None, None))
         outputs.append(compare_output(name, [s[index] for s in reference], [s[index] for s in actual],
-                                      tolerance, scores))
+                                      tolerance, scores, sample_masks, masked_by))
     thresholds = {k: v for k, v in tolerance.items() if v is not None}
     return {"passed": all(o["passed"] for o in outputs), "samples": len(reference), "thresholds": thresholds,
             "outputs": outputs}
@@ -538,6 +604,22 @@ def golden_rows(bundle, art, manifest):
     return rows, ref_rows, host, model_outputs
 
 
+def recorded_masks(bundle, manifest, art, samples):
+    """Outputs the build judged only where a model input is nonzero (``masked_by``): those
+    masks, from the bundle's model-level golden inputs."""
+    recorded = (art.get("parity") or {}).get("outputs") or []
+    wanted = {o["name"]: o["masked_by"] for o in recorded if isinstance(o, dict) and o.get("masked_by")}
+    if not wanted:
+        return None
+    shapes = {t["name"]: (samples, *t["shape"]) for t in manifest["io"].get("inputs") or []}
+    model_inputs = load_npz(confined(bundle, manifest["golden"]["inputs"]), shapes)
+    missing = [source for source in wanted.values() if source not in model_inputs]
+    if missing:
+        raise SetupError(f"{manifest['golden']['inputs']}: no input(s) {missing} to mask outputs with",
+                         "the bundle is inconsistent; rebuild it")
+    return {output: (source, [model_inputs[source][i] for i in range(samples)]) for output, source in wanted.items()}
+
+
 def score_outputs_of(art, model_outputs):
     """Which outputs carry class scores: those the build judged by top-1 (else decide by shape)."""
     recorded = (art.get("parity") or {}).get("outputs")
@@ -569,7 +651,8 @@ def check_artifact(bundle, manifest, art, threads, warmup, runs, say):
         raise ArtifactRuntimeError(f"{art['file']} returned {len(native[0])} outputs, the manifest lists {len(out_specs)}")
     outputs = [[dequantize(np.asarray(v), spec) for v, spec in zip(sample, out_specs)] for sample in native]
     tolerance = art["parity"].get("thresholds") or {}
-    parity = compare(ref_rows, outputs, tolerance, model_outputs, score_outputs_of(art, model_outputs))
+    parity = compare(ref_rows, outputs, tolerance, model_outputs, score_outputs_of(art, model_outputs),
+                     recorded_masks(bundle, manifest, art, len(ref_rows)))
     agreement = host_agreement(native, host, out_specs)
     say(f"  timing {art['file']}: {warmup} warmup + {runs} runs, {threads} thread(s)")
     feeds = rows[0]

@@ -58,6 +58,8 @@ class Reference:
     outputs: list[list[np.ndarray]]  # per sample, the float ONNX outputs (onnxruntime)
     output_names: list[str]
     bytes: int  # the float ONNX's bytes, for size ratios
+    # output name -> (input name, per-sample masks): judged only where the mask is nonzero
+    masks: dict[str, tuple[str, list[np.ndarray]]] | None = None
 
 
 def isolated(ctx: ExportContext, **changes: Any) -> ExportContext:
@@ -216,7 +218,8 @@ class ArtifactJudge:
                 result.notes.append(f"{result.runtime}: ops left outside {info['delegation']['delegate'] or 'a delegate'}"
                                     f" (run by the runtime's own kernels): {left}")
         tolerance = profile.tolerance_for(config.precision).model_dump()
-        parity = compare(self.reference.outputs, outputs, tolerance, self.reference.output_names, self.score_outputs)
+        parity = compare(self.reference.outputs, outputs, tolerance, self.reference.output_names, self.score_outputs,
+                         self.reference.masks)
         golden_in = f"golden/{config.file_name}.inputs.npz"
         golden_out = f"golden/{config.file_name}.outputs.npz"
         bundle_mod.save_npz(staged / golden_in, stack_samples(native_inputs, [t.name for t in io.inputs]))

@@ -254,9 +254,27 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
     recorded = art.parity.get("outputs") or []
     scores = ([o["name"] for o in recorded if o.get("top1_agreement") is not None]
               if len(recorded) == len(output_names) else None)
-    parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, scores)
+    parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, scores,
+                     _recorded_masks(root, manifest, recorded, samples))
     return ArtifactCheck(file=art.file, format=art.format, precision=art.precision, runtime=runtime,
                          runtime_version=version, parity=parity, host_agreement=_agreement(native, host, out_specs))
+
+
+def _recorded_masks(root: Path, manifest: Manifest, recorded: list[dict], samples: int) -> dict | None:
+    """The masks the build judged outputs with (``masked_by``: a model input), read from the
+    bundle's model-level golden inputs."""
+    wanted = {o["name"]: o["masked_by"] for o in recorded if isinstance(o, dict) and o.get("masked_by")}
+    if not wanted:
+        return None
+    model_inputs = load_golden(confined(root, manifest.golden.inputs),
+                               {t.name: (samples, *t.shape) for t in manifest.io.inputs})
+    masks = {}
+    for output, source in wanted.items():
+        if source not in model_inputs:
+            raise BundleError(f"{root / manifest.golden.inputs}: no input {source!r} to mask {output!r} with",
+                              "the bundle is inconsistent; rebuild it")
+        masks[output] = (source, [model_inputs[source][i] for i in range(samples)])
+    return masks
 
 
 def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], specs: list[TensorIO]) -> dict:
