@@ -63,3 +63,37 @@ def test_clamp_fusion_and_bias_correction_help_relu6_nets():
     assert figures["fused"] > figures["stock"], figures
     assert figures["default"] >= figures["fused"] - 0.5, figures
     assert record["bias_correction"]["corrected_layers"] >= 4
+
+
+def test_integer_index_math_is_never_quantized():
+    """A Hugging Face BERT builds its attention mask with integer index math (arange(n) + 1,
+    indexing a bool mask). The stock XNNPACKQuantizer turned those scalars into float tensors and
+    calibration crashed with "tensors used as indices must be long"; both quantizers now leave
+    integer tensors alone, and the quantized encoder tracks the float one."""
+    from transformers import BertConfig, BertModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False)
+
+    class Pooled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert.eval()
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            states = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            return (states * weights).sum(1) / weights.sum(1)
+
+    model = Pooled().eval()
+    generator = torch.Generator().manual_seed(1)
+    samples = []
+    for length in range(4, 16):
+        mask = (torch.arange(16) < length).to(torch.int64).unsqueeze(0)
+        samples.append((torch.randint(1, 100, (1, 16), generator=generator) * mask, mask))
+    for quantizer in ("xnnpack", "litert"):
+        converted, _ = quantize(model, samples[0], samples, Recipe(quantizer=quantizer, calibration_samples=12))
+        with torch.no_grad():
+            assert sqnr([model(*s) for s in samples], [converted(*s) for s in samples]) > 15.0, quantizer

@@ -76,6 +76,9 @@ def _quantizer_class() -> type:
             super().__init__()
             self.fuse_clamp = fuse_clamp
 
+        def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            return scalars_to_float_attrs(model)
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             if self.fuse_clamp and self.global_config is not None:
                 annotate_clamp_fusion(model, self.global_config, self.filter_fn)
@@ -87,9 +90,60 @@ def _quantizer_class() -> type:
                 self.SUPPORTED_PATTERNS = [p for p in type(self).SUPPORTED_PATTERNS if "_bn" not in p.name]
             else:
                 self.SUPPORTED_PATTERNS = type(self).SUPPORTED_PATTERNS
-            return super().annotate(model)
+            super().annotate(model)
+            drop_integer_annotations(model)
+            return model
 
     return ClampFusingXNNPACKQuantizer
+
+
+def _is_float_value(node: Any) -> bool:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
+
+
+def scalars_to_float_attrs(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """XNNPACKQuantizer's own pass turns every scalar operand of add/mul into a float32 tensor
+    attribute so the op can be annotated; applied to integer arithmetic (index math such as
+    ``arange(n) + 1`` in a transformer's attention-mask code) it turns the indices into floats and
+    the graph fails with "tensors used as indices must be long". Here only float add/mul get
+    their scalars as tensors; integer arithmetic is left as written."""
+    from torchao.quantization.pt2e.utils import get_new_attr_name_with_prefix
+
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor):
+            continue
+        if not _is_float_value(node):
+            continue
+        args = list(node.args)
+        for index, arg in enumerate(args):
+            if isinstance(arg, torch.fx.Node) or not isinstance(arg, (int, float)) or isinstance(arg, bool):
+                continue
+            name = get_new_attr_name_with_prefix("_tensor_constant_")(model)
+            constant = torch.tensor(float(arg))
+            model.register_buffer(name, constant)
+            with model.graph.inserting_before(node):
+                attr_node = model.graph.create_node("get_attr", name, (), {})
+            attr_node.meta["val"] = node.meta["val"].fake_mode.from_tensor(constant, static_shapes=True)
+            args[index] = attr_node
+        node.args = tuple(args)
+    model.recompile()
+    return model
+
+
+def drop_integer_annotations(model: torch.fx.GraphModule) -> None:
+    """Integer tensors (indices, masks, shapes) are never observed or quantized: remove any
+    annotation an integer value got from a pattern or from propagation."""
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    for node in model.graph.nodes:
+        annotation = node.meta.get(Q_ANNOTATION_KEY)
+        if annotation is None:
+            continue
+        for source in [a for a in annotation.input_qspec_map if not _is_float_value(a)]:
+            del annotation.input_qspec_map[source]
+        if annotation.output_qspec is not None and not _is_float_value(node):
+            annotation.output_qspec = None
 
 
 def litert_quantizer(*, per_channel: bool, dynamic: bool,
