@@ -47,6 +47,10 @@ class ExportError(EdgepackError):
     kind = "export error"
 
 
+class NothingToQuantize(ExportError):
+    """A quantized precision was asked for, and the recipe found no op in the model to quantize."""
+
+
 class RuntimeUnavailable(EdgepackError):
     """A runtime or exporter package is not installed."""
 

@@ -25,7 +25,7 @@ from . import bundle as bundle_mod
 from . import package
 from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo, stack_samples
 from .compress import run_stages
-from .errors import check_interrupted, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError
+from .errors import check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError
 from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
@@ -39,10 +39,6 @@ from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarde
 from .stage import StageContext, torch_outputs_fn
 from .steps.judge import ArtifactJudge, Findings, Reference, metrics
 from .steps.speed import compare_with_float
-
-# Used to check the reference export against torch eager when the profile has no fp32 entry.
-DEFAULT_FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}
-
 
 @dataclass
 class BuildOptions:
@@ -148,7 +144,7 @@ class _Builder:
             ref_bench = ref.bench(parity_inputs[0], profile.latency.warmup, profile.latency.runs)
             ref_version = ref.info.get("version", "")
         torch_outputs = [[o.numpy() for o in torch_outputs_fn(model)(s)] for s in parity_samples]
-        fp32_tol = (profile.tolerances["fp32"].model_dump() if "fp32" in profile.tolerances else DEFAULT_FP32_TOLERANCE)
+        fp32_tol = profile.tolerance_for("fp32").model_dump()
         torch_parity = compare(reference, torch_outputs, fp32_tol, output_names, self.score_outputs, masks)
         if not torch_parity.passed:
             self.findings.fail("the float ONNX reference does not match the torch model: " + torch_parity.summary(),
@@ -178,9 +174,15 @@ class _Builder:
                               check_reproducible=self.options.check_reproducible, evaluate=self.evaluate,
                               score_outputs=self.score_outputs)
         artifacts = []
-        for config in profile.artifacts:
+        for index, config in enumerate(profile.artifacts):
             self.step(f"artifact:{config.file_name}")
             artifacts.append(judge.judge(config))
+            left = profile.artifacts[index + 1:]
+            if artifacts[-1].status == "failed" and left and not self.options.keep_going:
+                # The report still goes to <target>.failed/ with what was built so far (exit 3).
+                self.findings.fail(f"stopped after {config.file_name} failed: not built {', '.join(a.file_name for a in left)}"
+                                   f" (--keep-going builds them anyway)", EXIT_EXPORT_OR_RUNTIME)
+                break
         self.step("float-comparison")
         compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
 

@@ -62,16 +62,30 @@ class Tolerance(_Strict):
         return self
 
 
+# Float artifacts are judged by these when the profile has no fp32 tolerance (the reference check,
+# an fp32 artifact shipped because int8 had nothing to quantize).
+DEFAULT_FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}
+
+
 class Budgets(_Strict):
     """Per-artifact limits, and the one rule that judges them (build, fallback steps, ingest)."""
 
     max_bytes: int | None = Field(default=None, gt=0, description="per artifact, all its files")
     max_latency_ms: float | None = Field(default=None, gt=0, description="p50, per artifact")
+    max_ratio_to_float: float | None = Field(
+        default=None, gt=0, description="per artifact: its bytes over the float model's (ONNX) bytes; 1.0 "
+                                        "fails any artifact the recipe made larger than float")
 
-    def failures(self, total_bytes: int | None, latency_ms: float | None, latency_label: str = "host p50") -> list[str]:
-        """What ``total_bytes`` / ``latency_ms`` exceed. A budget never passes on missing data:
-        a limit whose figure is None (or not a finite number) fails, saying so."""
+    def failures(self, total_bytes: int | None, latency_ms: float | None, latency_label: str = "host p50",
+                 ratio_to_float: float | None = None) -> list[str]:
+        """What ``total_bytes`` / ``latency_ms`` / ``ratio_to_float`` exceed. A budget never passes
+        on missing data: a limit whose figure is None (or not a finite number) fails, saying so."""
         found = []
+        if self.max_ratio_to_float is not None:
+            if ratio_to_float is None or not math.isfinite(ratio_to_float):
+                found.append("no size ratio to judge max_ratio_to_float against")
+            elif ratio_to_float > self.max_ratio_to_float:
+                found.append(f"{ratio_to_float:.3f}x the float bytes > max_ratio_to_float {self.max_ratio_to_float}")
         if self.max_bytes is not None:
             if total_bytes is None:
                 found.append("no size to judge max_bytes against")
@@ -85,14 +99,16 @@ class Budgets(_Strict):
         return found
 
     def check(self, total_bytes: int | None, latency_ms: float | None, /, latency_source: str = "host",
-              latency_label: str = "host p50", **figures: Any) -> dict | None:
+              latency_label: str = "host p50", ratio_to_float: float | None = None, **figures: Any) -> dict | None:
         """The manifest's budgets record (None when the profile sets no budget): the limits, where
         the latency came from, ``figures`` (e.g. the statistic used), passed and failures."""
-        if self.max_bytes is None and self.max_latency_ms is None:
+        if self.max_bytes is None and self.max_latency_ms is None and self.max_ratio_to_float is None:
             return None
-        failures = self.failures(total_bytes, latency_ms, latency_label)
-        return {"max_bytes": self.max_bytes, "max_latency_ms": self.max_latency_ms, "latency_source": latency_source,
-                **figures, "passed": not failures, "failures": failures}
+        failures = self.failures(total_bytes, latency_ms, latency_label, ratio_to_float)
+        record = {"max_bytes": self.max_bytes, "max_latency_ms": self.max_latency_ms}
+        if self.max_ratio_to_float is not None:
+            record.update(max_ratio_to_float=self.max_ratio_to_float, ratio_to_float=ratio_to_float)
+        return {**record, "latency_source": latency_source, **figures, "passed": not failures, "failures": failures}
 
 
 class FallbackSettings(_Strict):
@@ -157,6 +173,9 @@ def profile_model() -> type[BaseModel]:
         # diagnosis ranks most harmful in fp32, a group per step, re-exporting and re-validating
         # until parity passes or `fallback`'s limits or `budgets` would be exceeded.
         on_parity_failure: Literal["fail", "fallback"] = "fail"
+        # What to do when a quantized artifact's recipe finds nothing to quantize in the model (an
+        # FFT-only model): fail the build, or ship the fp32 artifact of that format with a warning.
+        unquantizable: Literal["fail", "keep_float"] = "fail"
         fallback: FallbackSettings = FallbackSettings()
 
         @field_validator("artifacts")
@@ -194,6 +213,8 @@ def profile_model() -> type[BaseModel]:
             return self
 
         def tolerance_for(self, precision: str) -> Tolerance:
+            if precision == "fp32" and "fp32" not in self.tolerances:
+                return Tolerance(**DEFAULT_FP32_TOLERANCE)
             return self.tolerances[precision]
 
         def sha256(self) -> str:

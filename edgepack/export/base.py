@@ -11,6 +11,7 @@ when the toolchain is missing.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -44,6 +45,15 @@ class ArtifactConfig(BaseModel):
         """Why this artifact cannot be run in its runtime on the build host, for the manifest
         (None, the default: it is run and judged there like every artifact)."""
         return None
+
+
+_COMPLEX = re.compile(r"\bcomplex(32|64|128)\b|ComplexFloat|ComplexDouble|complex tensors?", re.IGNORECASE)
+
+
+def complex_tensors_in(text: str) -> bool:
+    """Whether a toolchain's error is about complex tensors (torch.fft and friends), which no
+    format edgepack exports can run: the message should say so in one line."""
+    return bool(_COMPLEX.search(text))
 
 
 @dataclass

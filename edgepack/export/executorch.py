@@ -57,7 +57,7 @@ from ..quant.qat_graph import pt2e_qat_for
 from ..quant.recipe import INSTALL_HINT, Int8Options, recipe_for, recipe_reason
 from ..quant.weight_only import embedding_tables, int4_linears
 from ..runtimes.executorch import register_quantized_kernels
-from .base import ArtifactConfig, ExportContext, ExportResult
+from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in
 # Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
 _QUANT_NAMESPACES = ("quantized_decomposed", "torchao")
 
@@ -363,6 +363,11 @@ def _stage(stage: str) -> Iterator[None]:
         first_line = text.splitlines()[0] if text else type(exc).__name__
         ops = _offending_ops(exc)
         op_part = f" (op: {', '.join(ops)})" if ops else ""
+        if complex_tensors_in(text):
+            raise ExportError(f"pte export failed during {stage}{op_part}: complex tensors (torch.fft, "
+                              f"torch.complex) are not supported by ExecuTorch's .pte",
+                              "compute the complex part outside the exported model (e.g. pass magnitudes in), "
+                              "or leave .pte out of the profile") from exc
         hints = {
             "torch.export": "make the model traceable by torch.export (no data-dependent Python "
                             "control flow, no unsupported ops); see the error above",

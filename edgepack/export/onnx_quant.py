@@ -57,7 +57,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ExportError, RuntimeUnavailable
+from ..errors import ExportError, NothingToQuantize, RuntimeUnavailable
 from .base import ExportContext, ExportResult
 from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
@@ -395,8 +395,9 @@ def export_converted(config, ctx: ExportContext, path: Path) -> ExportResult:
             recipe["quantized_op_counts"] = dict(sorted(counts.items()))
             if not counts:
                 what = "MatMul/Gemm with a constant weight" if config.precision == "int4-weight" else "quantizable op"
-                raise ExportError(f"onnx {config.precision}: the quantizer changed nothing (no {what} in the model)",
-                                  "use fp32 or another precision for this model")
+                raise NothingToQuantize(f"onnx {config.precision}: the quantizer changed nothing (no {what} in the model)",
+                                        "use fp32 or another precision for this model, or set the profile's "
+                                        "unquantizable: keep_float")
         files = save_onnx(model, path, config.external_data_mb)
     try:
         with _step(config.precision, "onnx.checker"):

@@ -34,10 +34,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..errors import EdgepackError, ExportError, RuntimeUnavailable
+from ..errors import EdgepackError, ExportError, NothingToQuantize, RuntimeUnavailable
 from ..quant.calibrate import prepare_corrected
 from ..quant.recipe import Int8Options, recipe_for, recipe_reason
-from .base import ArtifactConfig, ExportContext, ExportResult
+from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in
 from .tflite_flatbuffer import describe, float_io, repair_bias_scales
 
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
@@ -139,6 +139,11 @@ def _step(name: str, hint: str = "run with --debug for the full error"):
         text = str(exc)
         op = _op_in(text)
         first = text.strip().splitlines()[0][:300] if text.strip() else ""
+        if complex_tensors_in(text):
+            raise ExportError(f"tflite: {name} failed{' on op ' + op if op else ''}: complex tensors (torch.fft, "
+                              f"torch.complex) are not supported by this converter",
+                              "compute the complex part outside the exported model, or leave .tflite out of the "
+                              "profile") from exc
         raise ExportError(
             f"tflite: {name} failed{' on op ' + op if op else ''}: {type(exc).__name__}: {first}",
             "replace the op with one litert-torch lowers, or drop the tflite artifact from the profile"
@@ -286,19 +291,34 @@ def _aeq_calibrate(float_model: bytes, qz, calibration, threads: int) -> dict:
     calib = calibrator.Calibrator(float_model, num_threads=max(1, threads),
                                   qsv_update_func=qsv_utils.min_max_update)
     samples = [{f"args_{i}": t.detach().cpu().numpy() for i, t in enumerate(s)} for s in calibration]
-    calib.calibrate({_SIGNATURE: samples}, recipe)
+    with redirect_stderr(io.StringIO()):  # its tqdm progress bars: the build reports its own progress
+        calib.calibrate({_SIGNATURE: samples}, recipe)
     return calib.get_model_qsvs()
 
 
 def _build(config: TFLiteArtifact, ctx: ExportContext, litert_torch) -> tuple[bytes, dict | None]:
-    """The flatbuffer, and the int8 recipe record when the pt2e static recipe made it."""
+    """The flatbuffer, and the int8 recipe record when the pt2e static recipe made it (or, when
+    ``quantizer: auto`` fell back to ai-edge-quantizer, a record saying why)."""
     model, inputs = ctx.model, tuple(ctx.example_inputs)
     calibration = [tuple(sample) for sample in ctx.calibration[: config.calibration_samples]]
     if config.precision == "int8" and not calibration:
         raise ExportError("tflite: int8 needs calibration inputs and the model spec gave none",
                           "add calibration data to the model spec, or use precision int8-dynamic")
     if config.resolved_quantizer == "pt2e" and config.precision == "int8":
-        return _pt2e_static(litert_torch, config, model, inputs, calibration)
+        try:
+            return _pt2e_static(litert_torch, config, model, inputs, calibration)
+        except NothingToQuantize:
+            raise
+        except ExportError as exc:
+            # quantizer: auto lets another quantizer take a model PT2E cannot (a GRU's recurrent
+            # ops): ai-edge-quantizer on the converted float graph. An explicit pt2e, or recipe
+            # options only PT2E honours (float_layers, ...), keep the error.
+            if config.quantizer != "auto" or config.changed_options():
+                raise
+            float_model = _to_float_flatbuffer(litert_torch, model, inputs)
+            flatbuffer = _aeq(float_model, "int8", config.granularity == "per-channel", calibration, ctx.threads)
+            return flatbuffer, {"quantizer": "ai-edge-quantizer", "fallback_from": "pt2e",
+                                "fallback_reason": exc.message.splitlines()[0]}
     if config.resolved_quantizer == "pt2e":
         return _pt2e(litert_torch, model, inputs, calibration, per_channel=config.granularity == "per-channel",
                      dynamic=True), None
@@ -326,7 +346,10 @@ def _quantization_record(config: TFLiteArtifact, ctx: ExportContext, pt2e_record
     record: dict[str, Any] = {"quantizer": quantizer, "precision": config.precision}
     if config.precision == "int8":
         record["embeddings"] = embeddings
-    if pt2e_record is not None:  # static int8 via the shared PT2E recipe: its own record
+    if pt2e_record is not None and "fallback_from" in pt2e_record:  # auto: PT2E failed, AEQ made it
+        quantizer = record["quantizer"] = "ai-edge-quantizer"
+        record.update(fallback_from="pt2e", fallback_reason=pt2e_record["fallback_reason"])
+    elif pt2e_record is not None:  # static int8 via the shared PT2E recipe: its own record
         return {**record, **pt2e_record, "quantizer": quantizer, "pt2e_quantizer": pt2e_record["quantizer"]}
     if config.precision == "fp16":
         record["recipe"] = "weight-only float16 (FLOAT_CASTING), float32 compute"
@@ -392,4 +415,8 @@ def export(config: TFLiteArtifact, ctx: ExportContext) -> ExportResult:
         "bias_scales_repaired": repaired if config.precision == "int8" else None,
         "toolchain": {name: _version(name) for name in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert")},
     }
-    return ExportResult(files=[path], runtime="litert", details=details, notes=_notes(config, ctx, facts))
+    notes = _notes(config, ctx, facts)
+    if pt2e_record is not None and "fallback_from" in pt2e_record:
+        notes.append(f"tflite int8: made by ai-edge-quantizer because the PT2E recipe failed on this model "
+                     f"({pt2e_record['fallback_reason']}); quantizer: auto allows it, quantizer: pt2e would fail")
+    return ExportResult(files=[path], runtime="litert", details=details, notes=notes)

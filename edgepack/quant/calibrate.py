@@ -8,8 +8,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import RuntimeUnavailable
+from ..errors import NothingToQuantize, RuntimeUnavailable
 from .bias_correction import bias_correct
+from .emulate import is_observer
 from .quantizers import make_quantizer
 from .recipe import BIAS_CORRECTION_MAX_SAMPLES, INSTALL_HINT, Recipe, check_float_layers, recipe_record
 
@@ -102,6 +103,10 @@ def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration
     check_float_layers([name for name, _ in model.named_modules()], recipe.float_layers)
     quantizer = make_quantizer(recipe)
     prepared = prepare_pt2e(capture(model, example_inputs), quantizer)
+    if not any(is_observer(module) for module in prepared.modules()):
+        raise NothingToQuantize("int8: the recipe found no op to quantize in this model (no conv, linear or other "
+                                "op its quantizer takes)", "use fp32 for this model, or set the profile's "
+                                "unquantizable: keep_float to ship fp32 where int8 has nothing to do")
     prepared.meta["edgepack_quantizer"] = quantizer  # litert-torch's convert wants the quantizer too
     used = 0
     if recipe.dynamic:

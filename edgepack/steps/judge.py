@@ -26,8 +26,8 @@ from .. import package
 from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
 from ..bundle import ArtifactEntry, ArtifactIO, GoldenFiles, stack_samples
 from ..costmodel import estimate_latency
-from ..errors import EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, RuntimeCheckError, \
-    RuntimeUnavailable
+from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, NothingToQuantize,
+                      RuntimeCheckError)
 from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..export.base import ExportContext
 from ..measure import latency_summary, zip_bytes
@@ -159,6 +159,20 @@ class ArtifactJudge:
             entry.notes.append(f"on_parity_failure: fallback: {result.reason}")
         return entry, summary
 
+    def _ship_float(self, config: Any, why: str, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
+        """unquantizable: keep_float. The artifact's fp32 form of the same format and name, judged
+        by the fp32 tolerance, with a note and a warning saying what was asked and why."""
+        exporter = exporter_registry()[config.format]
+        float_config = exporter.config.model_validate({"format": config.format, "name": config.name,
+                                                       "precision": "fp32"})
+        finding = (f"{config.file_name}: {config.precision} had nothing to quantize ({why}); shipped fp32 "
+                   f"(profile: unquantizable: keep_float)")
+        self.say(finding)
+        entry, summary = self.export_validate(float_config, check_reproducible)
+        entry.notes.append(finding)
+        self.findings.warnings.append(finding)
+        return entry, summary
+
     def export_validate(self, config: Any, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
         """Export one artifact, run it in its runtime and judge it: (entry, parity summary).
         Parity and budget results are in entry.status; judge() records them as failures."""
@@ -170,9 +184,14 @@ class ArtifactJudge:
         self.say(f"exporting {label}")
         try:
             result = exporter.module.export(config, isolated(self.ctx))
-        except (ExportError, RuntimeUnavailable) as exc:
-            if not self.keep_going:
-                raise
+        except NothingToQuantize as exc:
+            if profile.unquantizable != "keep_float" or config.precision == "fp32":
+                self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+                return ArtifactEntry(status="failed", error=exc.message, **base), ""
+            return self._ship_float(config, exc.message, check_reproducible)
+        except ExportError as exc:
+            # Recorded, never raised: the build writes its .failed report with what passed
+            # (pipeline.py stops at the first failed artifact unless --keep-going).
             self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             return ArtifactEntry(status="failed", error=exc.message, **base), ""
         files = result.files
@@ -204,8 +223,6 @@ class ArtifactJudge:
                                 outputs=[t.to_dict() for t in session.outputs])
                 load_ms, info = session.load_ms, session.info
         except RuntimeCheckError as exc:
-            if not self.keep_going:
-                raise
             self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             for path in files:
                 path.unlink(missing_ok=True)
@@ -230,7 +247,13 @@ class ArtifactJudge:
                         "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
                         "peak_rss_mb": round(bench["peak_rss_mb"], 1)})
         latency["device_estimate"] = estimate_latency(self.ctx.reference_onnx, config.precision, profile.device)
-        budgets = profile.budgets.check(total_bytes, latency["p50_ms"])
+        budgets = profile.budgets.check(total_bytes, latency["p50_ms"], ratio_to_float=size["ratio_to_float"])
+        if config.precision != "fp32" and size["ratio_to_float"] > 1.0:
+            finding = (f"{config.file_name}: {config.precision} is {size['ratio_to_float']:.2f}x the float model's "
+                       f"bytes: the recipe grew it (an op it cannot quantize compactly); a profile budget "
+                       f"max_ratio_to_float fails such an artifact")
+            result.notes.append(finding)
+            self.findings.warnings.append(finding)
         status = "ok"
         if not parity.passed:
             status = "parity-failed"

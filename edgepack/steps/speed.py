@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ArtifactEntry
-from ..errors import EXIT_PARITY_OR_BUDGET
+from ..errors import EXIT_PARITY_OR_BUDGET, ExportError, RuntimeCheckError
 from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..measure import latency_summary
 from ..runtimes.base import to_native
@@ -27,19 +27,30 @@ def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[A
     measured side by side in this build, and apply the profile's slower_than_float policy."""
     policy = judge.profile.slower_than_float
     staged, feeds = judge.staged, judge.reference.inputs[0]
-    floats = {c.format: e for c, e in zip(configs, entries) if c.precision == "fp32" and e.status == "ok"}
-    baselines: dict[str, Path] = {}
+    floats = {c.format: e for c, e in zip(configs, entries) if e.precision == "fp32" and e.status == "ok"}
+    baselines: dict[str, Path | str] = {}  # format -> the baseline's path, or why there is none
     for config, entry in zip(configs, entries):
-        if config.precision == "fp32" or entry.latency is None:
+        if entry.precision == "fp32" or entry.latency is None:
             continue
         sibling = floats.get(config.format)
-        if sibling is not None:
-            float_path, source = staged / main_path(sibling), f"artifact {sibling.file}"
-        else:
-            if config.format not in baselines:
-                baselines[config.format] = export_float_baseline(judge, config, scratch)
-            float_path, source = baselines[config.format], "fp32 baseline exported for this comparison (not shipped)"
-        comparison = side_by_side(judge, config.format, staged / main_path(entry), float_path, feeds)
+        try:
+            if sibling is not None:
+                float_path, source = staged / main_path(sibling), f"artifact {sibling.file}"
+            else:
+                if config.format not in baselines:
+                    baselines[config.format] = export_float_baseline(judge, config, scratch)
+                if isinstance(baselines[config.format], str):
+                    raise ExportError(baselines[config.format])
+                float_path, source = baselines[config.format], "fp32 baseline exported for this comparison (not shipped)"
+            comparison = side_by_side(judge, config.format, staged / main_path(entry), float_path, feeds)
+        except (ExportError, RuntimeCheckError) as exc:
+            # An auxiliary measurement: its failure never sinks an artifact that passed.
+            if sibling is None:
+                baselines.setdefault(config.format, exc.message)
+            reason = exc.message.splitlines()[0]
+            entry.latency["float_comparison"] = {"unavailable": reason}
+            judge.findings.warnings.append(f"{entry.file}: no speed comparison with float: {reason}")
+            continue
         speedup = comparison["float_p50_ms"] / comparison["p50_ms"]
         entry.latency["float_comparison"] = {**comparison, "speedup_vs_float": round(speedup, 3),
                                              "ratio_to_float": round(1 / speedup, 3), "float_source": source}
