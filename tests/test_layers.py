@@ -19,7 +19,7 @@ LAYERS = {
     "edgepack.errors": 0, "edgepack.parity": 0, "edgepack.measure": 0, "edgepack.costmodel": 0,
     "edgepack.modelstats": 0, "edgepack.provenance": 0,
     "edgepack.spec": 1, "edgepack.stage": 1, "edgepack.bundle": 1, "edgepack.package": 1,
-    "edgepack.runtimes": 1, "edgepack.export.base": 1,
+    "edgepack.runtimes": 1, "edgepack.emulators": 1, "edgepack.export.base": 1,
     "edgepack.quant": 2,
     "edgepack.compress": 3, "edgepack.export": 3,
     "edgepack.target": 4,
