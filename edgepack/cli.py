@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--timeout", type=float, default=300.0, help="seconds a runtime may take per call")
     validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
+    gpu_setup = sub.add_parser("gpu-setup", help="set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
+                                                 "in the user's cache; does nothing when it is there")
+    gpu_setup.add_argument("--json", action="store_true", help="print the driver's description as JSON on stdout")
+
     ingest = sub.add_parser("ingest", help="merge a device_report.json into a bundle's manifest")
     ingest.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
     ingest.add_argument("report", help="device_report.json from device/validate.py or device/run_android.sh")
@@ -247,6 +251,19 @@ def cmd_validate(args) -> int:
     return result.exit_code
 
 
+def cmd_gpu_setup(args) -> int:
+    from .emulators import lavapipe
+
+    driver = lavapipe.ensure(say=None if args.json else (lambda m: err_console.print(f"[dim]·[/] {_escape(m)}")))
+    if args.json:
+        sys.stdout.write(json.dumps({**driver.describe(), "environment": driver.environment()}, indent=2) + "\n")
+    else:
+        described = driver.describe()
+        err_console.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
+                          f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
+    return 0
+
+
 def cmd_ingest(args) -> int:
     from .steps.ingest import ingest_report
 
@@ -316,7 +333,7 @@ def print_manifest(manifest, console: Console) -> None:
 
 
 COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest, "diagnose": cmd_diagnose}
+            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}
 
 
 def _on_signal(signum, frame):
