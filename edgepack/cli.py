@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--threads", type=int, help="runtime threads (default: the profile's, capped at the CPUs)")
     validate.add_argument("--timeout", type=float, default=300.0, help="seconds a runtime may take per call")
     validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    validate.add_argument("--gpu", action="store_true",
+                          help="also run each float .tflite on LiteRT's GPU accelerator over lavapipe (a CPU Vulkan "
+                               "driver, set up in the cache on first use)")
 
     gpu_setup = sub.add_parser("gpu-setup", help="set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
                                                  "in the user's cache; does nothing when it is there")
@@ -222,7 +225,7 @@ def cmd_validate(args) -> int:
 
     progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
     result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
-                             timeout_s=args.timeout, progress=progress)
+                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         return result.exit_code
@@ -241,13 +244,20 @@ def cmd_validate(args) -> int:
                       f"{min(o.cosine_min for o in outputs):.5f}", f"{min(o.sqnr_db for o in outputs):.1f}",
                       f"{max(o.max_abs_error for o in outputs):.3g}", f"{min(top1):.1%}" if top1 else "-", same)
     out_console.print(table)
+    if result.gpu:
+        out_console.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
     for note in result.skipped:
         err_console.print(f"[yellow]skipped:[/] {_escape(note)}")
     for check in result.artifacts:
         if not check.passed:
             err_console.print(f"[bold red]parity failure:[/] {check.file}\n" + _escape(check.parity.summary()))
+    for check in result.gpu:
+        if not check.passed:
+            err_console.print(f"[bold red]GPU path failure:[/] {check.file}: " + _escape(check.record.reason or ""))
     if result.exit_code == 0:
-        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s), {result.files_verified} file(s) verified")
+        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
+        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
+                          f"{result.files_verified} file(s) verified")
     return result.exit_code
 
 
@@ -262,6 +272,36 @@ def cmd_gpu_setup(args) -> int:
         err_console.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
                           f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
     return 0
+
+
+def _worst_error(outputs: list[dict]) -> str:
+    errors = [o["max_abs_error"] for o in outputs]
+    return "inf/NaN" if any(e is None for e in errors) else f"{max(errors):.3g}"
+
+
+def gpu_table(records: list, title: str) -> Table:
+    """LiteRT's GPU path per .tflite: parity vs the reference and the CPU interpreter, ops, emulated time."""
+    table = Table(title=title)
+    for column in ("file", "GPU", "result", "cos min ref", "max|err| ref", "cos min CPU", "max|diff| CPU", "top-1 CPU",
+                   "ops on CPU", "1st run s", "later ms"):
+        table.add_column(column, justify="left" if column in ("file", "GPU", "result", "ops on CPU") else "right")
+    for file, record in records:
+        if record.status == "skipped" or record.parity is None:
+            table.add_row(file, record.precision or "-", f"[yellow]{record.status}[/]", *["-"] * 7,
+                          _escape((record.reason or "")[:60]))
+            continue
+        ref, cpu = record.parity["outputs"], record.cpu_agreement["outputs"]
+        top1 = [o["top1_agreement"] for o in cpu if o.get("top1_agreement") is not None]
+        seconds = record.seconds or {}
+        later = seconds.get("later_runs_p50")
+        table.add_row(file, f"{record.precision} {(record.driver or {}).get('name', '')}",
+                      "[green]pass[/]" if record.status == "passed" else "[red]FAILED[/]",
+                      f"{min(o['cosine_min'] for o in ref):.6f}", _worst_error(ref),
+                      f"{min(o['cosine_min'] for o in cpu):.6f}", _worst_error(cpu),
+                      f"{min(top1):.1%}" if top1 else "-",
+                      ", ".join(record.fallback_ops) or ("none" if record.fully_accelerated else "?"),
+                      f"{seconds.get('first_run', 0):.2f}", "-" if later is None else f"{later * 1000:.1f}")
+    return table
 
 
 def cmd_ingest(args) -> int:
@@ -326,6 +366,10 @@ def print_manifest(manifest, console: Console) -> None:
                       "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
                       f"{art.latency['p50_ms']:.3f}", acc)
     console.print(table)
+    checked = [(art.file, art.emulated_gpu) for art in manifest.artifacts if art.emulated_gpu is not None]
+    if checked:
+        console.print(gpu_table(checked, "GPU path: LiteRT's GPU accelerator on an emulated Vulkan GPU "
+                                         "(not a phone driver; emulated time)"))
     if manifest.accuracy.get("float"):
         console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
     for failure in manifest.failures:
