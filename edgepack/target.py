@@ -76,13 +76,14 @@ class Budgets(_Strict):
             found.append(f"{latency_label} {latency_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
         return found
 
-    def check(self, total_bytes: int | None, latency_ms: float | None, latency_source: str = "host",
+    def check(self, total_bytes: int | None, latency: float | None, latency_source: str = "host",
               latency_label: str = "host p50", **figures: Any) -> dict | None:
         """The manifest's budgets record (None when the profile sets no budget): the limits, where
-        the latency came from, ``figures`` (e.g. the statistic used), passed and failures."""
+        the latency (ms) came from, ``figures`` (e.g. the statistic used and its latency_ms), passed
+        and failures."""
         if self.max_bytes is None and self.max_latency_ms is None:
             return None
-        failures = self.failures(total_bytes, latency_ms, latency_label)
+        failures = self.failures(total_bytes, latency, latency_label)
         return {"max_bytes": self.max_bytes, "max_latency_ms": self.max_latency_ms, "latency_source": latency_source,
                 **figures, "passed": not failures, "failures": failures}
 
