@@ -125,15 +125,17 @@ class GpuCheckSettings(_Strict):
     # fp16: the GPU accelerator's default arithmetic, as on phones; fp32 (enforce_f32): a tight
     # functional check (1.1e-5 from the CPU interpreter on the digits CNN, vs 2.6e-2 for fp16).
     precision: Literal["fp16", "fp32"] = "fp16"
-    # the entry of `tolerances` that judges the GPU outputs (default: the one named by precision)
+    # the entry of `tolerances` that judges the GPU outputs (default: fp16 when the GPU computes in
+    # fp16 or the artifact has fp16 weights, else fp32)
     tolerance: Precision | None = None
     # when the emulator cannot be set up (download refused, host not Linux x86-64 / Debian 12):
     # true fails the build (exit 2); false records `skipped: <reason>` and warns
     required: bool = True
 
-    @property
-    def tolerance_key(self) -> str:
-        return self.tolerance or self.precision
+    def tolerance_key(self, artifact_precision: str) -> str:
+        if self.tolerance is not None:
+            return self.tolerance
+        return "fp16" if "fp16" in (self.precision, artifact_precision) else "fp32"
 
 
 GPU_CHECK_PRECISIONS = ("fp16", "fp32")  # .tflite artifacts of these precisions take the GPU check
@@ -195,10 +197,12 @@ def profile_model() -> type[BaseModel]:
         @model_validator(mode="after")
         def _gpu_check_has_work(self):
             if self.gpu_check.enabled:
-                if not any(a.format == "tflite" and a.precision in GPU_CHECK_PRECISIONS for a in self.artifacts):
+                checked = [a for a in self.artifacts if a.format == "tflite" and a.precision in GPU_CHECK_PRECISIONS]
+                if not checked:
                     raise ValueError("gpu_check runs .tflite artifacts of precision fp16 or fp32; the profile has none")
-                if self.gpu_check.tolerance_key not in self.tolerances:
-                    raise ValueError(f"gpu_check: tolerances has no entry {self.gpu_check.tolerance_key!r} to judge it")
+                for key in sorted({self.gpu_check.tolerance_key(a.precision) for a in checked}):
+                    if key not in self.tolerances:
+                        raise ValueError(f"gpu_check: tolerances has no entry {key!r} to judge it")
             return self
 
         @model_validator(mode="after")

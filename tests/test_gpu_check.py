@@ -159,5 +159,9 @@ def test_the_profile_refuses_a_gpu_check_with_nothing_to_check():
         parse_profile(no_tflite, "no-tflite.yaml")
     with pytest.raises(ConfigError, match="gpu_check: tolerances has no entry 'fp32'"):
         parse_profile({**data, "tolerances": {"fp16": data["tolerances"]["fp16"]},
-                       "gpu_check": {"enabled": True, "precision": "fp32"}}, "no-fp32.yaml")
+                       "gpu_check": {"enabled": True, "tolerance": "fp32"}}, "no-fp32.yaml")
+    # fp32 arithmetic on an fp16-weight .tflite is still judged by fp16's thresholds (the weights are fp16)
+    fp32_gpu = parse_profile({**data, "gpu_check": {"enabled": True, "precision": "fp32"}}, "fp32.yaml").gpu_check
+    assert fp32_gpu.tolerance_key("fp16") == "fp16" and fp32_gpu.tolerance_key("fp32") == "fp32"
     assert parse_profile({**no_tflite, "gpu_check": {"enabled": False}}, "off.yaml").gpu_check.required
+

@@ -229,7 +229,7 @@ class ArtifactJudge:
         if profile.gpu_check.enabled and config.format == "tflite" and config.precision in GPU_CHECK_PRECISIONS:
             job = GpuJob(main, native_inputs, self.reference.outputs, outputs, self.reference.output_names, io_specs,
                          self.score_outputs, sum((result.details.get("ops") or {}).values()) or None)
-            emulated_gpu = self.gpu_check(label, job, cpu_passed=parity.passed)
+            emulated_gpu = self.gpu_check(label, job, config.precision, cpu_passed=parity.passed)
         gpu_failed = emulated_gpu is not None and emulated_gpu.status == "failed" and emulated_gpu.parity is not None
 
         latency = latency_summary(bench["times_ms"])
@@ -254,7 +254,7 @@ class ArtifactJudge:
             accuracy=accuracy, budgets=budgets, reproducible=reproducible, emulated_gpu=emulated_gpu, **base,
         ), parity.summary() + (f"\n{gpu_summary(emulated_gpu)}" if gpu_failed else "")
 
-    def gpu_check(self, label: str, job: GpuJob, cpu_passed: bool) -> EmulatedGpuCheck:
+    def gpu_check(self, label: str, job: GpuJob, precision: str, cpu_passed: bool) -> EmulatedGpuCheck:
         """The artifact on LiteRT's GPU accelerator over lavapipe (steps/gpu_check.py); what it
         finds beyond a failed parity (ops left to the CPU, a skip) goes to the build's warnings."""
         settings = self.profile.gpu_check
@@ -264,7 +264,7 @@ class ArtifactJudge:
         self.say(f"checking {job.path.name} on a GPU code path (LiteRT's GPU accelerator on lavapipe)")
         try:
             record = check_on_gpu(job, precision=settings.precision,
-                                  tolerance=self.profile.tolerance_for(settings.tolerance_key).model_dump(),
+                                  tolerance=self.profile.tolerance_for(settings.tolerance_key(precision)).model_dump(),
                                   threads=self.threads, timeout_s=self.timeout_s, required=settings.required,
                                   say=self.say)
         except RuntimeCheckError as exc:
