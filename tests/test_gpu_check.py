@@ -165,3 +165,24 @@ def test_the_profile_refuses_a_gpu_check_with_nothing_to_check():
     assert fp32_gpu.tolerance_key("fp16") == "fp16" and fp32_gpu.tolerance_key("fp32") == "fp32"
     assert parse_profile({**no_tflite, "gpu_check": {"enabled": False}}, "off.yaml").gpu_check.required
 
+
+def test_the_device_kit_runs_the_tflite_on_the_gpu_with_gpu(digits, tmp_path):
+    """device/validate.py --gpu (what a phone with ai-edge-litert runs), here on lavapipe: the
+    .tflite through LiteRT's GPU accelerator, judged by the thresholds of the build's GPU check."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(digits[0], bundle)
+    report = tmp_path / "device_report.json"
+    proc = subprocess.run([sys.executable, "device/validate.py", "--gpu", "--runs", "5", "--warmup", "1",
+                           "--report", str(report)], cwd=bundle, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **lavapipe.ensure().environment()}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (art,) = json.loads(report.read_text())["artifacts"]
+    assert art["runtime"] == "litert-gpu" and art["status"] == "passed" and art["fully_accelerated"] is True
+    assert art["parity"]["thresholds"] == digits[1]["artifacts"][0]["emulated_gpu"]["parity"]["thresholds"]
+    assert 1e-3 < art["parity"]["outputs"][0]["max_abs_error"] < 0.1  # fp16 arithmetic, as on the build host's check
+    assert "GPU: every op on the GPU" in proc.stderr
