@@ -49,6 +49,7 @@ def digits(tmp_path_factory):
     return tmp_path / "dist" / "digits-cnn" / "gpu-check", manifest
 
 
+@pytest.mark.build  # builds through _build (the conftest's marker looks for build( calls)
 def test_the_build_records_a_passing_gpu_path(digits):
     _, manifest = digits
     (art,) = manifest["artifacts"]
@@ -74,6 +75,7 @@ def test_the_build_records_a_passing_gpu_path(digits):
     assert seconds["first_run"] > 0 and 0 < seconds["later_runs_p50"] < 1.0
 
 
+@pytest.mark.build
 def test_validate_gpu_rechecks_from_the_bundle_and_its_zip(digits):
     bundle, _ = digits
     for source in (bundle, bundle.parent.parent / "digits-cnn-gpu-check.zip"):
@@ -85,9 +87,10 @@ def test_validate_gpu_rechecks_from_the_bundle_and_its_zip(digits):
         assert gpu["cpu_agreement"]["outputs"][0]["top1_agreement"] == 1.0
     table = run_cli("validate", str(bundle), "--gpu")
     assert table.returncode == 0 and "GPU path, re-run on this host" in table.stdout
-    assert "1 on the GPU path" in table.stderr
+    assert "1 on the GPU path" in table.stderr and "pass" in table.stdout
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("golden", ["golden/model.tflite.outputs.npz", "golden/reference_outputs.npz"])
 def test_validate_gpu_fails_with_exit_1_when_a_golden_output_is_perturbed(digits, tmp_path, golden):
     """The CPU interpreter's recorded outputs perturbed: only the GPU path (judged against them)
@@ -111,9 +114,9 @@ def test_validate_gpu_fails_with_exit_1_when_a_golden_output_is_perturbed(digits
         assert gpu["reason"].startswith("vs the CPU interpreter: ")
     else:
         assert not result["artifacts"][0]["passed"] and not gpu["parity"]["passed"]
-    assert "GPU path failure: model.tflite" in run_cli("validate", str(bundle), "--gpu").stderr
 
 
+@pytest.mark.build
 def test_ops_the_gpu_does_not_take_are_listed_per_artifact(tmp_path):
     proc, manifest = _build(str(TEST_MODELS / "gpu_fallback.py"), tmp_path, "--no-zip")
     assert proc.returncode == 0, proc.stderr
@@ -125,6 +128,7 @@ def test_ops_the_gpu_does_not_take_are_listed_per_artifact(tmp_path):
                for w in manifest["warnings"])
 
 
+@pytest.mark.build
 def test_an_fp16_overflow_only_the_gpu_shows_fails_the_build(tmp_path):
     """Activations beyond fp16's range: fine in the CPU interpreter (fp32 arithmetic), infinite on
     the GPU: parity failed, exit 1, the report in <target>.failed/."""
@@ -138,6 +142,7 @@ def test_an_fp16_overflow_only_the_gpu_shows_fails_the_build(tmp_path):
     assert (tmp_path / "dist" / "fp16-overflow" / "gpu-check.failed" / "manifest.json").is_file()
 
 
+@pytest.mark.build
 def test_an_emulator_that_cannot_be_set_up_fails_when_required_and_is_skipped_when_not(tmp_path):
     env = {"EDGEPACK_CACHE": str(tmp_path / "cache"), "EDGEPACK_DEBIAN_MIRROR": UNREACHABLE}
     spec = str(TEST_MODELS / "gpu_fallback.py")
@@ -166,6 +171,7 @@ def test_the_profile_refuses_a_gpu_check_with_nothing_to_check():
     assert parse_profile({**no_tflite, "gpu_check": {"enabled": False}}, "off.yaml").gpu_check.required
 
 
+@pytest.mark.build
 def test_the_device_kit_runs_the_tflite_on_the_gpu_with_gpu(digits, tmp_path):
     """device/validate.py --gpu (what a phone with ai-edge-litert runs), here on lavapipe: the
     .tflite through LiteRT's GPU accelerator, judged by the thresholds of the build's GPU check."""
