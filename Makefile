@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup test test-fast bench fuzz clean
+.PHONY: build setup gpu-setup test test-fast bench fuzz clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,bench,efficientnet]'
 	@touch $(STAMP)
+
+# lavapipe (Mesa's Vulkan driver on the CPU) for the android-gpu GPU check, fetched from Debian
+# bookworm-backports into ~/.cache/edgepack (EDGEPACK_CACHE); a build or `validate --gpu` does the
+# same on first use. Needs a Linux x86-64 Debian 12 host and access to deb.debian.org.
+gpu-setup: $(STAMP)
+	$(BIN)/edgepack gpu-setup
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

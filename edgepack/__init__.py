@@ -2,17 +2,17 @@
 
 Layers (imports run downward only; tests/test_layers.py enforces it, function-local imports too):
 
-    8 faces      cli.py (every command and its tables), fuzz/, this package's API
+    8 faces      cli.py (every command), tables.py (what they print), fuzz/, this package's API
     7 order      pipeline.py: build(), the order of steps, manifest assembly, atomic placement
     6 steps      steps/: judge one artifact (export, run, parity, budgets, fallback), the speed
-                 comparison and its slower_than_float policy, validate, ingest
+                 comparison and its slower_than_float policy, the GPU check, validate, ingest
     5 analysis   analysis/: int8 diagnosis, ONNX QDQ profile, charts, the fallback search
     4 profile    target.py: TargetProfile, FallbackSettings, the one Budgets rule
     3 plug-ins   compress/* stages, export/* exporters: never import each other
     2 quant      quant/: the int8 recipe (one options block, the only config -> recipe mapping),
                  observers, quantizers, calibration, bias correction, emulation, weight-only
     1 contracts  spec.py, stage.py, export/base.py, bundle.py, intake.py (untrusted input), package.py,
-                 runtimes/*
+                 runtimes/*, emulators/* (Debian packages fetched privately, the Vulkan probe, lavapipe)
     0 ground     errors.py, parity.py, measure.py, costmodel.py, modelstats.py, provenance.py
     apart        device/: the on-device kit (stdlib + numpy + a runtime), imports nothing of edgepack
 

@@ -133,6 +133,25 @@ class DeviceReport(_Lenient):
     error: Annotated[str, Field(max_length=4000)] | None = None
 
 
+class EmulatedGpuCheck(_Strict):
+    """A .tflite run on a GPU code path without a phone: LiteRT's GPU accelerator (fp16 shaders)
+    on an emulated Vulkan GPU (steps/gpu_check.py). Not a phone GPU driver; emulated time is not
+    device time."""
+
+    status: Literal["passed", "failed", "skipped"]
+    reason: str | None = None  # why it was skipped or failed
+    accelerator: str | None = None  # LiteRT GPU accelerator: WebGPU (Dawn) on Vulkan
+    precision: Literal["fp16", "fp32"] | None = None  # the GPU's arithmetic
+    driver: dict[str, Any] | None = None  # name, version, device, packages, not_a_phone_gpu_driver
+    fully_accelerated: bool | None = None
+    # ops LiteRT's GPU accelerator left to the CPU (op -> its reasons): on a phone, the slow part
+    fallback_ops: dict[str, list[str]] = Field(default_factory=dict)
+    ops: dict[str, int | None] | None = None  # total, on_gpu, on_cpu
+    parity: dict[str, Any] | None = None  # vs the float reference, thresholds of tolerances[tolerance]
+    cpu_agreement: dict[str, Any] | None = None  # vs the LiteRT CPU interpreter's outputs, same thresholds
+    seconds: dict[str, Any] | None = None  # emulated on the build host's CPU, labelled so
+
+
 class ArtifactEntry(_Strict):
     name: str
     format: str
@@ -164,6 +183,7 @@ class ArtifactEntry(_Strict):
     budgets: dict[str, Any] | None = None
     reproducible: ReproducibilityCheck | None = None
     device_latency: DeviceLatency | None = None
+    emulated_gpu: EmulatedGpuCheck | None = None
 
 
 class ModelInfo(_Strict):

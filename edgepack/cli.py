@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
+from .tables import diagnosis_table, gpu_table, print_manifest, validation_table
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -97,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--timeout", type=_positive_seconds, default=300.0,
                           help="seconds a runtime may take per call")
     validate.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    validate.add_argument("--gpu", action="store_true",
+                          help="also run each float .tflite on LiteRT's GPU accelerator over lavapipe (a CPU Vulkan "
+                               "driver, set up in the cache on first use)")
+
+    gpu_setup = sub.add_parser("gpu-setup", help="set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
+                                                 "in the user's cache; does nothing when it is there")
+    gpu_setup.add_argument("--json", action="store_true", help="print the driver's description as JSON on stdout")
 
     ingest = sub.add_parser("ingest", help="merge a device_report.json into a bundle's manifest")
     ingest.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
@@ -169,29 +177,7 @@ def cmd_diagnose(args) -> int:
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return 0
-    top = getattr(args, "top", None) or 10
-    out = report["output"]
-    table = Table(title=f"{spec.name} on {profile.name}: worst int8 layers (output SQNR {out['sqnr_db']:.1f} dB, "
-                        f"cosine {out['cosine_mean']:.4f})")
-    for column in ("#", "layer", "op", "error share", "out SQNR alone", "cause", "SQNR (accum.)", "local SQNR",
-                   "cosine", "max|err|"):
-        table.add_column(column, justify="left" if column in ("layer", "op", "cause") else "right")
-
-    def fmt(value: float | None, spec_: str) -> str:
-        return "-" if value is None else format(value, spec_)
-
-    def cause(row: dict) -> str:
-        weights, activation = row["output_sqnr_db_weights_only"], row["output_sqnr_db_activation_only"]
-        if weights is None and activation is None:
-            return "-"
-        if activation is None or (weights is not None and weights < activation):
-            return f"weights ({weights:.0f} dB)"
-        return f"activation ({activation:.0f} dB)"
-
-    for row in sorted(report["layers"], key=lambda r: -r["error_share"])[:top]:
-        table.add_row(str(row["index"]), row["layer"], row["op"], f"{100 * row['error_share']:.1f}%",
-                      fmt(row["output_sqnr_db_alone"], ".1f"), cause(row), fmt(row["sqnr_db"], ".1f"),
-                      fmt(row["local_sqnr_db"], ".1f"), fmt(row["cosine"], ".4f"), fmt(row["max_abs_error"], ".3g"))
+    table = diagnosis_table(report, f"{spec.name} on {profile.name}", getattr(args, "top", None) or 10)
     out_console.print(table)
     if report["float_groups"]:
         err.print(f"to keep the worst in fp32: float_layers: {report['float_groups'][0]}  "
@@ -249,25 +235,14 @@ def cmd_validate(args) -> int:
 
     progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
     result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
-                             timeout_s=args.timeout, progress=progress)
+                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         return result.exit_code
-    table = Table(title=f"{result.manifest.model.name} for {result.manifest.target.name}: re-validated on this host")
-    for column in ("file", "runtime", "result", "cosine min", "SQNR dB", "max|err|", "top-1", "vs build host"):
-        table.add_column(column, justify="left" if column in ("file", "runtime", "result") else "right")
-    for check in result.artifacts:
-        outputs = check.parity.outputs
-        top1 = [o.top1_agreement for o in outputs if o.top1_agreement is not None]
-        agreement = check.host_agreement
-        same = "identical" if agreement["identical"] else "max diff " + ", ".join(
-            "non-finite" if o.get("max_abs_diff") is None and "detail" not in o else
-            o.get("detail") or f"{o['max_abs_diff']:.3g}" for o in agreement["outputs"])
-        table.add_row(check.file, f"{check.runtime} {check.runtime_version}",
-                      "[green]pass[/]" if check.passed else "[red]PARITY FAILED[/]",
-                      f"{min(o.cosine_min for o in outputs):.5f}", f"{min(o.sqnr_db for o in outputs):.1f}",
-                      f"{max(o.max_abs_error for o in outputs):.3g}", f"{min(top1):.1%}" if top1 else "-", same)
+    table = validation_table(result)
     out_console.print(table)
+    if result.gpu:
+        out_console.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
     for note in result.skipped:
         err_console.print(f"[yellow]skipped:[/] {_escape(note)}")
     for check in result.artifacts:
@@ -278,9 +253,27 @@ def cmd_validate(args) -> int:
                           f"{'passed' if result.parity_passed else 'failed'}); the build recorded:")
         for failure in result.manifest.failures:
             err_console.print("  " + _escape(failure.splitlines()[0]))
+    for check in result.gpu:
+        if not check.passed:
+            err_console.print(f"[bold red]GPU path failure:[/] {check.file}: " + _escape(check.record.reason or ""))
     if result.exit_code == 0:
-        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s), {result.files_verified} file(s) verified")
+        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
+        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
+                          f"{result.files_verified} file(s) verified")
     return result.exit_code
+
+
+def cmd_gpu_setup(args) -> int:
+    from .emulators import lavapipe
+
+    driver = lavapipe.ensure(say=None if args.json else (lambda m: err_console.print(f"[dim]·[/] {_escape(m)}")))
+    if args.json:
+        sys.stdout.write(json.dumps({**driver.describe(), "environment": driver.environment()}, indent=2) + "\n")
+    else:
+        described = driver.describe()
+        err_console.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
+                          f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
+    return 0
 
 
 def cmd_ingest(args) -> int:
@@ -311,54 +304,12 @@ def cmd_ingest(args) -> int:
     return result.exit_code
 
 
-def print_manifest(manifest, console: Console) -> None:
-    from .parity import headline as parity_headline
-
-    console.print(f"[bold]{manifest.model.name}[/] for [bold]{manifest.target.name}[/]: "
-                  f"{'[green]passed[/]' if manifest.status == 'passed' else '[red]failed[/]'}  "
-                  f"({manifest.model.params:,} params, {manifest.model.macs:,} MACs)")
-    if manifest.stages:
-        stages = Table(title="stages")
-        for column in ("stage", "params", "nonzero", "MACs", "seconds"):
-            stages.add_column(column, justify="right" if column != "stage" else "left")
-        for record in manifest.stages:
-            b, a = record["before"], record["after"]
-            stages.add_row(record["name"], f"{b['params']:,} -> {a['params']:,}",
-                           f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
-                           f"{record['seconds']:.1f}")
-        console.print(stages)
-    table = Table(title="artifacts")
-    for column in ("file", "precision", "status", "bytes", "zip", "x float", "cosine min", "SQNR dB", "top-1", "p50 ms", "accuracy"):
-        table.add_column(column, justify="left" if column in ("file", "precision", "status") else "right")
-    for art in manifest.artifacts:
-        if art.status == "failed":
-            table.add_row(f"{art.name}.{art.format}", art.precision, "[red]failed[/]", "", "", "", "", "", "", "",
-                          (art.error or "")[:60])
-            continue
-        if art.status == "not-validated":
-            table.add_row(art.file, art.precision, "[yellow]not-validated[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
-                          f"{art.size['ratio_to_float']:.3f}", "-", "-", "-", "-", "not run on this host")
-            continue
-        worst = parity_headline(art.parity)
-        acc = ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items())
-        style = "green" if art.status == "ok" else "red"
-        table.add_row(art.file, art.precision, f"[{style}]{art.status}[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
-                      f"{art.size['ratio_to_float']:.3f}", f"{worst['cosine_min']:.5f}", f"{worst['sqnr_db']:.1f}",
-                      "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
-                      f"{art.latency['p50_ms']:.3f}", acc)
-    console.print(table)
-    if manifest.accuracy.get("float"):
-        console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
-    for failure in manifest.failures:
-        console.print(f"[red]failure:[/] {failure}")
-
-
 def _stop_now(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest, "diagnose": cmd_diagnose}
+            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}
 
 
 def _on_signal(signum, frame):

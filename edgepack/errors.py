@@ -58,6 +58,14 @@ class RuntimeUnavailable(EdgepackError):
     kind = "runtime unavailable"
 
 
+class EmulatorUnavailable(RuntimeUnavailable):
+    """Something edgepack sets up by itself on first use (a software GPU driver from Debian's
+    archive, say) cannot be set up here: the download was refused, the host is not one the
+    recipe runs on, a tool is missing or the cache is not writable. Nothing is half-installed."""
+
+    kind = "emulator unavailable"
+
+
 class RuntimeCheckError(EdgepackError):
     """A runtime failed, crashed or hung while running an artifact."""
 

@@ -139,6 +139,31 @@ class LatencySettings(_Strict):
     comparison_rounds: int = Field(default=6, ge=2, le=1_000)
 
 
+class GpuCheckSettings(_Strict):
+    """Run each float .tflite through LiteRT's GPU accelerator, the code path a phone's GPU runs,
+    on Mesa's lavapipe (a Vulkan driver on the build host's CPU, set up on first use), and judge
+    it against the float reference and against the CPU interpreter (steps/gpu_check.py)."""
+
+    enabled: bool = False
+    # fp16: the GPU accelerator's default arithmetic, as on phones; fp32 (enforce_f32): a tight
+    # functional check (1.1e-5 from the CPU interpreter on the digits CNN, vs 2.6e-2 for fp16).
+    precision: Literal["fp16", "fp32"] = "fp16"
+    # the entry of `tolerances` that judges the GPU outputs (default: fp16 when the GPU computes in
+    # fp16 or the artifact has fp16 weights, else fp32)
+    tolerance: Precision | None = None
+    # when the emulator cannot be set up (download refused, host not Linux x86-64 / Debian 12):
+    # true fails the build (exit 2); false records `skipped: <reason>` and warns
+    required: bool = True
+
+    def tolerance_key(self, artifact_precision: str) -> str:
+        if self.tolerance is not None:
+            return self.tolerance
+        return "fp16" if "fp16" in (self.precision, artifact_precision) else "fp32"
+
+
+GPU_CHECK_PRECISIONS = ("fp16", "fp32")  # .tflite artifacts of these precisions take the GPU check
+
+
 def _stage_union():
     configs = tuple(entry.config for entry in stage_registry().values())
     return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]
@@ -177,6 +202,7 @@ def profile_model() -> type[BaseModel]:
         # FFT-only model): fail the build, or ship the fp32 artifact of that format with a warning.
         unquantizable: Literal["fail", "keep_float"] = "fail"
         fallback: FallbackSettings = FallbackSettings()
+        gpu_check: GpuCheckSettings = GpuCheckSettings()
 
         @field_validator("artifacts")
         @classmethod
@@ -192,6 +218,17 @@ def profile_model() -> type[BaseModel]:
             missing = sorted({a.precision for a in self.artifacts} - set(self.tolerances))
             if missing:
                 raise ValueError(f"tolerances has no entry for precision(s) {missing} used by artifacts")
+            return self
+
+        @model_validator(mode="after")
+        def _gpu_check_has_work(self):
+            if self.gpu_check.enabled:
+                checked = [a for a in self.artifacts if a.format == "tflite" and a.precision in GPU_CHECK_PRECISIONS]
+                if not checked:
+                    raise ValueError("gpu_check runs .tflite artifacts of precision fp16 or fp32; the profile has none")
+                for key in sorted({self.gpu_check.tolerance_key(a.precision) for a in checked}):
+                    if key not in self.tolerances:
+                        raise ValueError(f"gpu_check: tolerances has no entry {key!r} to judge it")
             return self
 
         @model_validator(mode="after")

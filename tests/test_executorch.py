@@ -370,7 +370,8 @@ def test_vulkan_lowers_whole_and_is_marked_not_validated(tmp_path):
 
 def test_android_gpu_build_ships_the_vulkan_pte_not_validated(tmp_path, digits_spec):
     """`edgepack build models/digits_cnn.py --target android-gpu`: the fp16 .tflite passes parity
-    in LiteRT at <= 0.55x the float bytes; the Vulkan .pte ships as not-validated (no parity,
+    in LiteRT at <= 0.55x the float bytes, on the CPU interpreter and on the GPU accelerator
+    (lavapipe); the Vulkan .pte ships as not-validated (no parity,
     latency or golden outputs claimed, a warning), the build passes, and `edgepack validate`
     skips it."""
     import json
@@ -383,10 +384,13 @@ def test_android_gpu_build_ships_the_vulkan_pte_not_validated(tmp_path, digits_s
     manifest = json.loads(proc.stdout)
     tflite, vulkan = manifest["artifacts"]
     assert tflite["status"] == "ok" and tflite["parity"]["passed"] and tflite["size"]["ratio_to_float"] <= 0.55
+    # and on LiteRT's GPU accelerator over lavapipe (tests/test_gpu_check.py checks the record)
+    assert tflite["emulated_gpu"]["status"] == "passed" and tflite["emulated_gpu"]["fully_accelerated"]
     assert vulkan["file"] == "model_vulkan.pte" and vulkan["status"] == "not-validated"
     assert vulkan["parity"] is None and vulkan["latency"] is None and vulkan["golden"] is None
     assert vulkan["export"]["delegate_backends"] == ["VulkanBackend"] and vulkan["size"]["ratio_to_float"] <= 0.55
-    assert any("model_vulkan.pte: not validated on this host" in w for w in manifest["warnings"])
+    assert any("model_vulkan.pte: not validated on this host: no ExecuTorch runtime a package registry ships has "
+               "the Vulkan backend" in w for w in manifest["warnings"])
     bundle = tmp_path / "digits-cnn" / "android-gpu"
     assert (bundle / "model_vulkan.pte").stat().st_size == vulkan["bytes"]
     check = run_cli("validate", str(bundle))

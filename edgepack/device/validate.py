@@ -4,12 +4,15 @@
 Run from inside an unzipped bundle (it needs no edgepack and no torch, except that the
 ExecuTorch pip runtime itself imports torch):
 
-    python device/validate.py [--artifact FILE] [--runs N] [--warmup N] [--threads N]
+    python device/validate.py [--artifact FILE] [--runs N] [--warmup N] [--threads N] [--gpu]
                               [--report device_report.json] [--json]
 
 Needs the Python standard library, numpy, and the runtime of each artifact to check:
 onnxruntime (.onnx), ai-edge-litert or tflite-runtime (.tflite), executorch (.pte).
-Artifacts whose runtime is not installed are skipped and listed as such.
+Artifacts whose runtime is not installed are skipped and listed as such. With --gpu, a .tflite
+runs on the device's GPU through LiteRT's GPU accelerator (CompiledModel; ai-edge-litert 2.x),
+judged under the thresholds the build's GPU check used (the manifest's emulated_gpu), and the
+report says whether every op ran on the GPU.
 
 For each artifact it
   1. checks the sha256 of every file the manifest lists (before loading anything),
@@ -51,6 +54,7 @@ SQNR_CAP_DB = 200.0  # identical outputs: a finite number keeps the report valid
 RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert", "pte": "executorch"}
 INSTALL_HINT = {"onnxruntime": "pip install onnxruntime",
                 "litert": "pip install ai-edge-litert (or tflite-runtime)",
+                "litert-gpu": "pip install ai-edge-litert (2.x: its CompiledModel API reaches the GPU)",
                 "executorch": "pip install executorch (the version in the manifest's toolchain)"}
 
 try:
@@ -340,7 +344,45 @@ class ExecuTorchRunner:
         return [o.numpy() if hasattr(o, "numpy") else np.asarray(o) for o in outputs]
 
 
-RUNNERS = {"onnxruntime": OrtRunner, "litert": LiteRTRunner, "executorch": ExecuTorchRunner}
+class LiteRTGpuRunner:
+    """LiteRT's GPU accelerator (--gpu): ops it does not take run on the CPU, as in a GPU app that
+    allows it; fully_accelerated says whether any did (the accelerator's log names them)."""
+
+    runtime = "litert-gpu"
+
+    def __init__(self, path, threads, io):
+        from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, HardwareAccelerator, Options
+
+        self.version = _dist_version("ai-edge-litert")
+        options = Options(hardware_accelerators=HardwareAccelerator.GPU | HardwareAccelerator.CPU,
+                          cpu_options=CpuOptions(num_threads=threads))
+        try:
+            self.model = CompiledModel.from_file(path, options=options)
+        except (RuntimeError, ValueError) as exc:
+            raise ArtifactRuntimeError(f"LiteRT's GPU accelerator cannot load {os.path.basename(path)}: {exc} "
+                                       "(its log on stderr says why, e.g. no GPU driver)") from exc
+        self.fully_accelerated = bool(self.model.is_fully_accelerated())
+        signatures = self.model.get_signature_list()
+        self.key = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
+        inputs, outputs = self.model.get_input_tensor_details(self.key), self.model.get_output_tensor_details(self.key)
+        self.input_names, self.output_names = _io_names(io, "inputs"), _io_names(io, "outputs")
+        missing = [n for n in self.input_names if n not in inputs] + [n for n in self.output_names if n not in outputs]
+        if missing:
+            raise ArtifactRuntimeError(f"{os.path.basename(path)} has no tensor(s) {missing} that the manifest names")
+        self.shapes = {n: (list(outputs[n]["shape"]), np.dtype(outputs[n]["dtype"])) for n in self.output_names}
+        self.in_buffers = {n: self.model.create_input_buffer_by_name(self.key, n) for n in self.input_names}
+        self.out_buffers = {n: self.model.create_output_buffer_by_name(self.key, n) for n in self.output_names}
+
+    def run(self, feeds):
+        for name, value in zip(self.input_names, feeds):
+            self.in_buffers[name].write(np.ascontiguousarray(value))
+        self.model.run_by_name(self.key, self.in_buffers, self.out_buffers)
+        return [self.out_buffers[n].read(int(np.prod(shape)), dtype).reshape(shape)
+                for n, (shape, dtype) in self.shapes.items()]
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "litert": LiteRTRunner, "executorch": ExecuTorchRunner,
+           "litert-gpu": LiteRTGpuRunner}
 
 
 def runtime_available(runtime):
@@ -359,6 +401,9 @@ def runtime_available(runtime):
         if runtime == "executorch":
             import executorch.runtime  # noqa: F401
             return True, _dist_version("executorch")
+        if runtime == "litert-gpu":
+            import ai_edge_litert.compiled_model  # noqa: F401
+            return True, _dist_version("ai-edge-litert")
     except (ImportError, OSError) as exc:  # OSError: a wheel whose shared library does not load here
         return False, f"{runtime} is not installed ({type(exc).__name__}: {exc}); {INSTALL_HINT[runtime]}"
     return False, f"no runner for runtime {runtime!r}"
@@ -628,8 +673,11 @@ def score_outputs_of(art, model_outputs):
     return [o["name"] for o in recorded if o.get("top1_agreement") is not None]
 
 
-def check_artifact(bundle, manifest, art, threads, warmup, runs, say):
-    runtime = RUNTIME_FOR_FORMAT[art["format"]]
+def runtime_for(art, gpu):
+    return "litert-gpu" if gpu and art["format"] == "tflite" else RUNTIME_FOR_FORMAT[art["format"]]
+
+
+def check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime):
     rows, ref_rows, host, model_outputs = golden_rows(bundle, art, manifest)
     path = confined(bundle, art["file"])
     start = time.perf_counter()
@@ -651,6 +699,8 @@ def check_artifact(bundle, manifest, art, threads, warmup, runs, say):
         raise ArtifactRuntimeError(f"{art['file']} returned {len(native[0])} outputs, the manifest lists {len(out_specs)}")
     outputs = [[dequantize(np.asarray(v), spec) for v, spec in zip(sample, out_specs)] for sample in native]
     tolerance = art["parity"].get("thresholds") or {}
+    if runtime == "litert-gpu":  # the thresholds the build's GPU check judged this file by (fp16 arithmetic)
+        tolerance = ((art.get("emulated_gpu") or {}).get("parity") or {}).get("thresholds") or tolerance
     parity = compare(ref_rows, outputs, tolerance, model_outputs, score_outputs_of(art, model_outputs),
                      recorded_masks(bundle, manifest, art, len(ref_rows)))
     agreement = host_agreement(native, host, out_specs)
@@ -668,9 +718,12 @@ def check_artifact(bundle, manifest, art, threads, warmup, runs, say):
         raise ArtifactRuntimeError(f"{runtime} failed while timing {art['file']}: {type(exc).__name__}: {exc}") from exc
     latency = {"source": "device", "tool": TOOL, "runtime": runtime, "runtime_version": runner.version,
                "threads": threads, "warmup": warmup, "load_ms": round(load_ms, 3), **latency_summary(times)}
-    return {"runtime": runtime, "runtime_version": runner.version,
-            "status": "passed" if parity["passed"] else "parity-failed",
-            "parity": parity, "host_agreement": agreement, "latency": latency}
+    result = {"runtime": runtime, "runtime_version": runner.version,
+              "status": "passed" if parity["passed"] else "parity-failed",
+              "parity": parity, "host_agreement": agreement, "latency": latency}
+    if runtime == "litert-gpu":
+        result["fully_accelerated"] = runner.fully_accelerated
+    return result
 
 
 # --- device description, report ------------------------------------------------------------
@@ -764,6 +817,8 @@ def run(args, say):
     unknown = [a["file"] for a in candidates if a["format"] not in RUNTIME_FOR_FORMAT]
     if unknown:
         raise SetupError(f"unknown artifact format for {unknown}", "use the kit shipped with the bundle")
+    if args.gpu and not any(a["format"] == "tflite" for a in candidates):
+        raise SetupError("--gpu runs .tflite artifacts on the GPU and this bundle has none", "run without --gpu")
 
     report = {"schema_version": REPORT_SCHEMA_VERSION, "kind": REPORT_KIND, "created_by": TOOL,
               "created_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -775,12 +830,12 @@ def run(args, say):
 
     available = {}
     for art in candidates:
-        runtime = RUNTIME_FOR_FORMAT[art["format"]]
+        runtime = runtime_for(art, args.gpu)
         if runtime not in available:
             available[runtime] = runtime_available(runtime)
-    to_run = [a for a in candidates if available[RUNTIME_FOR_FORMAT[a["format"]]][0]]
+    to_run = [a for a in candidates if available[runtime_for(a, args.gpu)][0]]
     if not to_run:
-        reasons = sorted({available[RUNTIME_FOR_FORMAT[a["format"]]][1] for a in candidates})
+        reasons = sorted({available[runtime_for(a, args.gpu)][1] for a in candidates})
         raise SetupError("no runtime installed for any artifact: " + "; ".join(reasons),
                          "install a runtime with pip, or run on a device that has one")
     checked = verify_files(bundle, manifest, to_run)
@@ -789,7 +844,7 @@ def run(args, say):
 
     exit_code = EXIT_PASS
     for art in candidates:
-        runtime = RUNTIME_FOR_FORMAT[art["format"]]
+        runtime = runtime_for(art, args.gpu)
         entry = {"file": art["file"], "format": art["format"], "precision": art.get("precision"),
                  "sha256": art.get("sha256"), "runtime": runtime}
         ok, version_or_reason = available[runtime]
@@ -800,7 +855,7 @@ def run(args, say):
             continue
         say(f"{art['file']} ({art['format']} {art.get('precision')}) in {runtime} {version_or_reason}")
         try:
-            entry.update(check_artifact(bundle, manifest, art, threads, warmup, runs, say))
+            entry.update(check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime))
         except ArtifactRuntimeError as exc:
             entry.update(status="error", reason=str(exc))
             say(f"  ERROR: {exc}")
@@ -812,6 +867,9 @@ def run(args, say):
         agreement = entry["host_agreement"]
         say("  vs host outputs: " + ("identical" if agreement["identical"] else ", ".join(
             f"{o['name']} max diff {o.get('max_abs_diff', o.get('detail'))}" for o in agreement["outputs"])))
+        if "fully_accelerated" in entry:
+            say("  GPU: " + ("every op on the GPU" if entry["fully_accelerated"] else
+                             "some ops run on the CPU (LiteRT's log above names them)"))
         lat = entry["latency"]
         say(f"  latency: p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, min {lat['min_ms']:.3f} ms "
             f"({lat['runs']} runs, {threads} thread(s)); {'PASS' if entry['status'] == 'passed' else 'PARITY FAILED'}")
@@ -832,6 +890,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, help="timed runs (default: the profile's latency.runs)")
     parser.add_argument("--warmup", type=int, help="untimed warmup runs (default: the profile's latency.warmup)")
     parser.add_argument("--threads", type=int, help="runtime threads (default: the profile's device.threads)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="run .tflite files on the GPU (LiteRT's GPU accelerator) instead of the CPU interpreter")
     parser.add_argument("--report", default="device_report.json", help="where to write the report")
     parser.add_argument("--json", action="store_true", help="print the report on stdout")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")

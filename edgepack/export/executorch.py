@@ -108,9 +108,11 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
     def device_only(self) -> str | None:
         """Why this artifact cannot be run on the build host (None: it runs there)."""
         if self.backend == "vulkan":
-            return ("not validated on this host: the pip ExecuTorch runtime has no Vulkan backend and the "
-                    "build host no mobile GPU; run device/validate.py on a phone with an ExecuTorch runtime "
-                    "built with the Vulkan backend to check its parity")
+            return ("not validated on this host: no ExecuTorch runtime a package registry ships has the Vulkan "
+                    "backend (the pip wheel registers XNNPACK, QNN and OpenVINO only, and PyPI has no executorch "
+                    "sdist to build one); lavapipe, the CPU Vulkan driver the .tflite's GPU check uses, could run "
+                    "it only under an ExecuTorch built from source with the Vulkan backend. Run device/validate.py "
+                    "on a phone with an ExecuTorch runtime built with the Vulkan backend to check its parity")
         return None
 
 

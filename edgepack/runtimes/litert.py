@@ -42,7 +42,7 @@ def _interpreter_module():
     return module, "ai-edge-litert"
 
 
-def _package_version(package: str) -> str:
+def package_version(package: str) -> str:
     if package == "ai-edge-litert":
         import ai_edge_litert
         return getattr(ai_edge_litert, "__version__", "unknown")
@@ -50,7 +50,7 @@ def _package_version(package: str) -> str:
     return getattr(tflite_runtime, "__version__", "unknown")
 
 
-def _position(name: str, prefix: str) -> tuple[int, int]:
+def io_position(name: str, prefix: str) -> tuple[int, int]:
     match = re.fullmatch(rf"{prefix}_(\d+)", name)
     return (0, int(match.group(1))) if match else (1, 0)
 
@@ -78,7 +78,7 @@ class LiteRTRunner:
             raise ValueError(f"threads must be >= 1, got {threads}")
         module, self._package = _interpreter_module()
         self.path = str(path)
-        _check_header(Path(self.path))
+        check_header(Path(self.path))
         try:
             self._interpreter = module.Interpreter(model_path=self.path, num_threads=threads)
             self._interpreter.allocate_tensors()
@@ -91,8 +91,8 @@ class LiteRTRunner:
         if signatures:
             key = _SIGNATURE if _SIGNATURE in signatures else sorted(signatures)[0]
             runner = self._interpreter.get_signature_runner(key)
-            inputs = sorted(runner.get_input_details().items(), key=lambda kv: _position(kv[0], "args"))
-            outputs = sorted(runner.get_output_details().items(), key=lambda kv: _position(kv[0], "output"))
+            inputs = sorted(runner.get_input_details().items(), key=lambda kv: io_position(kv[0], "args"))
+            outputs = sorted(runner.get_output_details().items(), key=lambda kv: io_position(kv[0], "output"))
         else:  # no signature (not written by litert-torch): subgraph order is all there is
             inputs = [(d["name"], d) for d in self._interpreter.get_input_details()]
             outputs = [(d["name"], d) for d in self._interpreter.get_output_details()]
@@ -120,7 +120,7 @@ class LiteRTRunner:
         return [self._interpreter.get_tensor(index) for index in self._output_index]
 
     def info(self) -> dict:
-        return {"runtime": "litert", "package": self._package, "version": _package_version(self._package),
+        return {"runtime": "litert", "package": self._package, "version": package_version(self._package),
                 "threads": self.threads, "signature_io": {"inputs": [t.name for t in self.inputs],
                                                           "outputs": [t.name for t in self.outputs]},
                 "delegation": self.delegation()}
@@ -161,7 +161,7 @@ class LiteRTRunner:
                 "undelegated_ops": dict(sorted(undelegated.items()))}
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     try:
         with path.open("rb") as handle:
             head = handle.read(8)

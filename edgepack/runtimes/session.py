@@ -31,11 +31,17 @@ DEFAULT_TIMEOUT_S = 300.0
 class RuntimeSession:
     """One artifact loaded in a worker process. Use as a context manager."""
 
-    def __init__(self, runtime: str, path: Path | str, threads: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, runtime: str, path: Path | str, threads: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 env: dict[str, str] | None = None, options: dict | None = None):
+        """env: variables set for the worker over this process's environment (start-up ones such as
+        LD_LIBRARY_PATH included: the fork server is then started with them); options: keyword
+        arguments for the runner's load(), JSON values only."""
         self.runtime = runtime
         self.path = Path(path)
         self.threads = threads
         self.timeout_s = timeout_s
+        self.env = dict(env or {})
+        self.options = dict(options or {})
         self.process: subprocess.Popen | ForkedWorker | None = None
         self.inputs: list[TensorIO] = []
         self.outputs: list[TensorIO] = []
@@ -67,7 +73,7 @@ class RuntimeSession:
         child_read, parent_write = os.pipe()
         self._read_fd, self._write_fd = parent_read, parent_write
         self._stderr = tempfile.TemporaryFile()
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env.setdefault("OMP_NUM_THREADS", str(self.threads))
         try:
             if use_fork_server():
@@ -81,7 +87,8 @@ class RuntimeSession:
         finally:
             os.close(child_read)
             os.close(child_write)
-        request = {"cmd": "load", "runtime": self.runtime, "path": str(self.path.resolve()), "threads": self.threads}
+        request = {"cmd": "load", "runtime": self.runtime, "path": str(self.path.resolve()), "threads": self.threads,
+                   "options": self.options}
         if isinstance(self.process, ForkedWorker):
             request["env"] = env  # the server's own may be older
         reply, _ = self._request(request, what="loading")
@@ -178,6 +185,7 @@ class RuntimeSession:
         if not reply.get("ok"):
             raise RuntimeCheckError(
                 f"{self.runtime} failed while {what} {self.path.name}: {reply.get('type')}: {reply.get('error')}",
-                "the artifact may be corrupt or use an op this runtime lacks (run with --debug for details)",
+                reply.get("hint") or "the artifact may be corrupt or use an op this runtime lacks "
+                                     "(run with --debug for details)",
             )
         return reply, out

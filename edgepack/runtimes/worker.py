@@ -37,6 +37,7 @@ PRELOAD = {
     "executorch": ("torch", "executorch.runtime", "executorch.extension.pybindings.portable_lib",
                    "executorch.version"),
     "litert": ("ai_edge_litert.interpreter",),
+    "litert_gpu": ("ai_edge_litert.compiled_model",),  # the GPU accelerator and Vulkan load in the worker
     "onnxruntime": (),
 }
 
@@ -67,7 +68,7 @@ def serve(read_fd: int, write_fd: int) -> None:
                     os.environ.update(header["env"])
                 module = importlib.import_module(runner_module(header["runtime"]))
                 start = time.perf_counter()
-                runner = module.load(header["path"], int(header["threads"]))
+                runner = module.load(header["path"], int(header["threads"]), **header.get("options", {}))
                 load_ms = (time.perf_counter() - start) * 1000
                 write_message(write_fd, {
                     "ok": True, "load_ms": load_ms,
@@ -94,8 +95,11 @@ def serve(read_fd: int, write_fd: int) -> None:
             else:
                 write_message(write_fd, {"ok": False, "error": f"unknown command {cmd!r}", "type": "ProtocolError"})
         except Exception as exc:  # reported to the parent, which raises RuntimeCheckError
+            # An EdgepackError from the runner keeps its own hint (the session shows it instead of a generic one).
+            hint = getattr(exc, "hint", None)
+            message = exc.message if hint and isinstance(getattr(exc, "message", None), str) else str(exc)
             write_message(write_fd, {
-                "ok": False, "type": type(exc).__name__, "error": str(exc)[:2000],
+                "ok": False, "type": type(exc).__name__, "error": message[:2000], "hint": hint,
                 "traceback": traceback.format_exc()[-4000:],
             })
 

@@ -24,7 +24,7 @@ import torch
 from .. import bundle as bundle_mod
 from .. import package
 from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
-from ..bundle import ArtifactEntry, ArtifactIO, GoldenFiles, stack_samples
+from ..bundle import ArtifactEntry, ArtifactIO, EmulatedGpuCheck, GoldenFiles, stack_samples
 from ..costmodel import estimate_latency
 from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, NothingToQuantize,
                       RuntimeCheckError)
@@ -35,6 +35,9 @@ from ..parity import compare, headline
 from ..runtimes.base import from_native, to_native
 from ..runtimes.session import RuntimeSession
 from ..spec import as_numpy
+from ..target import GPU_CHECK_PRECISIONS
+from .gpu_check import GpuJob, check_on_gpu, fallback_warning
+from .gpu_check import summary as gpu_summary
 
 
 @dataclass
@@ -221,7 +224,7 @@ class ArtifactJudge:
                 accuracy = metrics(self.evaluate(session_fn(session))) if self.evaluate is not None else None
                 io = ArtifactIO(inputs=[t.to_dict() for t in session.inputs],
                                 outputs=[t.to_dict() for t in session.outputs])
-                load_ms, info = session.load_ms, session.info
+                load_ms, info, io_specs = session.load_ms, session.info, (session.inputs, session.outputs)
         except RuntimeCheckError as exc:
             self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             for path in files:
@@ -242,6 +245,13 @@ class ArtifactJudge:
         bundle_mod.save_npz(staged / golden_in, stack_samples(native_inputs, [t.name for t in io.inputs]))
         bundle_mod.save_npz(staged / golden_out, stack_samples(native_outputs, [t.name for t in io.outputs]))
 
+        emulated_gpu = None
+        if profile.gpu_check.enabled and config.format == "tflite" and config.precision in GPU_CHECK_PRECISIONS:
+            job = GpuJob(main, native_inputs, self.reference.outputs, outputs, self.reference.output_names, io_specs,
+                         self.score_outputs, sum((result.details.get("ops") or {}).values()) or None)
+            emulated_gpu = self.gpu_check(label, job, config.precision, cpu_passed=parity.passed)
+        gpu_failed = emulated_gpu is not None and emulated_gpu.status == "failed" and emulated_gpu.parity is not None
+
         latency = latency_summary(bench["times_ms"])
         latency.update({"source": "host", "runtime": result.runtime, "threads": self.threads,
                         "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
@@ -255,7 +265,7 @@ class ArtifactJudge:
             result.notes.append(finding)
             self.findings.warnings.append(finding)
         status = "ok"
-        if not parity.passed:
+        if not parity.passed or gpu_failed:
             status = "parity-failed"
         elif budgets and not budgets["passed"]:
             status = "budget-exceeded"
@@ -267,5 +277,30 @@ class ArtifactJudge:
             export=result.details, notes=result.notes, io=io,
             golden=GoldenFiles(inputs=golden_in, outputs=golden_out),
             parity=parity.to_dict(), latency=latency, size=size,
-            accuracy=accuracy, budgets=budgets, reproducible=reproducible, **base,
-        ), parity.summary()
+            accuracy=accuracy, budgets=budgets, reproducible=reproducible, emulated_gpu=emulated_gpu, **base,
+        ), parity.summary() + (f"\n{gpu_summary(emulated_gpu)}" if gpu_failed else "")
+
+    def gpu_check(self, label: str, job: GpuJob, precision: str, cpu_passed: bool) -> EmulatedGpuCheck:
+        """The artifact on LiteRT's GPU accelerator over lavapipe (steps/gpu_check.py); what it
+        finds beyond a failed parity (ops left to the CPU, a skip) goes to the build's warnings."""
+        settings = self.profile.gpu_check
+        if not cpu_passed:
+            return EmulatedGpuCheck(status="skipped", precision=settings.precision,
+                                    reason="its parity in the CPU interpreter failed first")
+        self.say(f"checking {job.path.name} on a GPU code path (LiteRT's GPU accelerator on lavapipe)")
+        try:
+            record = check_on_gpu(job, precision=settings.precision,
+                                  tolerance=self.profile.tolerance_for(settings.tolerance_key(precision)).model_dump(),
+                                  threads=self.threads, timeout_s=self.timeout_s, required=settings.required,
+                                  say=self.say)
+        except RuntimeCheckError as exc:
+            if not self.keep_going:
+                raise
+            self.findings.fail(f"{label}: on LiteRT's GPU accelerator: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            return EmulatedGpuCheck(status="failed", precision=settings.precision, reason=f"runtime error: {exc.message}")
+        if record.status == "skipped":
+            self.findings.warnings.append(f"{job.path.name}: {gpu_summary(record)}")
+        warning = fallback_warning(job.path.name, record)
+        if warning:
+            self.findings.warnings.append(warning)
+        return record

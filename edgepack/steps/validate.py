@@ -7,7 +7,11 @@
 3. each artifact runs in its own runtime in a child process with a timeout (RuntimeSession;
    a crash or hang is a RuntimeCheckError, exit 3), fed exactly golden/<file>.inputs.npz;
 4. its dequantized outputs are compared with golden/reference_outputs.npz under the manifest's
-   thresholds with edgepack.parity (exit 1 when any artifact fails).
+   thresholds with edgepack.parity (exit 1 when any artifact fails);
+5. with --gpu, each float .tflite also runs through LiteRT's GPU accelerator on lavapipe
+   (steps/gpu_check.py), judged against the reference and the build host's CPU-interpreter
+   outputs (golden/<file>.outputs.npz) under the thresholds the build recorded (exit 1 when it
+   fails; 2 when lavapipe cannot be set up; 3 when the accelerator or the driver fails).
 
 A .zip is checked before anything is extracted: absolute paths, '..' components, symlinks and
 duplicate names are refused; it is then extracted to a temp dir that is removed afterwards.
@@ -27,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..bundle import ArtifactEntry, Manifest, sha256_file
+from ..bundle import ArtifactEntry, EmulatedGpuCheck, Manifest, sha256_file
 from ..errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
 from ..export import RUNTIME_FOR_FORMAT
 from ..intake import (check_zip_against_manifest, checksummed_paths, confined, load_bundle_manifest, load_golden,
@@ -36,6 +40,8 @@ from ..package import MANIFEST, zip_payload_sha256
 from ..parity import ParityReport, compare
 from ..runtimes.base import TensorIO, from_native
 from ..runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
+from ..target import GPU_CHECK_PRECISIONS
+from .gpu_check import GpuJob, check_on_gpu
 
 # Importable module(s) each runner needs; the first one found is enough.
 RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "executorch": ("executorch",),
@@ -65,12 +71,26 @@ class ArtifactCheck:
 
 
 @dataclass
+class GpuValidation:
+    file: str
+    record: EmulatedGpuCheck
+
+    @property
+    def passed(self) -> bool:
+        return self.record.status == "passed"
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "passed": self.passed, **self.record.model_dump(mode="json")}
+
+
+@dataclass
 class ValidationResult:
     source: Path
     manifest: Manifest
     files_verified: int
     artifacts: list[ArtifactCheck] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    gpu: list[GpuValidation] = field(default_factory=list)  # --gpu: float .tflite files on LiteRT's GPU path
 
     @property
     def parity_passed(self) -> bool:
@@ -78,9 +98,11 @@ class ValidationResult:
 
     @property
     def exit_code(self) -> int:
-        """0 only when every artifact re-checked here passed parity and the bundle's own build
-        passed: a .failed bundle (a budget exceeded, say) is not made good by passing parity."""
-        return EXIT_OK if self.parity_passed and self.manifest.status == "passed" else EXIT_PARITY_OR_BUDGET
+        """0 only when every artifact re-checked here passed parity (and the GPU path, with --gpu)
+        and the bundle's own build passed: a .failed bundle (a budget exceeded, say) is not made
+        good by passing parity."""
+        passed = self.parity_passed and all(g.passed for g in self.gpu)
+        return EXIT_OK if passed and self.manifest.status == "passed" else EXIT_PARITY_OR_BUDGET
 
     def to_dict(self) -> dict:
         return {"source": str(self.source), "model": self.manifest.model.name, "target": self.manifest.target.name,
@@ -88,22 +110,24 @@ class ValidationResult:
                 "parity_passed": self.parity_passed, "build_status": self.manifest.status,
                 "build_failures": list(self.manifest.failures),
                 "files_verified": self.files_verified, "artifacts": [a.to_dict() for a in self.artifacts],
-                "skipped": self.skipped}
+                "gpu": [g.to_dict() for g in self.gpu], "skipped": self.skipped}
 
 
 def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | None = None,
-                    timeout_s: float = DEFAULT_TIMEOUT_S,
-                    progress: Callable[[str], None] | None = None) -> ValidationResult:
+                    timeout_s: float = DEFAULT_TIMEOUT_S, progress: Callable[[str], None] | None = None,
+                    gpu: bool = False) -> ValidationResult:
     """Validate a bundle directory or a bundle .zip. Raises BundleError / RuntimeCheckError /
-    RuntimeUnavailable; a parity failure is reported in the result (exit_code 1), not raised."""
+    RuntimeUnavailable (EmulatorUnavailable for --gpu without lavapipe); a parity failure is
+    reported in the result (exit_code 1), not raised. gpu: also run each float .tflite through
+    LiteRT's GPU accelerator on lavapipe (steps/gpu_check.py)."""
     path = Path(path)
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
             root, payload = extract_bundle_zip(path, Path(scratch))
-            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload)
+            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload, gpu)
     if path.is_file():
         raise BundleError(f"{path}: neither a bundle directory nor a zip", "pass dist/<model>/<target> or its .zip")
-    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None)
+    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None, gpu)
 
 
 # --- zip ---------------------------------------------------------------------------------
@@ -221,26 +245,9 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
     if runtime is None:
         raise BundleError(f"{art.file}: unknown format {art.format!r}", "validate with the edgepack that built it")
     _require_runtime(runtime, art.file)
-    in_specs = [TensorIO(**t.model_dump()) for t in art.io.inputs]
-    out_specs = [TensorIO(**t.model_dump()) for t in art.io.outputs]
-    output_names = [t.name for t in manifest.io.outputs]
-    samples = manifest.golden.samples
-
-    def rows(specs) -> dict[str, tuple[int, ...]]:
-        return {t.name: (samples, *t.shape) for t in specs}
-
-    inputs = load_golden(confined(root, art.golden.inputs), rows(in_specs), {t.name: t.dtype for t in in_specs})
-    reference = load_golden(confined(root, manifest.golden.reference_outputs), rows(manifest.io.outputs))
-    host = load_golden(confined(root, art.golden.outputs), rows(out_specs), {t.name: t.dtype for t in out_specs})
-    for label, data, names in ((art.golden.inputs, inputs, [t.name for t in in_specs]),
-                               (manifest.golden.reference_outputs, reference, output_names),
-                               (art.golden.outputs, host, [t.name for t in out_specs])):
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise BundleError(f"{root / label}: no array(s) {missing}", "the bundle is inconsistent; rebuild it")
-    samples = len(reference[output_names[0]])
-    feeds = [[np.ascontiguousarray(inputs[t.name][i]) for t in in_specs] for i in range(samples)]
-    ref_rows = [[reference[n][i] for n in output_names] for i in range(samples)]
+    golden = _Golden.load(root, manifest, art)
+    in_specs, out_specs, output_names = golden.in_specs, golden.out_specs, golden.output_names
+    feeds, ref_rows, host = golden.feeds, golden.reference, golden.host
     with RuntimeSession(runtime, confined(root, art.file), threads, timeout_s) as session:
         got_in, got_out = [_io_key(t) for t in session.inputs], [_io_key(t) for t in session.outputs]
         if got_in != [_io_key(t) for t in in_specs] or got_out != [_io_key(t) for t in out_specs]:
@@ -251,11 +258,8 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
         native = [session.run(x) for x in feeds]
         version = str(session.info.get("version", ""))
     outputs = [from_native(o, out_specs) for o in native]
-    recorded = art.parity.get("outputs") or []
-    scores = ([o["name"] for o in recorded if o.get("top1_agreement") is not None]
-              if len(recorded) == len(output_names) else None)
-    parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, scores,
-                     _recorded_masks(root, manifest, recorded, samples))
+    parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, golden.score_outputs(art),
+                     _recorded_masks(root, manifest, art.parity.get("outputs") or [], len(ref_rows)))
     return ArtifactCheck(file=art.file, format=art.format, precision=art.precision, runtime=runtime,
                          runtime_version=version, parity=parity, host_agreement=_agreement(native, host, out_specs))
 
@@ -277,6 +281,71 @@ def _recorded_masks(root: Path, manifest: Manifest, recorded: list[dict], sample
     return masks
 
 
+@dataclass
+class _Golden:
+    """An artifact's golden data from the bundle, per sample."""
+
+    in_specs: list[TensorIO]
+    out_specs: list[TensorIO]
+    output_names: list[str]
+    feeds: list[list[np.ndarray]]  # golden/<file>.inputs.npz: what the artifact takes
+    reference: list[list[np.ndarray]]  # golden/reference_outputs.npz
+    host: dict[str, np.ndarray]  # golden/<file>.outputs.npz: what it returned on the build host
+
+    @classmethod
+    def load(cls, root: Path, manifest: Manifest, art: ArtifactEntry) -> "_Golden":
+        in_specs = [TensorIO(**t.model_dump()) for t in art.io.inputs]
+        out_specs = [TensorIO(**t.model_dump()) for t in art.io.outputs]
+        output_names = [t.name for t in manifest.io.outputs]
+        samples = manifest.golden.samples
+
+        def rows(specs) -> dict[str, tuple[int, ...]]:
+            return {t.name: (samples, *t.shape) for t in specs}
+
+        inputs = load_golden(confined(root, art.golden.inputs), rows(in_specs), {t.name: t.dtype for t in in_specs})
+        reference = load_golden(confined(root, manifest.golden.reference_outputs), rows(manifest.io.outputs))
+        host = load_golden(confined(root, art.golden.outputs), rows(out_specs), {t.name: t.dtype for t in out_specs})
+        for label, data, names in ((art.golden.inputs, inputs, [t.name for t in in_specs]),
+                                   (manifest.golden.reference_outputs, reference, output_names),
+                                   (art.golden.outputs, host, [t.name for t in out_specs])):
+            missing = [n for n in names if n not in data]
+            if missing:
+                raise BundleError(f"{root / label}: no array(s) {missing}", "the bundle is inconsistent; rebuild it")
+        samples = len(reference[output_names[0]])
+        feeds = [[np.ascontiguousarray(inputs[t.name][i]) for t in in_specs] for i in range(samples)]
+        ref_rows = [[reference[n][i] for n in output_names] for i in range(samples)]
+        return cls(in_specs, out_specs, output_names, feeds, ref_rows, host)
+
+    def host_rows(self) -> list[list[np.ndarray]]:
+        return [from_native([self.host[t.name][i] for t in self.out_specs], self.out_specs)
+                for i in range(len(self.reference))]
+
+    def score_outputs(self, art: ArtifactEntry) -> list[str] | None:
+        """The class-score outputs the build judged top-1 on (None: decide from the shapes)."""
+        recorded = art.parity.get("outputs") or []
+        return ([o["name"] for o in recorded if o.get("top1_agreement") is not None]
+                if len(recorded) == len(self.output_names) else None)
+
+
+def check_on_emulated_gpu(root: Path, manifest: Manifest, art: ArtifactEntry, threads: int, timeout_s: float,
+                          say: Callable[[str], None]) -> GpuValidation:
+    """A float .tflite through LiteRT's GPU accelerator on lavapipe, from the bundle alone: judged
+    against the reference and against the build host's CPU-interpreter outputs, with the
+    thresholds and GPU precision the build recorded (else the artifact's own thresholds and its
+    precision as the GPU's arithmetic)."""
+    _require_runtime("litert", art.file)
+    golden = _Golden.load(root, manifest, art)
+    recorded = art.emulated_gpu
+    thresholds = (recorded.parity if recorded is not None and recorded.parity else art.parity).get("thresholds") or {}
+    precision = recorded.precision if recorded is not None and recorded.precision else art.precision
+    job = GpuJob(confined(root, art.file), golden.feeds, golden.reference, golden.host_rows(), golden.output_names,
+                 (golden.in_specs, golden.out_specs), golden.score_outputs(art),
+                 sum((art.export.get("ops") or {}).values()) or None)
+    record = check_on_gpu(job, precision=precision, tolerance=thresholds, threads=threads, timeout_s=timeout_s,
+                          required=True, say=say)
+    return GpuValidation(file=art.file, record=record)
+
+
 def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], specs: list[TensorIO]) -> dict:
     rows = []
     for index, spec in enumerate(specs):
@@ -296,7 +365,7 @@ def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], spec
 
 
 def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int | None, timeout_s: float,
-                  progress: Callable[[str], None] | None, zip_payload: str | None) -> ValidationResult:
+                  progress: Callable[[str], None] | None, zip_payload: str | None, gpu: bool) -> ValidationResult:
     say = progress or (lambda message: None)
     manifest = load_bundle_manifest(root)
     count = verify_files(root, manifest)
@@ -319,7 +388,15 @@ def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int |
     result = ValidationResult(source=source, manifest=manifest, files_verified=count)
     result.skipped = [f"{a.file or a.name + '.' + a.format}: status {a.status}, nothing to run"
                       for a in manifest.artifacts if not runnable(a) and artifact is None]
+    on_gpu = [a for a in candidates if a.format == "tflite" and a.precision in GPU_CHECK_PRECISIONS] if gpu else []
+    if gpu and not on_gpu:
+        raise BundleError(f"{source}: --gpu runs float .tflite artifacts (fp16 or fp32) and this bundle has none"
+                          + (f" named {artifact!r}" if artifact else ""), "validate without --gpu")
     for art in candidates:
         say(f"running {art.file} in {RUNTIME_FOR_FORMAT.get(art.format, art.format)}")
         result.artifacts.append(check_artifact(root, manifest, art, threads, timeout_s))
+    for art in on_gpu:
+        result.gpu.append(check_on_emulated_gpu(root, manifest, art, threads, timeout_s, say))
+    if gpu:
+        result.skipped += [f"{a.file}: --gpu runs float .tflite artifacts only" for a in candidates if a not in on_gpu]
     return result

@@ -1,0 +1,130 @@
+"""The tables the commands print (rich): a build's or a bundle's manifest, a re-validation, the
+GPU path, a diagnosis. Everything printed from a bundle or report goes through _escape."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape as _escape
+from rich.table import Table
+
+
+def print_manifest(manifest, console: Console) -> None:
+    from .parity import headline as parity_headline
+
+    console.print(f"[bold]{manifest.model.name}[/] for [bold]{manifest.target.name}[/]: "
+                  f"{'[green]passed[/]' if manifest.status == 'passed' else '[red]failed[/]'}  "
+                  f"({manifest.model.params:,} params, {manifest.model.macs:,} MACs)")
+    if manifest.stages:
+        stages = Table(title="stages")
+        for column in ("stage", "params", "nonzero", "MACs", "seconds"):
+            stages.add_column(column, justify="right" if column != "stage" else "left")
+        for record in manifest.stages:
+            b, a = record["before"], record["after"]
+            stages.add_row(record["name"], f"{b['params']:,} -> {a['params']:,}",
+                           f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
+                           f"{record['seconds']:.1f}")
+        console.print(stages)
+    table = Table(title="artifacts")
+    for column in ("file", "precision", "status", "bytes", "zip", "x float", "cosine min", "SQNR dB", "top-1", "p50 ms", "accuracy"):
+        table.add_column(column, justify="left" if column in ("file", "precision", "status") else "right")
+    for art in manifest.artifacts:
+        if art.status == "failed":
+            table.add_row(f"{art.name}.{art.format}", art.precision, "[red]failed[/]", "", "", "", "", "", "", "",
+                          (art.error or "")[:60])
+            continue
+        if art.status == "not-validated":
+            table.add_row(art.file, art.precision, "[yellow]not-validated[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
+                          f"{art.size['ratio_to_float']:.3f}", "-", "-", "-", "-", "not run on this host")
+            continue
+        worst = parity_headline(art.parity)
+        acc = ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items())
+        style = "green" if art.status == "ok" else "red"
+        table.add_row(art.file, art.precision, f"[{style}]{art.status}[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
+                      f"{art.size['ratio_to_float']:.3f}", f"{worst['cosine_min']:.5f}", f"{worst['sqnr_db']:.1f}",
+                      "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
+                      f"{art.latency['p50_ms']:.3f}", acc)
+    console.print(table)
+    checked = [(art.file, art.emulated_gpu) for art in manifest.artifacts if art.emulated_gpu is not None]
+    if checked:
+        console.print(gpu_table(checked, "GPU path: LiteRT's GPU accelerator on an emulated Vulkan GPU "
+                                         "(not a phone driver; emulated time)"))
+    if manifest.accuracy.get("float"):
+        console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
+    for failure in manifest.failures:
+        console.print(f"[red]failure:[/] {failure}")
+
+
+def _worst_error(outputs: list[dict]) -> str:
+    errors = [o["max_abs_error"] for o in outputs]
+    return "inf/NaN" if any(e is None for e in errors) else f"{max(errors):.3g}"
+
+
+def gpu_table(records: list, title: str) -> Table:
+    """LiteRT's GPU path per .tflite: parity vs the reference and the CPU interpreter, ops, emulated time."""
+    table = Table(title=title)
+    for column in ("file", "GPU", "result", "cos min ref", "max|err| ref", "cos min CPU", "max|diff| CPU", "top-1 CPU",
+                   "ops on CPU", "1st run s", "later ms"):
+        table.add_column(column, justify="left" if column in ("file", "GPU", "result", "ops on CPU") else "right")
+    for file, record in records:
+        if record.status == "skipped" or record.parity is None:
+            table.add_row(file, record.precision or "-", f"[yellow]{record.status}[/]", *["-"] * 7,
+                          _escape((record.reason or "")[:60]))
+            continue
+        ref, cpu = record.parity["outputs"], record.cpu_agreement["outputs"]
+        top1 = [o["top1_agreement"] for o in cpu if o.get("top1_agreement") is not None]
+        seconds = record.seconds or {}
+        later = seconds.get("later_runs_p50")
+        table.add_row(file, f"{record.precision} {(record.driver or {}).get('name', '')}",
+                      "[green]pass[/]" if record.status == "passed" else "[red]FAILED[/]",
+                      f"{min(o['cosine_min'] for o in ref):.6f}", _worst_error(ref),
+                      f"{min(o['cosine_min'] for o in cpu):.6f}", _worst_error(cpu),
+                      f"{min(top1):.1%}" if top1 else "-",
+                      ", ".join(record.fallback_ops) or ("none" if record.fully_accelerated else "?"),
+                      f"{seconds.get('first_run', 0):.2f}", "-" if later is None else f"{later * 1000:.1f}")
+    return table
+
+
+def validation_table(result) -> Table:
+    """`edgepack validate`: each artifact re-run on this host, against the reference and the build host."""
+    table = Table(title=f"{result.manifest.model.name} for {result.manifest.target.name}: re-validated on this host")
+    for column in ("file", "runtime", "result", "cosine min", "SQNR dB", "max|err|", "top-1", "vs build host"):
+        table.add_column(column, justify="left" if column in ("file", "runtime", "result") else "right")
+    for check in result.artifacts:
+        outputs = check.parity.outputs
+        top1 = [o.top1_agreement for o in outputs if o.top1_agreement is not None]
+        agreement = check.host_agreement
+        same = "identical" if agreement["identical"] else "max diff " + ", ".join(
+            "non-finite" if o.get("max_abs_diff") is None and "detail" not in o else
+            o.get("detail") or f"{o['max_abs_diff']:.3g}" for o in agreement["outputs"])
+        table.add_row(check.file, f"{check.runtime} {check.runtime_version}",
+                      "[green]pass[/]" if check.passed else "[red]PARITY FAILED[/]",
+                      f"{min(o.cosine_min for o in outputs):.5f}", f"{min(o.sqnr_db for o in outputs):.1f}",
+                      f"{max(o.max_abs_error for o in outputs):.3g}", f"{min(top1):.1%}" if top1 else "-", same)
+    return table
+
+
+def diagnosis_table(report: dict, title: str, top: int) -> Table:
+    """`edgepack diagnose`: the layers int8 hurts most, worst first."""
+    out = report["output"]
+    table = Table(title=f"{title}: worst int8 layers (output SQNR {out['sqnr_db']:.1f} dB, "
+                        f"cosine {out['cosine_mean']:.4f})")
+    for column in ("#", "layer", "op", "error share", "out SQNR alone", "cause", "SQNR (accum.)", "local SQNR",
+                   "cosine", "max|err|"):
+        table.add_column(column, justify="left" if column in ("layer", "op", "cause") else "right")
+
+    def fmt(value: float | None, spec_: str) -> str:
+        return "-" if value is None else format(value, spec_)
+
+    def cause(row: dict) -> str:
+        weights, activation = row["output_sqnr_db_weights_only"], row["output_sqnr_db_activation_only"]
+        if weights is None and activation is None:
+            return "-"
+        if activation is None or (weights is not None and weights < activation):
+            return f"weights ({weights:.0f} dB)"
+        return f"activation ({activation:.0f} dB)"
+
+    for row in sorted(report["layers"], key=lambda r: -r["error_share"])[:top]:
+        table.add_row(str(row["index"]), row["layer"], row["op"], f"{100 * row['error_share']:.1f}%",
+                      fmt(row["output_sqnr_db_alone"], ".1f"), cause(row), fmt(row["sqnr_db"], ".1f"),
+                      fmt(row["local_sqnr_db"], ".1f"), fmt(row["cosine"], ".4f"), fmt(row["max_abs_error"], ".3g"))
+    return table
