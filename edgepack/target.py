@@ -11,12 +11,13 @@ import hashlib
 import json
 import math
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .compress import registry as stage_registry
 from .errors import ConfigError
@@ -24,6 +25,8 @@ from .export import registry as export_registry
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
+MAX_EXTENDS = 8  # profiles extending profiles, at most this deep
+SCHEMA_PATH = Path(__file__).parent / "schema" / "profile.schema.json"
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
 
@@ -181,6 +184,7 @@ def profile_model() -> type[BaseModel]:
     artifact_t = _artifact_union()
 
     class TargetProfile(_Strict):
+        _source: str = PrivateAttr(default="")  # where it was loaded from, for the manifest
         schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
         name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
         description: str = ""
@@ -264,14 +268,13 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def targets_dir() -> Path:
-    env = os.environ.get("EDGEPACK_TARGETS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "targets"
+def targets_dir() -> Path:  # EDGEPACK_TARGETS_DIR, a checkout's targets/, or pip's <prefix>/share/edgepack/targets
+    env, checkout = os.environ.get("EDGEPACK_TARGETS_DIR"), Path(__file__).resolve().parent.parent / "targets"
+    return Path(env) if env else checkout if checkout.is_dir() else Path(sys.prefix) / "share/edgepack/targets"
 
 
 def known_targets() -> list[str]:
-    directory = targets_dir()
-    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+    return sorted(p.stem for p in targets_dir().glob("*.yaml"))  # a missing folder globs to nothing
 
 
 def _loc(loc: tuple) -> str:
@@ -304,7 +307,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> ConfigError:
     message = first + "".join(f"\n  {line}" for line in rest)
     if len(lines) > MAX_ERROR_LINES:
         message += f"\n  ... and {len(lines) - MAX_ERROR_LINES} more"
-    return ConfigError(message, "fix the profile; `edgepack targets show x86-64` prints a valid one")
+    return ConfigError(message, "fix the profile or the --set value; `edgepack targets show NAME` prints a valid one")
 
 
 def parse_profile(data: Any, source: str):
@@ -325,10 +328,11 @@ class _ProfileLoader(yaml.SafeLoader):
 _ProfileLoader.add_constructor("tag:yaml.org,2002:timestamp", _ProfileLoader.construct_yaml_str)
 
 
-def load_target(ref: str | os.PathLike):
-    """Load a profile by name (targets/<name>.yaml) or by path to a YAML file."""
-    ref = str(ref)
+def _profile_path(ref: str, relative_to: Path | None = None) -> Path:
+    """A profile by name (targets/<name>.yaml) or by path (relative to the extending file)."""
     path = Path(ref)
+    if relative_to is not None and not path.is_absolute() and ref.endswith((".yaml", ".yml")):
+        path = relative_to / path
     if not (ref.endswith((".yaml", ".yml")) or os.sep in ref or path.is_file()):
         path = targets_dir() / f"{ref}.yaml"
         if not path.is_file():
@@ -336,12 +340,16 @@ def load_target(ref: str | os.PathLike):
                               "pass one of the known names or a path to your own YAML profile")
     if not path.is_file():
         raise ConfigError(f"{ref}: profile file not found", "pass an existing YAML file or a known target name")
+    return path
+
+
+def _read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read profile: {exc}", "check the file's permissions and encoding") from exc
     try:
-        data = yaml.load(text, Loader=_ProfileLoader)  # a SafeLoader subclass
+        return yaml.load(text, Loader=_ProfileLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -352,8 +360,90 @@ def load_target(ref: str | os.PathLike):
                           "check the file is the profile you meant") from None
     except ValueError as exc:  # a scalar PyYAML recognises but cannot build
         raise ConfigError(f"{path}: invalid YAML: {exc}", "fix or quote that value") from None
+
+
+def merge(base: dict, changes: dict) -> dict:
+    """``changes`` laid over ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _resolved_data(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The profile's YAML with ``extends: <target or path>`` resolved (the base first, this file's
+    keys over it; at most MAX_EXTENDS deep, no cycles)."""
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    parent_ref = data.pop("extends")
+    if not isinstance(parent_ref, str):
+        raise ConfigError(f"{path}: extends: give a target name or a YAML path, got {parent_ref!r}",
+                          "e.g. extends: android-arm64")
+    parent = _profile_path(parent_ref, path.parent)
+    if parent.resolve() in chain or len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: extends {parent_ref!r} goes round in a circle or deeper than {MAX_EXTENDS}",
+                          "extend a shipped profile, which extends nothing")
+    base = _resolved_data(parent, chain + (path.resolve(),))
+    if not isinstance(base, dict):
+        raise ConfigError(f"{parent}: not a profile mapping (extended by {path})", "extend a valid profile")
+    return merge(base, data)
+
+
+def apply_settings(data: dict, settings: list[str], source: str) -> dict:
+    """``key.path=value`` assignments (``--set``) on raw profile data; the value is read as YAML
+    (``0.97``, ``true``, ``[a, b]``) and a number in the path indexes a list (``artifacts.0.precision``)."""
+    data = json.loads(json.dumps(data))  # a deep copy
+    for setting in settings:
+        key, sep, raw = setting.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {setting!r}: expected key.path=value", "e.g. --set tolerances.int8.min_cosine=0.97")
+        try:
+            value = yaml.load(raw, Loader=_ProfileLoader)
+        except yaml.YAMLError:
+            value = raw
+        node: Any = data
+        parts = key.split(".")
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{source}: --set {key}: {part!r} is not an index of a list of {len(node)}",
+                                      "use a number below the list's length")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{source}: --set {key}: {'.'.join(parts[:index])} is not a mapping or list",
+                                  "set a key inside a section, e.g. budgets.max_bytes=5000000")
+    return data
+
+
+def load_target(ref: str | os.PathLike, settings: list[str] | None = None, overrides: dict | None = None):
+    """Load a profile by name (targets/<name>.yaml) or by path to a YAML file, resolving
+    ``extends:``, then laying ``overrides`` (a mapping merged key by key) and ``settings``
+    (``key.path=value``) over it before it is validated."""
+    path = _profile_path(str(ref))
+    data, source = _resolved_data(path), str(path)
+    if (overrides or settings) and isinstance(data, dict):
+        data = apply_settings(merge(data, overrides or {}), list(settings or []), source)
+        source += "".join(f" --set {s}" for s in settings or [])
     profile = parse_profile(data, str(path))
+    profile._source = source
     return profile
+
+
+def profile_json_schema() -> dict:
+    """The profile's JSON Schema (SCHEMA_PATH, committed), for editors and for checking files."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "edgepack target profile",
+            **profile_model().model_json_schema()}
 
 
 def dump_profile(profile) -> str:

@@ -17,7 +17,7 @@ def test_shipped_profile_loads_and_round_trips(name):
     profile = load_target(name)
     assert profile.name == name
     again = parse_profile(yaml.safe_load(dump_profile(profile)), "round-trip")
-    assert again == profile
+    assert again.model_dump() == profile.model_dump()  # the same profile (where it was read from aside)
     assert again.sha256() == profile.sha256()
 
 
@@ -101,3 +101,52 @@ def test_profile_not_a_mapping(tmp_path):
 def test_user_profile_by_path(tmp_path):
     path = write_profile(tmp_path, "x86-64", name="my-box")
     assert load_target(str(path)).name == "my-box"
+
+
+def test_extends_lays_a_small_file_over_a_shipped_profile(tmp_path):
+    from edgepack.target import load_target
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: android-arm64\nname: mine\ntolerances:\n  int8:\n    min_cosine: 0.97\n")
+    profile = load_target(str(path))
+    base = load_target("android-arm64")
+    assert profile.name == "mine" and profile.tolerances["int8"].min_cosine == 0.97
+    # the rest of int8's thresholds and every other section come from the base
+    assert profile.tolerances["int8"].min_sqnr_db == base.tolerances["int8"].min_sqnr_db
+    assert profile.artifacts == base.artifacts and profile.device == base.device
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: mine.yaml\nname: child\n")  # a path, relative to the extending file
+    assert load_target(str(child)).tolerances["int8"].min_cosine == 0.97
+
+
+def test_extends_cycles_and_bad_bases_are_named(tmp_path):
+    from edgepack.target import load_target
+
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match="circle"):
+        load_target(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("extends: [android-arm64]\nname: c\n")
+    with pytest.raises(ConfigError, match="extends: give a target name"):
+        load_target(str(tmp_path / "c.yaml"))
+
+
+def test_set_assigns_by_path_and_names_a_bad_path():
+    from edgepack.target import load_target
+
+    profile = load_target("android-arm64", settings=["tolerances.int8.min_cosine=0.9", "artifacts.1.granularity=per-tensor",
+                                                     "latency.runs=30"])
+    assert profile.tolerances["int8"].min_cosine == 0.9 and profile.artifacts[1].granularity == "per-tensor"
+    assert profile.latency.runs == 30
+    with pytest.raises(ConfigError, match="is not an index"):
+        load_target("android-arm64", settings=["artifacts.9.precision=fp32"])
+    with pytest.raises(ConfigError, match="bogus"):
+        load_target("android-arm64", settings=["bogus=1"])
+
+
+def test_committed_profile_schema_is_current():
+    import json
+
+    from edgepack.target import SCHEMA_PATH, profile_json_schema
+
+    assert json.loads(SCHEMA_PATH.read_text()) == json.loads(json.dumps(profile_json_schema()))
