@@ -1,5 +1,13 @@
 """edgepack: turn a PyTorch model into verified, deployable artifacts for a named device class.
 
+    import edgepack
+    result = edgepack.build("models/digits_cnn.py", "x86-64")     # or an nn.Module + example inputs
+    print(result.exit_code, result.bundle_dir)
+    edgepack.validate(result.bundle_dir); edgepack.inspect(result.bundle_dir)
+    edgepack.diagnose("models/digits_cnn.py", "android-arm64")
+
+See edgepack/api.py for every argument.
+
 Layers (imports run downward only; tests/test_layers.py enforces it, function-local imports too):
 
     8 faces      cli.py (every command), tables.py (what they print), fuzz/, this package's API
@@ -23,16 +31,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["ModelSpec", "load_spec"]
+__all__ = ["ModelSpec", "load_spec", "build", "validate", "inspect", "diagnose", "load_target", "BuildResult",
+           "EdgepackError", "__version__"]
 
 if TYPE_CHECKING:
+    from .api import build, diagnose, inspect, validate
+    from .errors import EdgepackError
+    from .pipeline import BuildResult
     from .spec import ModelSpec, load_spec
+    from .target import load_target
+
+_HOMES = {"ModelSpec": "spec", "load_spec": "spec", "build": "api", "validate": "api", "inspect": "api",
+          "diagnose": "api", "load_target": "target", "BuildResult": "pipeline", "EdgepackError": "errors"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `edgepack validate`, `targets` and runtime workers must not pay for importing torch.
-    if name in __all__:
-        from . import spec
+    if name == "__version__":
+        from .provenance import edgepack_version
 
-        return getattr(spec, name)
+        return edgepack_version()
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'edgepack' has no attribute {name!r}")

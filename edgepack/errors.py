@@ -47,6 +47,10 @@ class ExportError(EdgepackError):
     kind = "export error"
 
 
+class UntraceableModel(ExportError):
+    """torch.export cannot capture the model: data-dependent control flow, in the user's code."""
+
+
 class NothingToQuantize(ExportError):
     """A quantized precision was asked for, and the recipe found no op in the model to quantize."""
 

@@ -25,7 +25,8 @@ from . import bundle as bundle_mod
 from . import package
 from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo, stack_samples
 from .compress import run_stages
-from .errors import check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError
+from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
+                     UntraceableModel)
 from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
@@ -52,6 +53,8 @@ class BuildOptions:
     write_zip: bool = True
     # Test hook: called with the step name before each step; raising there simulates a failure.
     step_hook: Callable[[str], None] | None = None
+    # Print the traceback of an export or runtime failure the build records (it still goes on).
+    debug: bool = False
 
 
 @dataclass
@@ -59,8 +62,16 @@ class BuildResult:
     manifest: Manifest
     bundle_dir: Path
     exit_code: int
-    messages: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # the failures, as the CLI prints them
     zip_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.manifest.warnings)
 
 
 class _Builder:
@@ -68,7 +79,7 @@ class _Builder:
         self.spec, self.profile, self.options = spec, profile, options
         self.profile_source = profile_source
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
-        self.findings = Findings()
+        self.findings = Findings(debug=options.debug)
         self.timings: list[dict[str, Any]] = []
         self._step_started: tuple[str, float] | None = None
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
@@ -97,7 +108,7 @@ class _Builder:
     # -- the build ------------------------------------------------------------------------
     def run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
-        self._lap("reading the spec's calibration and held-out samples")
+        self.say("reading the spec's calibration and held-out samples")
         for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
                                                          if not a.device_only]):
             forkserver.prestart(runtime, self.threads)
@@ -127,6 +138,8 @@ class _Builder:
         try:
             ref_files = export_float_onnx(model, example, scratch / "reference" / "reference.onnx", input_names,
                                           output_names)
+        except UntraceableModel as exc:
+            raise UntraceableModel(f"the float reference (ONNX): {exc.message}", exc.hint) from exc
         except ExportError as exc:
             raise ExportError(f"the float reference (ONNX, what every artifact is checked against): {exc.message}",
                               "every build exports the float model to ONNX to check the artifacts; replace the op "
@@ -224,7 +237,21 @@ def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
     return Path(out_dir) / model_name / target_name
 
 
-def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions | None = None) -> BuildResult:
+def check_installed(profile) -> None:
+    """Fail before any work when a format the profile asks for has no exporter installed here."""
+    from .errors import RuntimeUnavailable
+    from .export import missing_for
+
+    missing = missing_for([a.format for a in profile.artifacts])
+    if missing:
+        named = "; ".join(f".{fmt} needs {', '.join(pkgs)}" for fmt, (_, pkgs) in missing.items())
+        extras = ",".join(dict.fromkeys(extra for extra, _ in missing.values()))
+        raise RuntimeUnavailable(f"target {profile.name}: {named}, not installed here",
+                                 f"pip install 'edgepack[{extras}]', or pick a target without those formats")
+
+
+def build(spec: ModelSpec, profile, profile_source: str | None = None,
+          options: BuildOptions | None = None) -> BuildResult:
     """Build, validate and package; place the bundle atomically.
 
     A passing build replaces dist/<model>/<target>/ whole. A build whose parity or budget
@@ -232,8 +259,11 @@ def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions |
     good bundle untouched. A build that raises leaves nothing behind.
     """
     options = options or BuildOptions()
+    check_installed(profile)
     dest = bundle_path(options.out_dir, spec.name, profile.name)
-    builder = _Builder(spec, profile, profile_source, options)
+    # where the profile came from, for the manifest: the file load_target read, else the object
+    source = profile_source or getattr(profile, "_source", "") or f"python: TargetProfile {profile.name!r}"
+    builder = _Builder(spec, profile, source, options)
     model_dir_existed = dest.parent.exists()
     try:
         staged = bundle_mod.staging_dir(dest)

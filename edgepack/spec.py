@@ -106,7 +106,13 @@ def _call_spec_fn(fn: Callable[[], Any], where: str) -> Any:
 
 
 def load_spec(ref: str) -> ModelSpec:
-    """Load a ModelSpec from ``path/to/spec.py`` or ``package.module:function`` and check it."""
+    """Load a ModelSpec from ``path/to/spec.py`` (its ``spec()``), ``path/to/spec.py:function``
+    or ``package.module:function``, and check it."""
+    file_part, _, function_name = ref.rpartition(":")
+    if file_part.endswith(".py"):
+        ref, function_name = file_part, function_name
+    else:
+        function_name = "spec"
     path = Path(ref)
     if ref.endswith(".py") or path.exists() or "/" in ref:
         if not path.is_file():
@@ -136,9 +142,10 @@ def load_spec(ref: str) -> ModelSpec:
                 f"{ref}: importing the spec file raised {type(exc).__name__}: {exc}",
                 "fix the spec file so that it imports cleanly (run with --debug for the traceback)",
             ) from exc
-        fn = getattr(module, "spec", None)
+        fn = getattr(module, function_name, None)
         if not callable(fn):
-            raise SpecError(f"{ref}: no function spec() found", "define spec() -> edgepack.ModelSpec in the file")
+            raise SpecError(f"{ref}: no function {function_name}() found",
+                            f"define {function_name}() -> edgepack.ModelSpec in the file")
         source, digest = str(path), _sha256_file(path)
     else:
         if ":" not in ref:
@@ -150,7 +157,10 @@ def load_spec(ref: str) -> ModelSpec:
         try:
             module = importlib.import_module(mod_name)
         except Exception as exc:
-            raise SpecError(f"{ref}: cannot import module {mod_name!r}: {exc}", "check the module is importable") from exc
+            raise SpecError(f"{ref}: cannot import module {mod_name!r}: {type(exc).__name__}: {exc}",
+                            f"the module must be importable from here (on sys.path, e.g. installed or run from "
+                            f"its project root), or pass its file: path/to/{mod_name.rsplit('.', 1)[-1]}.py:{fn_name}"
+                            ) from exc
         fn = getattr(module, fn_name, None)
         if not callable(fn):
             raise SpecError(f"{ref}: module {mod_name!r} has no callable {fn_name!r}", "name a function returning a ModelSpec")

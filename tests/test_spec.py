@@ -173,3 +173,22 @@ def test_the_spec_check_streams_calibration_and_stops_at_the_cap():
 def test_bad_module_reference():
     with pytest.raises(SpecError, match="cannot import module"):
         load_spec("no_such_module_xyz:spec")
+
+
+def test_a_file_reference_may_name_its_function(tmp_path):
+    path = _spec_file(tmp_path, HEADER + """
+def small():
+    x = (torch.randn(1, 4),)
+    return ModelSpec(name="small", model=nn.Linear(4, 2), example_inputs=x, calibration=[x])
+""")
+    assert load_spec(f"{path}:small").name == "small"
+    with pytest.raises(SpecError, match=r"no function spec\(\) found"):
+        load_spec(path)
+    with pytest.raises(SpecError, match=r"no function other\(\) found"):
+        load_spec(f"{path}:other")
+
+
+def test_an_unimportable_module_reference_suggests_the_file_form():
+    with pytest.raises(SpecError) as caught:
+        load_spec("not_a_module_here.sub:spec")
+    assert "ModuleNotFoundError" in caught.value.message and "path/to/sub.py:spec" in caught.value.hint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -38,3 +39,20 @@ def registry() -> dict[str, ExporterEntry]:
 
 # Which runner module (edgepack.runtimes.<name>) runs each format.
 RUNTIME_FOR_FORMAT: dict[str, str] = {"onnx": "onnxruntime", "pte": "executorch", "tflite": "litert"}
+
+# What each format needs installed beyond the core, and the extra that brings it.
+REQUIRES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "pte": ("executorch", ("executorch",)),
+    "tflite": ("litert", ("litert_torch", "ai_edge_litert")),
+}
+
+
+def missing_for(formats: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """format -> (extra, packages not importable here), for the formats that cannot be built."""
+    missing = {}
+    for fmt in dict.fromkeys(formats):
+        extra, packages = REQUIRES.get(fmt, ("", ()))
+        absent = [p for p in packages if importlib.util.find_spec(p) is None]
+        if absent:
+            missing[fmt] = (extra, absent)
+    return missing

@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..errors import UntraceableModel
+
 InputTuple = tuple[torch.Tensor, ...]
 
 
@@ -54,6 +56,31 @@ def complex_tensors_in(text: str) -> bool:
     """Whether a toolchain's error is about complex tensors (torch.fft and friends), which no
     format edgepack exports can run: the message should say so in one line."""
     return bool(_COMPLEX.search(text))
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "Data-dependent", "DataDependent",
+                   "Dynamic control flow is not supported", "dynamic control flow")
+_CALL_SITE = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def data_dependent_control_flow(exc: BaseException) -> UntraceableModel | None:
+    """The one-line root cause when torch.export failed on data-dependent control flow (an ``if``
+    on a tensor's value) anywhere in ``exc``'s chain, naming the user's file:line; else None."""
+    texts, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        texts.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
+    text = "\n".join(texts)
+    if not any(marker in text for marker in _DATA_DEPENDENT):
+        return None
+    sites = [f"{path}:{line}" for path, line, _ in _CALL_SITE.findall(text)
+             if "site-packages" not in path and "/torch/" not in path and not path.startswith("<")]
+    where = f" at {sites[0]}" if sites else ""
+    return UntraceableModel(f"data-dependent control flow{where}: the model branches on a tensor's value, and "
+                            f"export needs one graph for every input",
+                            "use torch.cond for a branch on tensor values, or make the condition static (a shape "
+                            "or a Python constant); --debug shows torch's full message")
 
 
 @dataclass

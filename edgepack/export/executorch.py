@@ -57,7 +57,7 @@ from ..quant.qat_graph import pt2e_qat_for
 from ..quant.recipe import INSTALL_HINT, Int8Options, recipe_for, recipe_reason
 from ..quant.weight_only import embedding_tables, int4_linears
 from ..runtimes.executorch import register_quantized_kernels
-from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in
+from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 # Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
 _QUANT_NAMESPACES = ("quantized_decomposed", "torchao")
 
@@ -365,6 +365,9 @@ def _stage(stage: str) -> Iterator[None]:
         first_line = text.splitlines()[0] if text else type(exc).__name__
         ops = _offending_ops(exc)
         op_part = f" (op: {', '.join(ops)})" if ops else ""
+        untraceable = data_dependent_control_flow(exc)
+        if untraceable is not None:
+            raise untraceable from exc
         if complex_tensors_in(text):
             raise ExportError(f"pte export failed during {stage}{op_part}: complex tensors (torch.fft, "
                               f"torch.complex) are not supported by ExecuTorch's .pte",

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError, RuntimeUnavailable
+from .base import data_dependent_control_flow
 
 DEFAULT_OPSET = 18
 
@@ -46,6 +47,9 @@ def export_float_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path,
                 opset_version=opset, optimize=True, verbose=False,
             )
     except Exception as exc:
+        untraceable = data_dependent_control_flow(exc)
+        if untraceable is not None:
+            raise untraceable from exc
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))  # the exporter colours its messages
         op = _unsupported_op(text)
         raise ExportError(

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from ..errors import EdgepackError, ExportError, NothingToQuantize, RuntimeUnavailable
 from ..quant.calibrate import prepare_corrected
 from ..quant.recipe import Int8Options, recipe_for, recipe_reason
-from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in
+from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 from .tflite_flatbuffer import describe, float_io, repair_bias_scales
 
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
@@ -67,7 +67,7 @@ Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
 AUTO_QUANTIZER = "pt2e"
 
 _SIGNATURE = "serving_default"  # litert_torch.model.DEFAULT_SIGNATURE_NAME
-_HINT_INSTALL = "pip install litert-torch==0.10.0 ai-edge-quantizer ai-edge-litert==2.3.*"
+_HINT_INSTALL = "pip install 'edgepack[litert]' (litert-torch 0.10.0, ai-edge-litert 2.3)"
 
 
 class TFLiteArtifact(ArtifactConfig, Int8Options):
@@ -139,6 +139,9 @@ def _step(name: str, hint: str = "run with --debug for the full error"):
         text = str(exc)
         op = _op_in(text)
         first = text.strip().splitlines()[0][:300] if text.strip() else ""
+        untraceable = data_dependent_control_flow(exc)
+        if untraceable is not None:
+            raise untraceable from exc
         if complex_tensors_in(text):
             raise ExportError(f"tflite: {name} failed{' on op ' + op if op else ''}: complex tensors (torch.fft, "
                               f"torch.complex) are not supported by this converter",
@@ -189,7 +192,7 @@ def _pt2e_static(litert_torch, config: TFLiteArtifact, model, example_inputs, ca
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
     except ImportError as exc:
-        raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install torchao") from exc
+        raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install 'torchao==0.18.*'") from exc
     with _step("quantize (pt2e)", "try quantizer: ai-edge-quantizer, which quantizes the converted graph"):
         prepared, record = prepare_corrected(model, example_inputs, calibration, recipe_for(config))
         quantizer = prepared.meta.get("edgepack_quantizer")
@@ -209,7 +212,7 @@ def _pt2e(litert_torch, model, example_inputs, calibration, per_channel: bool, d
         from torchao.quantization.pt2e import move_exported_model_to_eval
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     except ImportError as exc:
-        raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install torchao") from exc
+        raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install 'torchao==0.18.*'") from exc
 
     with _step("quantize (pt2e)", "try quantizer: ai-edge-quantizer, which quantizes the converted graph"):
         quantizer = pt2e_quantizer.PT2EQuantizer().set_global(

@@ -20,11 +20,10 @@ def quantization_config(*, per_channel: bool, dynamic: bool, qat: bool = False,
     """XNNPACK's symmetric int8 config with the chosen activation observer (static PTQ only;
     QAT and dynamic keep the stock fake-quant / placeholder observers)."""
     try:
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
         from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     except ImportError as exc:
-        raise RuntimeUnavailable(f"executorch is not installed ({exc})", INSTALL_HINT) from exc
-    stock = get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    stock = _xnnpack_module().get_symmetric_quantization_config(is_per_channel=per_channel, is_dynamic=dynamic, is_qat=qat)
     if qat or dynamic or activation_observer == "histogram":
         return stock
     observer_class, arguments = observer_classes()[activation_observer]
@@ -57,17 +56,36 @@ def xnnpack_quantizer(*, per_channel: bool, dynamic: bool, qat: bool = False,
     quantizer = _quantizer_class()(fuse_clamp=fuse_clamp and not qat and not dynamic)
     quantizer.set_global(config)
     if float_layers:
+        if not hasattr(quantizer, "set_filter_function"):
+            raise RuntimeUnavailable("keeping layers in fp32 (float_layers) needs ExecuTorch's XNNPACKQuantizer",
+                                     INSTALL_HINT)
         filters = [get_module_name_filter(name) for name in float_layers]
         quantizer.set_filter_function(lambda node: not any(f(node) for f in filters))
     return quantizer
 
 
+def _xnnpack_module() -> Any:
+    """ExecuTorch's XNNPACK quantizer module; without executorch (a core install running
+    `edgepack diagnose` or the QAT stage) torchao's copy of it, the same annotations."""
+    try:
+        from executorch.backends.xnnpack.quantizer import xnnpack_quantizer
+    except ImportError:
+        try:
+            from torchao.testing.pt2e import _xnnpack_quantizer as xnnpack_quantizer
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"neither executorch nor torchao's XNNPACK quantizer is importable ({exc})",
+                                     INSTALL_HINT) from exc
+    return xnnpack_quantizer
+
+
+def quantizer_source() -> str:
+    """Which XNNPACK quantizer a recipe runs with here (a report records it)."""
+    return _xnnpack_module().__name__
+
+
 @lru_cache(maxsize=1)
 def _quantizer_class() -> type:
-    try:
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-    except ImportError as exc:
-        raise RuntimeUnavailable(f"executorch is not installed ({exc})", INSTALL_HINT) from exc
+    XNNPACKQuantizer = _xnnpack_module().XNNPACKQuantizer
 
     class ClampFusingXNNPACKQuantizer(XNNPACKQuantizer):
         """XNNPACKQuantizer that also fuses conv/linear + hardtanh (ReLU6) like + ReLU."""
@@ -75,6 +93,8 @@ def _quantizer_class() -> type:
         def __init__(self, fuse_clamp: bool = True) -> None:
             super().__init__()
             self.fuse_clamp = fuse_clamp
+            # torchao's copy (a core install without executorch) has no node filter.
+            self.filter_fn = getattr(self, "filter_fn", None)
 
         def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             return scalars_to_float_attrs(model)
@@ -86,7 +106,9 @@ def _quantizer_class() -> type:
             # prepare_pt2e has already folded every eval-mode one into its conv. Each of those
             # patterns is traced with torch.export on every call (~6 s a model), so they are
             # skipped when no batch norm is left in the graph: the annotation is the same.
-            if not any("batch_norm" in str(node.target) for node in model.graph.nodes):
+            if not hasattr(type(self), "SUPPORTED_PATTERNS"):  # torchao's copy: a fixed list of annotators
+                pass
+            elif not any("batch_norm" in str(node.target) for node in model.graph.nodes):
                 self.SUPPORTED_PATTERNS = [p for p in type(self).SUPPORTED_PATTERNS if "_bn" not in p.name]
             else:
                 self.SUPPORTED_PATTERNS = type(self).SUPPORTED_PATTERNS

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ExportError
 
-INSTALL_HINT = "pip install executorch==1.5.1 (brings torchao 0.18)"
+INSTALL_HINT = "pip install 'edgepack[executorch]' (executorch 1.5.1, torchao 0.18)"
 
 ObserverName = Literal["minmax", "moving-average", "histogram", "percentile", "mse"]
 ACTIVATION_OBSERVERS: tuple[str, ...] = typing.get_args(ObserverName)
