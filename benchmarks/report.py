@@ -268,32 +268,42 @@ def plot(result: dict, path: Path) -> str | None:
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return "no artifact with both a size and a latency"
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
+    # One colour scale for every panel (a colour means the same cosine everywhere), and points
+    # numbered with a key under each panel instead of labels that overlap where points crowd.
+    every_cos = [r.get("cosine_min") for rows in panels.values() for r in rows if r.get("cosine_min") is not None]
+    norm = colors.Normalize(vmin=min(min(every_cos, default=1.0), 0.999), vmax=1.0)
+    longest = max(len(rows) for rows in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2 + 0.16 * longest), squeeze=False)
     for ax, (model, rows) in zip(axes[0], panels.items()):
         use_ratio = all(r.get("p50_x_eager") for r in rows)
-        cos = [r.get("cosine_min") if r.get("cosine_min") is not None else 1.0 for r in rows]
-        norm = colors.Normalize(vmin=min(min(cos), 0.999), vmax=1.0)
-        for r, c in zip(rows, cos):
+        rows = sorted(rows, key=lambda r: (r["bytes"], r["p50_ms"]))
+        key = []
+        for number, r in enumerate(rows, 1):
+            c = r.get("cosine_min") if r.get("cosine_min") is not None else 1.0
             acc = r.get("accuracy") or {}
             size = 40 + 260 * float(next(iter(acc.values()))) if acc else 60
             y = r["p50_x_eager"] if use_ratio else r["p50_ms"]
             ax.scatter(r["bytes"], y, s=size, c=[c], cmap="viridis", norm=norm,
                        marker="o" if r["source"] == "pipeline" else "s", edgecolors="black", linewidths=0.6)
-            ax.annotate(r["label"], (r["bytes"], y), fontsize=6.5, xytext=(5, 4), textcoords="offset points")
+            ax.annotate(str(number), (r["bytes"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            key.append(f"{number}  {r['label']}")
         if use_ratio:
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
             ax.text(ax.get_xlim()[0], 1.0, " torch eager fp32", fontsize=7, color="grey", va="bottom")
+        ax.margins(x=0.12, y=0.08)
         ax.set_xscale("log")
         ax.set_yscale("log")  # ratios: 0.5x and 2x sit symmetrically around eager
         ax.set_xlabel("artifact bytes (log scale)")
         ax.set_ylabel("host p50 / torch eager fp32 p50 (log scale)" if use_ratio else "host p50 ms (log scale)")
         ax.set_title(f"{model}: o edgepack, \u25a1 plain baseline; size = accuracy", fontsize=9)
         ax.grid(True, which="both", alpha=0.25)
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="cosine min vs float")
+        ax.text(0.0, -0.16, "\n".join(key), transform=ax.transAxes, fontsize=6.5, va="top", family="monospace")
+    fig.subplots_adjust(wspace=0.38)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=list(axes[0]),
+                 label="cosine min vs float (one scale for every panel)")
     fig.suptitle(f"edgepack benchmark {result['created']} (host latency, not device latency)", fontsize=10)
-    fig.tight_layout()
     partial = path.with_name(path.name + ".partial.png")
-    fig.savefig(partial, dpi=110)
+    fig.savefig(partial, dpi=110, bbox_inches="tight")
     plt.close(fig)
     os.replace(partial, path)
     return None

@@ -6,32 +6,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
-from .tables import diagnosis_table, gpu_table, print_manifest, validation_table
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+class UsageError(Exception):
+    """A command line argparse refused; main() reports it like any other error (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # usage errors exit 2, like every other input error
-        self.print_usage(sys.stderr)
-        err_console.print(f"[bold red]error:[/] {message}")
-        raise SystemExit(EXIT_USAGE)
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def _positive_seconds(text: str) -> float:
@@ -65,14 +62,28 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    # --debug is accepted before or after the command: `edgepack build x.py -t T --debug`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and the exporters' own output instead of capturing it in a log")
     parser = _Parser(prog="edgepack", description="Compress, export, validate and package a PyTorch model for a device.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and the exporters' own output")
+    parser.add_argument("--version", action="version", version=f"edgepack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    build = sub.add_parser("build", help="build a bundle for one target")
-    build.add_argument("spec", help="models/x.py or package.module:function")
+    def command(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, parents=[common])
+
+    def settings(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                       help="override one profile value, e.g. --set int8.calibration_samples=64 (repeatable)")
+
+    build = command("build", "build a bundle for one target")
+    build.add_argument("spec", help="models/x.py, models/x.py:function or package.module:function")
     build.add_argument("--target", "-t", required=True, help="target name (see `edgepack targets`) or a YAML path")
-    build.add_argument("--out", default="dist", help="output root (default: dist)")
+    build.add_argument("--out", "-o", default="dist", help="output root (default: dist)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     build.add_argument("--no-repro-check", action="store_true",
@@ -80,17 +91,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-zip", action="store_true", help="do not write dist/<model>-<target>.zip")
     build.add_argument("--keep-going", action="store_true",
                        help="build the other formats when one fails (the exit code is still non-zero)")
+    settings(build)
 
-    targets = sub.add_parser("targets", help="list target profiles, or show one resolved")
+    targets = command("targets", "list target profiles, or show one resolved")
     targets.add_argument("action", nargs="?", choices=["show"], help="show one profile")
     targets.add_argument("name", nargs="?", help="target name or YAML path")
     targets.add_argument("--json", action="store_true")
+    settings(targets)
 
-    inspect = sub.add_parser("inspect", help="print a bundle's manifest as a table")
-    inspect.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
+    inspect = command("inspect", "print a bundle's manifest (directory or .zip), or list a model folder's bundles")
+    inspect.add_argument("bundle", help="dist/<model>/<target>, its .zip, or dist/<model>")
     inspect.add_argument("--json", action="store_true")
 
-    validate = sub.add_parser("validate", help="re-run parity from a bundle (directory or .zip) on this host")
+    validate = command("validate", "re-run parity from a bundle (directory or .zip) on this host")
     validate.add_argument("bundle", help="bundle directory (dist/<model>/<target>) or its .zip")
     validate.add_argument("--artifact", help="validate only this file, e.g. model.onnx")
     validate.add_argument("--threads", type=_thread_count,
@@ -102,214 +115,30 @@ def _parser() -> argparse.ArgumentParser:
                           help="also run each float .tflite on LiteRT's GPU accelerator over lavapipe (a CPU Vulkan "
                                "driver, set up in the cache on first use)")
 
-    gpu_setup = sub.add_parser("gpu-setup", help="set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
-                                                 "in the user's cache; does nothing when it is there")
+    gpu_setup = command("gpu-setup", "set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
+                                     "in the user's cache; does nothing when it is there")
     gpu_setup.add_argument("--json", action="store_true", help="print the driver's description as JSON on stdout")
 
-    ingest = sub.add_parser("ingest", help="merge a device_report.json into a bundle's manifest")
+    ingest = command("ingest", "merge a device_report.json into a bundle's manifest")
     ingest.add_argument("bundle", help="bundle directory (dist/<model>/<target>)")
     ingest.add_argument("report", help="device_report.json from device/validate.py or device/run_android.sh")
     ingest.add_argument("--json", action="store_true", help="print the updated manifest as JSON on stdout")
-    diagnose = sub.add_parser("diagnose", help="rank the layers int8 hurts most, per layer, for a target's recipe")
-    diagnose.add_argument("spec", help="models/x.py or package.module:function")
+
+    diagnose = command("diagnose", "rank the layers int8 hurts most, per layer, for a target's recipe")
+    diagnose.add_argument("spec", help="models/x.py, models/x.py:function or package.module:function")
     diagnose.add_argument("--target", "-t", required=True, help="target name or a YAML path (its int8 recipe)")
-    diagnose.add_argument("--out", help="where diagnosis.json and diagnosis.png go "
-                                        "(default: dist/<model>/<target>.diagnosis)")
+    diagnose.add_argument("--out", "-o", help="where diagnosis.json and diagnosis.png go "
+                                              "(default: dist/<model>/<target>.diagnosis)")
     diagnose.add_argument("--samples", type=_count, help="calibration samples compared layer by layer (default: 8)")
     diagnose.add_argument("--top", type=_count, default=10, help="rows in the table (default: 10)")
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     diagnose.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    settings(diagnose)
     return parser
-
-
-def _progress(args):
-    if getattr(args, "quiet", False):
-        return None
-    return lambda message: err_console.print(f"[dim]·[/] {message}")
-
-
-def cmd_build(args) -> int:
-    from .pipeline import BuildOptions, build
-    from .spec import load_spec
-    from .target import load_target
-
-    profile = load_target(args.target)
-    spec = load_spec(args.spec)
-    for note in spec.notes:
-        err_console.print(f"[yellow]note:[/] {note}")
-    options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=_progress(args),
-                           check_reproducible=not args.no_repro_check, write_zip=not args.no_zip)
-    result = build(spec, profile, str(args.target), options)
-    if args.json:
-        sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
-    elif not args.quiet:
-        print_manifest(result.manifest, out_console)
-    if result.exit_code:
-        for message in result.messages:
-            err_console.print(f"[bold red]failed:[/] {message}")
-        err_console.print(f"report written to {result.bundle_dir}; the last good bundle was left untouched")
-    elif not args.quiet:
-        err_console.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else ""))
-    return result.exit_code
-
-
-def cmd_diagnose(args) -> int:
-    """edgepack diagnose SPEC --target T [--out DIR] [--samples N] [--top K] [--json]"""
-    from .analysis.diagnose import DIAGNOSIS_SAMPLES, run_diagnosis
-    from .errors import ExportError
-    from .spec import load_spec
-    from .target import load_target
-
-    err = err_console
-    profile = load_target(args.target)
-    spec = load_spec(args.spec)
-    out_dir = Path(getattr(args, "out", None) or Path("dist") / spec.name / f"{profile.name}.diagnosis")
-    quiet = getattr(args, "quiet", False)
-    try:
-        report = run_diagnosis(spec, profile, out_dir, samples=getattr(args, "samples", None) or DIAGNOSIS_SAMPLES,
-                               progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
-    except EdgepackError:
-        raise
-    except Exception as exc:  # torch.export / PT2E on user models: name the step, keep the cause for --debug
-        raise ExportError(f"diagnose {spec.name} on {profile.name}: quantizing the model with the profile's int8 "
-                          f"recipe (torch.export + PT2E) failed: {type(exc).__name__}: {str(exc)[:300]}",
-                          "run `edgepack build` to see which format fails, or --debug for the traceback") from exc
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
-        return 0
-    table = diagnosis_table(report, f"{spec.name} on {profile.name}", getattr(args, "top", None) or 10)
-    out_console.print(table)
-    if report["float_groups"]:
-        err.print(f"to keep the worst in fp32: float_layers: {report['float_groups'][0]}  "
-                  f"({report['float_group_reasons'][0]})")
-    err.print(f"report: {report['files']['json']}  chart: {report['files']['chart']}")
-    return 0
-
-
-def cmd_targets(args) -> int:
-    from .target import dump_profile, known_targets, load_target
-
-    if args.action == "show":
-        if not args.name:
-            raise EdgepackError("targets show needs a NAME", "run `edgepack targets` to list them")
-        profile = load_target(args.name)
-        if args.json:
-            sys.stdout.write(json.dumps(profile.model_dump(mode="json"), indent=2) + "\n")
-        else:
-            sys.stdout.write(dump_profile(profile))
-        return 0
-    names = known_targets()
-    if args.json:
-        rows = []
-        for name in names:
-            profile = load_target(name)
-            rows.append({"name": name, "description": profile.description,
-                         "formats": [f"{a.format}:{a.precision}" for a in profile.artifacts]})
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return 0
-    table = Table(title="targets")
-    for column in ("name", "artifacts", "description"):
-        table.add_column(column)
-    for name in names:
-        profile = load_target(name)
-        table.add_row(name, ", ".join(f"{a.file_name} ({a.precision})" for a in profile.artifacts), profile.description)
-    out_console.print(table)
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from .intake import load_bundle_manifest
-    from .steps.validate import verify_files
-
-    manifest = load_bundle_manifest(Path(args.bundle))
-    verify_files(Path(args.bundle), manifest)  # a bundle whose files don't match is not shown as valid
-    if args.json:
-        sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
-    else:
-        print_manifest(manifest, out_console)
-    return 0
-
-
-def cmd_validate(args) -> int:
-    from .steps.validate import validate_bundle
-
-    progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
-    result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
-                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-        return result.exit_code
-    table = validation_table(result)
-    out_console.print(table)
-    if result.gpu:
-        out_console.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
-    for note in result.skipped:
-        err_console.print(f"[yellow]skipped:[/] {_escape(note)}")
-    for check in result.artifacts:
-        if not check.passed:
-            err_console.print(f"[bold red]parity failure:[/] {check.file}\n" + _escape(check.parity.summary()))
-    if result.manifest.status != "passed":
-        err_console.print(f"[bold red]this bundle's build failed[/] (parity re-checked here: "
-                          f"{'passed' if result.parity_passed else 'failed'}); the build recorded:")
-        for failure in result.manifest.failures:
-            err_console.print("  " + _escape(failure.splitlines()[0]))
-    for check in result.gpu:
-        if not check.passed:
-            err_console.print(f"[bold red]GPU path failure:[/] {check.file}: " + _escape(check.record.reason or ""))
-    if result.exit_code == 0:
-        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
-        err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
-                          f"{result.files_verified} file(s) verified")
-    return result.exit_code
-
-
-def cmd_gpu_setup(args) -> int:
-    from .emulators import lavapipe
-
-    driver = lavapipe.ensure(say=None if args.json else (lambda m: err_console.print(f"[dim]·[/] {_escape(m)}")))
-    if args.json:
-        sys.stdout.write(json.dumps({**driver.describe(), "environment": driver.environment()}, indent=2) + "\n")
-    else:
-        described = driver.describe()
-        err_console.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
-                          f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
-    return 0
-
-
-def cmd_ingest(args) -> int:
-    from .intake import printable
-    from .steps.ingest import ingest_report
-
-    result = ingest_report(Path(args.bundle), Path(args.report))
-    if args.json:
-        sys.stdout.write(json.dumps(result.manifest.model_dump(mode="json"), indent=2) + "\n")
-    else:
-        # Everything below comes from the report (untrusted): printed without control characters.
-        device = result.measurement.device
-        err_console.print(_escape(f"device: {printable(device.get('label') or device.get('machine') or 'unknown')} "
-                                  f"({printable(result.measurement.created_by)})"))
-        for summary in result.measurement.artifacts:
-            line = f"  {summary['file']}: {summary['status']}"
-            latency = summary.get("latency")
-            if latency:
-                figure = latency.get("p50_ms") if latency.get("p50_ms") is not None else latency.get("mean_ms")
-                which = "p50" if latency.get("p50_ms") is not None else "mean"
-                line += f", {which} {figure:.3f} ms ({latency.get('tool')}, {latency.get('threads')} thread(s))"
-            if summary.get("budgets"):
-                line += ", within budget" if summary["budgets"]["passed"] else ", OVER BUDGET"
-            err_console.print(_escape(printable(line, 1000)))
-    for message in result.messages:
-        err_console.print(f"[bold red]failed:[/] {_escape(printable(message, 2000))}")
-    err_console.print(f"manifest updated: {Path(args.bundle) / 'manifest.json'}")
-    return result.exit_code
 
 
 def _stop_now(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}
 
 
 def _on_signal(signum, frame):
@@ -323,41 +152,98 @@ def _on_signal(signum, frame):
     os.write(2, b"interrupt received: stopping at the next step (send it again to stop now)\n")
 
 
+# Commands whose libraries print (exporters, runtimes, a spec's print()): their output goes to a log.
+CAPTURED = {"build", "diagnose", "validate"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from .commands import COMMANDS
+    from .terminal import Terminal
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    term = Terminal()
+    as_json = "--json" in argv
+    debug = "--debug" in argv
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        return _report(term, as_json, "usage error", str(exc), "run `edgepack --help` or `edgepack COMMAND --help`",
+                       EXIT_USAGE)
     # build writes a bundle atomically and checks for a recorded signal at every step; the other
     # commands write nothing half-way and stop where the signal lands.
     handler = _on_signal if args.command == "build" else _stop_now
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    if not args.debug:
+    args.debug = debug
+    for name in ("set", "out", "quiet", "json"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    if not debug:
         # Exporters' deprecation chatter is not for the user of a build; --debug shows it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("GLOG_minloglevel", "2")
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
+    log = None
+    if args.command in CAPTURED and not debug:
+        log = Path(tempfile.mkstemp(prefix=f"edgepack-{args.command}-", suffix=".log")[1])
+    code = None
     try:
-        return COMMANDS[args.command](args)
+        with term.capture(log) if log else contextlib.nullcontext():
+            code = COMMANDS[args.command](args, term)
+        return code
     except EdgepackError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        err_console.print(f"[bold red]{exc.kind}:[/] " + _escape(exc.message))
-        if exc.hint:
-            err_console.print("  [dim]hint:[/] " + _escape(exc.hint))
-        return exc.exit_code
+        code = exc.exit_code
+        return _report(term, args.json, exc.kind, exc.message, exc.hint, exc.exit_code, log)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted:[/] no bundle was written; the previous one is untouched")
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+        return _report(term, args.json, "interrupted", "no bundle was written; the previous one is untouched", None,
+                       EXIT_INTERRUPTED, log)
     except OSError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
         what = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
                 errno.EROFS: "read-only file system", errno.EFBIG: "file too large (file-size limit or full disk)",
                 errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
         where = str(exc.filename or getattr(args, "out", None) or "")
-        err_console.print("[bold red]output error:[/] " + _escape(f"{where}: {what}" if where else what))
-        err_console.print("  [dim]hint:[/] free space or choose a writable --out; the previous bundle is untouched")
-        return EXIT_USAGE
+        code = EXIT_USAGE
+        return _report(term, args.json, "output error", f"{where}: {what}" if where else what,
+                       "free space or choose a writable --out; the previous bundle is untouched", EXIT_USAGE, log)
+    finally:
+        if log is not None:
+            _keep_log(log, term, code, args)
+
+
+def _report(term, as_json: bool, kind: str, message: str, hint: str | None, exit_code: int,
+            log: Path | None = None) -> int:
+    """One error, as a line (and a hint) on stderr, and under --json as an object on stdout."""
+    if as_json:
+        term.write_json({"error": {"kind": kind, "message": message, "hint": hint, "exit_code": exit_code,
+                                   "log": str(log) if log else None}})
+    term.err.print(f"[bold red]{kind}:[/] " + _escape(message))
+    if hint:
+        term.err.print("  [dim]hint:[/] " + _escape(hint))
+    return exit_code
+
+
+def _keep_log(log: Path, term, code: int | None, args) -> None:
+    """A build's log goes beside its bundle (dist/<model>/<target>.log); any other command's log is
+    kept only when it failed, and its path printed."""
+    bundle = getattr(term, "bundle_dir", None)
+    try:
+        if bundle is not None:
+            dest = Path(bundle).with_name(Path(bundle).name.removesuffix(".failed") + ".log")
+            shutil.move(str(log), dest)
+            if code:
+                term.err.print(f"[dim]exporter and runtime output: {dest}[/]")
+        elif code and log.stat().st_size:
+            term.err.print(f"[dim]exporter and runtime output: {log}[/]")
+        else:
+            log.unlink()
+    except OSError:
+        pass
 
 
 def _escape(text: str) -> str:

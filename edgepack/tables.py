@@ -8,6 +8,49 @@ from rich.markup import escape as _escape
 from rich.table import Table
 
 
+# Below this width a manifest prints one block per artifact instead of one wide table.
+NARROW = 100
+ARTIFACT_COLUMNS = ("file", "precision", "status", "bytes", "x float", "cosine min", "SQNR dB", "top-1",
+                    "host p50 ms", "device est ms", "device p50 ms", "accuracy", "note")
+
+
+def _artifact_row(art, parity_headline) -> dict[str, str]:
+    """One artifact's cells. Host p50 is this build host's time; the device estimate is the cost
+    model's (profile device figures); device p50 appears once a device report is ingested."""
+    row = {"file": art.file or f"{art.name}.{art.format}", "precision": art.precision}
+    if art.status == "failed":
+        return {**row, "status": "[red]failed[/]", "note": _escape((art.error or "")[:80])}
+    row.update({"bytes": f"{art.bytes:,}", "x float": f"{art.size['ratio_to_float']:.3f}"})
+    if art.status == "not-validated":
+        return {**row, "status": "[yellow]not-validated[/]", "note": "not run on this host"}
+    worst = parity_headline(art.parity)
+    estimate = (art.latency or {}).get("device_estimate") or {}
+    device = art.device_latency
+    row.update({
+        "status": f"[{'green' if art.status == 'ok' else 'red'}]{art.status}[/]",
+        "cosine min": f"{worst['cosine_min']:.5f}", "SQNR dB": f"{worst['sqnr_db']:.1f}",
+        "top-1": "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
+        "host p50 ms": f"{art.latency['p50_ms']:.3f}",
+        "device est ms": "-" if estimate.get("latency_ms") is None else f"{estimate['latency_ms']:.2f}",
+        "device p50 ms": "-" if device is None or device.p50_ms is None else f"{device.p50_ms:.3f}",
+        "accuracy": ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items()),
+    })
+    return row
+
+
+def bundles_table(folder, rows: list[dict]) -> Table:
+    """`edgepack inspect dist/<model>`: the bundles a model folder holds."""
+    table = Table(title=f"bundles in {_escape(str(folder))}")
+    for column in ("target", "status", "artifacts", "bundle"):
+        table.add_column(column)
+    for row in rows:
+        status = row["status"]
+        style = "green" if status == "passed" else "red"
+        table.add_row(_escape(row["target"]), f"[{style}]{_escape(status)}[/]",
+                      _escape(", ".join(row["artifacts"]) or row.get("error", "")[:80]), _escape(row["bundle"]))
+    return table
+
+
 def print_manifest(manifest, console: Console) -> None:
     from .parity import headline as parity_headline
 
@@ -24,26 +67,20 @@ def print_manifest(manifest, console: Console) -> None:
                            f"{b['nonzero_params']:,} -> {a['nonzero_params']:,}", f"{b['macs']:,} -> {a['macs']:,}",
                            f"{record['seconds']:.1f}")
         console.print(stages)
-    table = Table(title="artifacts")
-    for column in ("file", "precision", "status", "bytes", "zip", "x float", "cosine min", "SQNR dB", "top-1", "p50 ms", "accuracy"):
-        table.add_column(column, justify="left" if column in ("file", "precision", "status") else "right")
-    for art in manifest.artifacts:
-        if art.status == "failed":
-            table.add_row(f"{art.name}.{art.format}", art.precision, "[red]failed[/]", "", "", "", "", "", "", "",
-                          (art.error or "")[:60])
-            continue
-        if art.status == "not-validated":
-            table.add_row(art.file, art.precision, "[yellow]not-validated[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
-                          f"{art.size['ratio_to_float']:.3f}", "-", "-", "-", "-", "not run on this host")
-            continue
-        worst = parity_headline(art.parity)
-        acc = ", ".join(f"{k} {v:.4g}" for k, v in (art.accuracy or {}).items())
-        style = "green" if art.status == "ok" else "red"
-        table.add_row(art.file, art.precision, f"[{style}]{art.status}[/]", f"{art.bytes:,}", f"{art.zip_bytes:,}",
-                      f"{art.size['ratio_to_float']:.3f}", f"{worst['cosine_min']:.5f}", f"{worst['sqnr_db']:.1f}",
-                      "-" if worst["top1_agreement"] is None else f"{worst['top1_agreement']:.1%}",
-                      f"{art.latency['p50_ms']:.3f}", acc)
-    console.print(table)
+    rows = [_artifact_row(art, parity_headline) for art in manifest.artifacts]
+    if console.width >= NARROW:
+        table = Table(title="artifacts")
+        for column in ARTIFACT_COLUMNS:
+            table.add_column(column, justify="left" if column in ("file", "precision", "status", "note") else "right")
+        for row in rows:
+            table.add_row(*(row.get(column, "") for column in ARTIFACT_COLUMNS))
+        console.print(table)
+    else:  # a narrow terminal (a CI log, a phone-width pane): one block per artifact
+        for row in rows:
+            console.print(f"[bold]{row['file']}[/] ({row['precision']}): {row['status']}")
+            for column in ARTIFACT_COLUMNS[3:]:
+                if row.get(column) not in (None, "", "-"):
+                    console.print(f"  {column:<13} {row[column]}")
     checked = [(art.file, art.emulated_gpu) for art in manifest.artifacts if art.emulated_gpu is not None]
     if checked:
         console.print(gpu_table(checked, "GPU path: LiteRT's GPU accelerator on an emulated Vulkan GPU "

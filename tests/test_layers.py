@@ -19,14 +19,15 @@ LAYERS = {
     "edgepack.errors": 0, "edgepack.parity": 0, "edgepack.measure": 0, "edgepack.costmodel": 0,
     "edgepack.modelstats": 0, "edgepack.provenance": 0,
     "edgepack.spec": 1, "edgepack.stage": 1, "edgepack.bundle": 1, "edgepack.package": 1, "edgepack.intake": 1,
-    "edgepack.runtimes": 1, "edgepack.emulators": 1, "edgepack.export.base": 1,
+    "edgepack.runtimes": 1, "edgepack.emulators": 1, "edgepack.export.base": 1, "edgepack.kitdocs": 1,
     "edgepack.quant": 2,
     "edgepack.compress": 3, "edgepack.export": 3,
     "edgepack.target": 4,
     "edgepack.analysis": 5,
     "edgepack.steps": 6,
     "edgepack.pipeline": 7,
-    "edgepack.cli": 8, "edgepack.tables": 8, "edgepack.fuzz": 8, "edgepack.api": 8, "edgepack": 8,
+    "edgepack.cli": 8, "edgepack.commands": 8, "edgepack.terminal": 8, "edgepack.tables": 8, "edgepack.fuzz": 8,
+    "edgepack.api": 8, "edgepack": 8,
 }
 APART = "edgepack.device"  # the on-device kit: stdlib + numpy + a runtime, nothing of edgepack
 MAX_LINES = 450

@@ -24,6 +24,10 @@ def write_diagnosis_chart(report: dict[str, Any], path: Path, title: str) -> Pat
             label="layer output, whole model int8 (accumulated)")
     ax.plot(x, [r["local_sqnr_db"] if r["local_sqnr_db"] is not None else np.nan for r in rows], marker=".",
             alpha=0.7, label="layer output, only this layer int8")
+    floor = (report.get("thresholds") or {}).get("min_sqnr_db")
+    if floor is not None:  # the profile's int8 gate, on the same axis as the output SQNR
+        ax.axhline(floor, color="black", linestyle=":", linewidth=1,
+                   label=f"profile int8 gate: output SQNR {floor:g} dB (output now {report['output']['sqnr_db']:.1f})")
     ax.set_xlabel("layer (network order)")
     ax.set_ylabel("SQNR vs float (dB)")
     ax.grid(alpha=0.3)

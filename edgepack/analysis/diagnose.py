@@ -46,6 +46,7 @@ from ..quant.bias_correction import bias_correct, bias_nodes
 from ..quant.calibrate import calibration_batches, prepare_calibrated
 from ..quant.emulate import EmulatedLayer, instrument, passes_through
 from ..quant.graph import attr
+from ..quant.quantizers import quantizer_source
 from ..quant.recipe import BIAS_CORRECTION_MAX_SAMPLES, Recipe, recipe_for, recipe_record
 from ..spec import MAX_CALIBRATION, calibration_list
 from ..stage import StageContext
@@ -290,6 +291,12 @@ def run_diagnosis(spec, profile, out_dir: Path, samples: int = DIAGNOSIS_SAMPLES
     report = diagnose_pt2e(model.eval(), example, calibration, recipe, samples)
     report["model"] = spec.name
     report["target"] = profile.name
+    report["quantizer"] = quantizer_source()
+    # The int8 gate this recipe must pass: how far the emulated output sits above or below it.
+    tolerance = profile.tolerances.get("int8")
+    report["thresholds"] = tolerance.model_dump(mode="json") if tolerance is not None else {}
+    floor = report["thresholds"].get("min_sqnr_db")
+    report["margin_db"] = None if floor is None else round(report["output"]["sqnr_db"] - floor, 3)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_config = next((a for a in profile.artifacts if a.format == "onnx" and a.precision == "int8"), None)

@@ -12,6 +12,8 @@ code. The order of a build is pipeline.py's; this module knows one artifact at a
 
 from __future__ import annotations
 
+import traceback
+
 import copy
 import dataclasses
 from dataclasses import dataclass, field
@@ -48,9 +50,13 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
     exit_code: int = EXIT_OK
 
-    def fail(self, message: str, code: int) -> None:
+    debug: bool = False  # --debug: a recorded failure also prints its traceback
+
+    def fail(self, message: str, code: int, exc: BaseException | None = None) -> None:
         self.failures.append(message)
         self.exit_code = max(self.exit_code, code)
+        if self.debug and exc is not None:
+            traceback.print_exception(exc)
 
 
 @dataclass
@@ -189,13 +195,13 @@ class ArtifactJudge:
             result = exporter.module.export(config, isolated(self.ctx))
         except NothingToQuantize as exc:
             if profile.unquantizable != "keep_float" or config.precision == "fp32":
-                self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+                self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
                 return ArtifactEntry(status="failed", error=exc.message, **base), ""
             return self._ship_float(config, exc.message, check_reproducible)
         except ExportError as exc:
             # Recorded, never raised: the build writes its .failed report with what passed
             # (pipeline.py stops at the first failed artifact unless --keep-going).
-            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
             return ArtifactEntry(status="failed", error=exc.message, **base), ""
         files = result.files
         main = files[0]
@@ -226,7 +232,7 @@ class ArtifactJudge:
                                 outputs=[t.to_dict() for t in session.outputs])
                 load_ms, info, io_specs = session.load_ms, session.info, (session.inputs, session.outputs)
         except RuntimeCheckError as exc:
-            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
             for path in files:
                 path.unlink(missing_ok=True)
             return ArtifactEntry(status="failed", error=exc.message, **base), ""

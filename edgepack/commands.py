@@ -1,0 +1,254 @@
+"""What each command does and prints (cli.py parses the command line and runs one of these).
+Every function takes the parsed arguments and the Terminal, and returns the exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import EdgepackError
+from .tables import bundles_table, diagnosis_table, gpu_table, print_manifest, validation_table
+from .terminal import BuildProgress, Terminal, previous_timings
+
+# `diagnose` says "nothing to keep in float" only with at least this much SQNR to spare.
+WIDE_MARGIN_DB = 3.0
+
+
+def cmd_build(args, term: Terminal) -> int:
+    from .pipeline import BuildOptions, build, bundle_path, check_installed
+    from .spec import load_spec
+    from .target import load_target
+
+    profile = load_target(args.target, settings=args.set)
+    check_installed(profile)  # before loading the spec: a missing extra is named at once
+    spec = load_spec(args.spec)
+    for note in spec.notes:
+        term.err.print(f"[yellow]note:[/] {escape(note)}")
+    dest = bundle_path(Path(args.out), spec.name, profile.name)
+    progress = None
+    if not args.quiet:
+        previous = previous_timings(dest / "manifest.json") or previous_timings(
+            dest.with_name(dest.name + ".failed") / "manifest.json")
+        progress = BuildProgress(term.err, previous)
+        if not args.no_repro_check and any(a.format in ("pte", "tflite") for a in profile.artifacts):
+            term.err.print("[dim]each artifact is exported twice to check its bytes are reproducible (about a "
+                           "quarter of an Android build); --no-repro-check skips that[/]")
+    options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=progress,
+                           check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug)
+    try:
+        result = build(spec, profile, str(args.target) + "".join(f" --set {s}" for s in args.set or []), options)
+    finally:
+        if progress is not None:
+            progress.close()
+    term.bundle_dir = result.bundle_dir
+    manifest = result.manifest
+    if args.json:
+        term.write_json(manifest.model_dump(mode="json"))
+    elif not args.quiet:
+        print_manifest(manifest, term.out)
+    for warning in manifest.warnings:
+        term.err.print(f"[yellow]warning:[/] {escape(warning)}")
+    counted = f" ({len(manifest.warnings)} warning{'s' if len(manifest.warnings) != 1 else ''})" \
+        if manifest.warnings else ""
+    took = f" in {progress.elapsed:.1f} s" if progress is not None else ""
+    if result.exit_code:
+        for message in result.messages:
+            term.err.print(f"[bold red]failed:[/] {escape(message)}")
+        term.err.print(f"report written to {result.bundle_dir}{took}{counted}; the last good bundle was left untouched")
+    elif not args.quiet:
+        term.err.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else "")
+                       + took + counted)
+    return result.exit_code
+
+
+def cmd_diagnose(args, term: Terminal) -> int:
+    """edgepack diagnose SPEC --target T [--out DIR] [--samples N] [--top K] [--json]"""
+    from .analysis.diagnose import DIAGNOSIS_SAMPLES, run_diagnosis
+    from .errors import ExportError
+    from .spec import load_spec
+    from .target import load_target
+
+    err = term.err
+    profile = load_target(args.target, settings=args.set)
+    spec = load_spec(args.spec)
+    out_dir = Path(getattr(args, "out", None) or Path("dist") / spec.name / f"{profile.name}.diagnosis")
+    quiet = getattr(args, "quiet", False)
+    try:
+        report = run_diagnosis(spec, profile, out_dir, samples=getattr(args, "samples", None) or DIAGNOSIS_SAMPLES,
+                               progress=None if quiet else (lambda m: err.print(f"[dim]{m}[/]")))
+    except EdgepackError:
+        raise
+    except Exception as exc:  # torch.export / PT2E on user models: name the step, keep the cause for --debug
+        raise ExportError(f"diagnose {spec.name} on {profile.name}: quantizing the model with the profile's int8 "
+                          f"recipe (torch.export + PT2E) failed: {type(exc).__name__}: {str(exc)[:300]}",
+                          "run `edgepack build` to see which format fails, or --debug for the traceback") from exc
+    if getattr(args, "json", False):
+        term.write_json(report)
+        return 0
+    if not report.get("quantizer", "executorch").startswith("executorch"):
+        err.print(f"[yellow]note:[/] executorch is not installed: diagnosed with {report['quantizer']}, the same "
+                  f"recipe through an older copy of the XNNPACK quantizer; per-layer figures can differ by a few dB "
+                  f"from a .pte build (pip install 'edgepack[executorch]')")
+    table = diagnosis_table(report, f"{spec.name} on {profile.name}", getattr(args, "top", None) or 10)
+    term.out.print(table)
+    margin, thresholds = report.get("margin_db"), report.get("thresholds") or {}
+    passes = margin is not None and margin >= 0 and report["output"]["cosine_min"] >= (thresholds.get("min_cosine") or -1)
+    if passes and margin >= WIDE_MARGIN_DB:
+        err.print(f"passes with {margin:.1f} dB margin over the profile's SQNR threshold "
+                  f"({thresholds.get('min_sqnr_db')} dB) and its cosine threshold; nothing to keep in float")
+    elif report["float_groups"]:
+        lead = f"passes with only {margin:.1f} dB margin; for more, keep" if passes else "to keep"
+        err.print(f"{lead} the worst in fp32: float_layers: {report['float_groups'][0]}  "
+                  f"({escape(report['float_group_reasons'][0])})")
+    err.print(f"report: {report['files']['json']}  chart: {report['files']['chart']}")
+    return 0
+
+
+def cmd_targets(args, term: Terminal) -> int:
+    from .target import dump_profile, known_targets, load_target
+
+    if args.action == "show":
+        if not args.name:
+            raise EdgepackError("targets show needs a NAME", "run `edgepack targets` to list them")
+        profile = load_target(args.name, settings=args.set)
+        if args.json:
+            term.write_json(profile.model_dump(mode="json"))
+        else:
+            term.raw_stdout.write(dump_profile(profile))
+        return 0
+    names = known_targets()
+    if args.json:
+        rows = []
+        for name in names:
+            profile = load_target(name)
+            rows.append({"name": name, "description": profile.description,
+                         "formats": [f"{a.format}:{a.precision}" for a in profile.artifacts]})
+        term.write_json(rows)
+        return 0
+    table = Table(title="targets")
+    for column in ("name", "artifacts", "description"):
+        table.add_column(column)
+    for name in names:
+        profile = load_target(name)
+        table.add_row(name, ", ".join(f"{a.file_name} ({a.precision})" for a in profile.artifacts), profile.description)
+    term.out.print(table)
+    return 0
+
+
+def cmd_inspect(args, term: Terminal) -> int:
+    """A bundle directory or its zip: the checked manifest. A model folder (dist/<model>): its bundles."""
+    import tempfile
+    import zipfile
+
+    from .intake import load_bundle_manifest
+    from .steps.validate import extract_bundle_zip, verify_files
+
+    path = Path(args.bundle)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with tempfile.TemporaryDirectory(prefix="edgepack-inspect-") as scratch:
+            root, _ = extract_bundle_zip(path, Path(scratch))
+            manifest = load_bundle_manifest(root)
+            verify_files(root, manifest)
+    elif path.is_dir() and not (path / "manifest.json").exists() and any(path.glob("*/manifest.json")):
+        rows = []
+        for candidate in sorted(path.glob("*/manifest.json")):
+            try:
+                found = load_bundle_manifest(candidate.parent)
+                rows.append({"bundle": str(candidate.parent), "target": found.target.name, "status": found.status,
+                             "artifacts": [a.file for a in found.artifacts if a.file]})
+            except EdgepackError as exc:
+                rows.append({"bundle": str(candidate.parent), "target": candidate.parent.name, "status": "unreadable",
+                             "artifacts": [], "error": exc.message})
+        if args.json:
+            term.write_json(rows)
+        else:
+            term.out.print(bundles_table(path, rows))
+        return 0
+    else:
+        manifest = load_bundle_manifest(path)
+        verify_files(path, manifest)  # a bundle whose files don't match is not shown as valid
+    if args.json:
+        term.write_json(manifest.model_dump(mode="json"))
+    else:
+        print_manifest(manifest, term.out)
+    return 0
+
+
+def cmd_validate(args, term: Terminal) -> int:
+    from .steps.validate import validate_bundle
+
+    progress = None if args.json else (lambda message: term.err.print(f"[dim]·[/] {escape(message)}"))
+    result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
+                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
+    if args.json:
+        term.write_json(result.to_dict())
+        return result.exit_code
+    table = validation_table(result)
+    term.out.print(table)
+    if result.gpu:
+        term.out.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
+    for note in result.skipped:
+        term.err.print(f"[yellow]skipped:[/] {escape(note)}")
+    for check in result.artifacts:
+        if not check.passed:
+            term.err.print(f"[bold red]parity failure:[/] {check.file}\n" + escape(check.parity.summary()))
+    if result.manifest.status != "passed":
+        term.err.print(f"[bold red]this bundle's build failed[/] (parity re-checked here: "
+                          f"{'passed' if result.parity_passed else 'failed'}); the build recorded:")
+        for failure in result.manifest.failures:
+            term.err.print("  " + escape(failure.splitlines()[0]))
+    for check in result.gpu:
+        if not check.passed:
+            term.err.print(f"[bold red]GPU path failure:[/] {check.file}: " + escape(check.record.reason or ""))
+    if result.exit_code == 0:
+        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
+        term.err.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
+                          f"{result.files_verified} file(s) verified")
+    return result.exit_code
+
+
+def cmd_gpu_setup(args, term: Terminal) -> int:
+    from .emulators import lavapipe
+
+    driver = lavapipe.ensure(say=None if args.json else (lambda m: term.err.print(f"[dim]·[/] {escape(m)}")))
+    if args.json:
+        term.write_json({**driver.describe(), "environment": driver.environment()})
+    else:
+        described = driver.describe()
+        term.err.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
+                          f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
+    return 0
+
+
+def cmd_ingest(args, term: Terminal) -> int:
+    from .intake import printable
+    from .steps.ingest import ingest_report
+
+    result = ingest_report(Path(args.bundle), Path(args.report))
+    if args.json:
+        term.write_json(result.manifest.model_dump(mode="json"))
+    else:
+        # Everything below comes from the report (untrusted): printed without control characters.
+        device = result.measurement.device
+        term.err.print(escape(f"device: {printable(device.get('label') or device.get('machine') or 'unknown')} "
+                                  f"({printable(result.measurement.created_by)})"))
+        for summary in result.measurement.artifacts:
+            line = f"  {summary['file']}: {summary['status']}"
+            latency = summary.get("latency")
+            if latency:
+                figure = latency.get("p50_ms") if latency.get("p50_ms") is not None else latency.get("mean_ms")
+                which = "p50" if latency.get("p50_ms") is not None else "mean"
+                line += f", {which} {figure:.3f} ms ({latency.get('tool')}, {latency.get('threads')} thread(s))"
+            if summary.get("budgets"):
+                line += ", within budget" if summary["budgets"]["passed"] else ", OVER BUDGET"
+            term.err.print(escape(printable(line, 1000)))
+    for message in result.messages:
+        term.err.print(f"[bold red]failed:[/] {escape(printable(message, 2000))}")
+    term.err.print(f"manifest updated: {Path(args.bundle) / 'manifest.json'}")
+    return result.exit_code
+
+
+COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
+            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}

@@ -1,0 +1,149 @@
+"""commands.py and cli.py as a pipeline runs them: `python -m edgepack.cli ...` in a subprocess,
+its exit code, stdout (JSON alone under --json) and stderr (edgepack's lines, not the exporters')."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import zipfile
+
+import pytest
+
+from edgepack import __version__
+from tests.conftest import TEST_MODELS, run_cli
+
+# A spec that prints when loaded and on every forward pass (so during export too), as user code does.
+CHATTY = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from edgepack import ModelSpec
+
+    print("chatty spec loaded")
+
+    class Chatty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            print("chatty forward")
+            return self.fc(x)
+
+    def spec():
+        torch.manual_seed(0)
+        samples = [(torch.randn(1, 6),) for _ in range(16)]
+        return ModelSpec(name="chatty", model=Chatty().eval(), example_inputs=samples[0], calibration=samples[:12],
+                         holdout=samples[12:])
+''')
+
+BRANCHY = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from edgepack import ModelSpec
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.fc(x)
+            return self.fc(-x)
+
+    def spec():
+        samples = [(torch.randn(1, 4),) for _ in range(8)]
+        return ModelSpec(name="branchy", model=Branchy().eval(), example_inputs=samples[0], calibration=samples)
+''')
+
+# One fp32 .tflite: litert-torch and LiteRT are the loudest libraries a build runs.
+TFLITE_ONLY = ["--set", "artifacts=[{format: tflite, precision: fp32}]", "--set", "latency.runs=20",
+               "--set", "latency.warmup=1", "--no-repro-check"]
+NATIVE_CHATTER = ("absl::", "oneDNN", "WARNING: All log messages", "TfLiteXNNPackDelegate", "chatty forward", "chatty spec loaded")
+
+
+@pytest.fixture(scope="module")
+def chatty_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatty")
+    spec = root / "chatty.py"
+    spec.write_text(CHATTY)
+    proc = run_cli("build", str(spec), "-t", "android-arm64", "-o", str(root / "dist"), "--json", *TFLITE_ONLY)
+    return root, proc
+
+
+def test_json_build_keeps_stdout_pure_and_the_libraries_output_in_a_log(chatty_build):
+    root, proc = chatty_build
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout)  # nothing but the manifest on stdout
+    assert manifest["status"] == "passed" and [a["file"] for a in manifest["artifacts"]] == ["model.tflite"]
+    for line in proc.stderr.splitlines():
+        assert not any(word in line for word in NATIVE_CHATTER), line
+    assert "bundle:" in proc.stderr and "[1/" not in proc.stderr  # first build: no step count known yet
+    log = (root / "dist" / "chatty" / "android-arm64.log").read_text(errors="replace")
+    assert "chatty spec loaded" in log and "chatty forward" in log
+
+
+def test_inspect_reads_a_bundle_its_zip_and_a_model_folder(chatty_build):
+    root, _ = chatty_build
+    bundle = root / "dist" / "chatty" / "android-arm64"
+    zipped = root / "dist" / "chatty-android-arm64.zip"
+    assert zipfile.is_zipfile(zipped)
+    for path in (bundle, zipped):
+        proc = run_cli("inspect", str(path), "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["model"]["name"] == "chatty"
+    proc = run_cli("inspect", str(root / "dist" / "chatty"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [{"bundle": str(bundle), "target": "android-arm64", "status": "passed",
+                                        "artifacts": ["model.tflite"]}]
+    narrow = run_cli("inspect", str(bundle), env={"COLUMNS": "80"})
+    assert narrow.returncode == 0 and "  host p50 ms" in narrow.stdout  # one block per artifact
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+
+
+def test_data_dependent_control_flow_is_one_line_naming_the_file(tmp_path):
+    spec = tmp_path / "branchy.py"
+    spec.write_text(BRANCHY)
+    proc = run_cli("build", str(spec), "-t", "x86-64", "-o", str(tmp_path / "dist"), "--no-repro-check")
+    assert proc.returncode == 3, proc.stderr
+    assert "data-dependent control flow" in proc.stderr and f"{spec}:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "dist" / "branchy" / "x86-64").exists()
+
+
+def test_version_and_debug_after_the_command():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"edgepack {__version__}"
+    proc = run_cli("inspect", "/nonexistent-bundle", "--debug")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and "not a bundle directory" in proc.stderr
+
+
+def test_errors_under_json_are_an_object_on_stdout():
+    proc = run_cli("inspect", "/nonexistent-bundle", "--json")
+    error = json.loads(proc.stdout)["error"]
+    assert proc.returncode == error["exit_code"] == 2 and error["kind"] == "bundle error"
+    assert "/nonexistent-bundle" in error["message"] and error["hint"]
+    proc = run_cli("targets", "show", "x86-64", "--json", "--bogus")
+    assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["kind"] == "usage error"
+    assert "--bogus" in proc.stderr
+
+
+def test_targets_show_applies_set():
+    proc = run_cli("targets", "show", "x86-64", "--json", "--set", "latency.runs=70",
+                   "--set", "tolerances.int8.min_cosine=0.97")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["latency"]["runs"] == 70 and shown["tolerances"]["int8"]["min_cosine"] == 0.97
+    proc = run_cli("targets", "show", "x86-64", "--set", "latency.runs")
+    assert proc.returncode == 2 and "key.path=value" in proc.stderr
+
+
+def test_diagnose_says_when_nothing_needs_keeping_in_float(tmp_path):
+    proc = run_cli("diagnose", str(TEST_MODELS / "two_io.py"), "-t", "android-arm64", "-o", str(tmp_path), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "dB margin over the profile's SQNR threshold (14.0 dB)" in proc.stderr
+    assert "nothing to keep in float" in proc.stderr and "float_layers:" not in proc.stderr
+    report = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert report["thresholds"]["min_sqnr_db"] == 14.0
+    assert report["margin_db"] == pytest.approx(report["output"]["sqnr_db"] - 14.0, abs=1e-3)
+    assert report["quantizer"].startswith("executorch.")
