@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import stat
 import tempfile
@@ -31,6 +32,8 @@ from . import bundle as bundle_mod
 from .bundle import Manifest, PackageInfo, ReproducibilityCheck
 from .errors import BundleError
 
+# The kit's source files (edgepack/device/); a bundle gets validate.py and README.md always,
+# run_android.sh on an Android target, and a generated APP.md beside them.
 KIT_FILES = ("validate.py", "run_android.sh", "README.md")
 KIT_DIR = "device"
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -52,14 +55,26 @@ def _mode_for(name: str) -> int:
 # --- the device kit ----------------------------------------------------------------------
 
 def install_kit(bundle_dir: Path) -> list[Path]:
-    """Copy the device kit into ``bundle_dir/device/`` (bytes only: no source mtimes leak in)."""
+    """Write the device kit into ``bundle_dir/device/`` (bytes only: no source mtimes leak in):
+    validate.py, README.md rendered for this bundle (kitdocs.py), and for an Android target
+    run_android.sh and APP.md. Reads the bundle's manifest.json, so it runs after it is written."""
+    from . import kitdocs
+
+    manifest = json.loads((Path(bundle_dir) / MANIFEST).read_text())
     target = Path(bundle_dir) / KIT_DIR
     target.mkdir(parents=True, exist_ok=True)
     source = resources.files("edgepack.device")
+    contents = {"validate.py": source.joinpath("validate.py").read_bytes(),
+                "README.md": kitdocs.render_readme(source.joinpath("README.md").read_text(), manifest).encode()}
+    if kitdocs.is_android(manifest):
+        contents["run_android.sh"] = source.joinpath("run_android.sh").read_bytes()
+    app = kitdocs.render_app(manifest)
+    if app is not None:
+        contents["APP.md"] = app.encode()
     written = []
-    for name in KIT_FILES:
+    for name, data in contents.items():
         path = target / name
-        path.write_bytes(source.joinpath(name).read_bytes())
+        path.write_bytes(data)
         os.chmod(path, _mode_for(name))
         written.append(path)
     return written

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from conftest import TEST_MODELS, run_cli, write_profile
+from conftest import TARGETS, TEST_MODELS, run_cli, write_profile
 from edgepack import bundle as bundle_mod
 from edgepack.bundle import save_npz
 from edgepack.intake import load_bundle_manifest
@@ -28,7 +29,7 @@ from edgepack.cli import main as cli_main
 from edgepack.errors import BundleError
 from edgepack.export import registry
 from edgepack.steps.ingest import ingest_report
-from edgepack.package import (KIT_FILES, check_reproducible, install_kit, payload_sha256, seal_bundle, write_zip,
+from edgepack.package import (check_reproducible, install_kit, payload_sha256, seal_bundle, write_zip,
                               zip_payload_sha256)
 from edgepack.pipeline import BuildOptions, build
 from edgepack.spec import load_spec
@@ -73,8 +74,10 @@ def write_golden_reference(bundle: Path, change) -> None:
 def onnx_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     spec = load_spec(str(TEST_MODELS / "two_io.py"))
-    # The x86-64 profile with its fp32 artifact only: one .onnx is all these checks need.
-    profile = write_profile(tmp_path_factory.mktemp("profile"), "x86-64",
+    # The x86-64 profile with its fp32 artifact only (one .onnx is all these checks need), for an
+    # Android ABI so that the bundle carries run_android.sh and APP.md.
+    device = {**yaml.safe_load((TARGETS / "x86-64.yaml").read_text())["device"], "arch": "arm64-v8a"}
+    profile = write_profile(tmp_path_factory.mktemp("profile"), "x86-64", device=device,
                             artifacts=[{"name": "model", "format": "onnx", "precision": "fp32"}])
     result = build(spec, load_target(str(profile)), "x86-64", BuildOptions(out_dir=out))
     assert result.exit_code == 0, result.messages
@@ -93,8 +96,11 @@ def device_report(onnx_bundle, tmp_path_factory) -> Path:
 
 def test_kit_is_installed_and_every_file_is_sealed(onnx_bundle):
     manifest = load_bundle_manifest(onnx_bundle)  # also checks the JSON Schema
-    for name in KIT_FILES:
+    for name in ("validate.py", "run_android.sh"):
         assert (onnx_bundle / "device" / name).read_bytes() == (KIT_SOURCE / name).read_bytes()
+    readme = (onnx_bundle / "device" / "README.md").read_text()  # written for this bundle
+    assert "This bundle: **two-io** for **x86-64**" in readme and "two-io-x86-64.zip" in readme
+    assert 'session.run(mapOf("image" to input0, "features" to input1))' in (onnx_bundle / "device" / "APP.md").read_text()
     listed = {e.path for e in manifest.package.files}
     on_disk = {p.relative_to(onnx_bundle).as_posix() for p in onnx_bundle.rglob("*") if p.is_file()}
     assert listed == on_disk - {"manifest.json"}
