@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _photos import calibration_views, holdout_views, HOLDOUT_PHOTOS
+from _photos import HOLDOUT_PHOTOS, calibration_views, holdout_views
 from edgepack import ModelSpec
 from edgepack.errors import SpecError
 from mobilenet_v2 import MobileNetV2
