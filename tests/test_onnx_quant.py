@@ -314,3 +314,13 @@ def test_int8_with_external_data_in_and_out(tmp_path):
     inputs = [[t.numpy() for t in sample] for sample in calibration]
     parity = compare(run(reference[0], inputs), run(moved / "model.onnx", inputs), int8_tolerance(), ["output_0"])
     assert parity.passed, parity.summary()
+
+
+def test_int8_survives_symbolic_shape_inference_failing_on_an_l2_norm(tmp_path):
+    model = Model(load_spec(str(TEST_MODELS / "l2_pooled.py")), tmp_path)
+    for precision in ("int8", "int8-dynamic"):
+        result = model.export(precision=precision)
+        preprocess = result.details["quantization"]["preprocess"]
+        assert preprocess.startswith("quant_pre_process without symbolic shape inference (it failed: TypeError")
+        report = model.parity(result.files[0], {"min_cosine": 0.99})
+        assert report.passed, report.summary()

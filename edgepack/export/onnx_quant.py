@@ -239,13 +239,24 @@ def sort_topologically(graph) -> None:
     graph.node.extend(nodes)
 
 
-def _preprocess(source: Path, out: Path, precision: str, large: bool) -> Path:
+def _preprocess(source: Path, out: Path, precision: str, large: bool) -> tuple[Path, str]:
+    """quant_pre_process; when its symbolic shape inference fails on an op it does not know
+    (ReduceL2 from F.normalize, at opset 18), again with ONNX's own shape inference only."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with _step(precision, "quant_pre_process (shape inference + optimisation)"), _quiet():
+    def run(skip_symbolic: bool) -> None:
         quant_pre_process(str(source), str(out), skip_optimization=False, skip_onnx_shape=False,
-                          skip_symbolic_shape=False, save_as_external_data=large, all_tensors_to_one_file=True)
-    return out
+                          skip_symbolic_shape=skip_symbolic, save_as_external_data=large, all_tensors_to_one_file=True)
+
+    try:
+        with _quiet():
+            run(False)
+        return out, "quant_pre_process"
+    except Exception as exc:  # onnxruntime's symbolic shape inference raises anything
+        reason = f"{type(exc).__name__}: {str(exc)[:120]}"
+    with _step(precision, "quant_pre_process (shape inference + optimisation)"), _quiet():
+        run(True)
+    return out, f"quant_pre_process without symbolic shape inference (it failed: {reason})"
 
 
 # -- the four conversions -------------------------------------------------------------------
@@ -272,7 +283,7 @@ def to_int8_static(config, source: Path, scratch: Path, calibration: list):
     if not samples:
         raise ExportError("onnx int8: no calibration samples", "give the spec real calibration inputs")
     large = _has_external_data(source)
-    pre = _preprocess(source, scratch / "preprocessed.onnx", "int8", large)
+    pre, preprocess = _preprocess(source, scratch / "preprocessed.onnx", "int8", large)
     reader = _calibration_reader(quantization, _input_names(_load(pre, weights=False)), samples)
     out = scratch / "int8.onnx"
     with _step("int8", f"quantize_static ({config.calibration_method} calibration)"), _quiet():
@@ -283,7 +294,7 @@ def to_int8_static(config, source: Path, scratch: Path, calibration: list):
             weight_type=getattr(quantization.QuantType, _QUANT_TYPES[config.weight_type]),
             calibrate_method=getattr(quantization.CalibrationMethod, _CALIBRATION_METHODS[config.calibration_method]),
         )
-    recipe = {"method": "onnxruntime.quantize_static", "format": "QDQ", "preprocess": "quant_pre_process",
+    recipe = {"method": "onnxruntime.quantize_static", "format": "QDQ", "preprocess": preprocess,
               "calibration_method": config.calibration_method, "calibration_samples": len(samples),
               "activation_type": config.activation_type, "weight_type": config.weight_type,
               "per_channel": config.per_channel, "reduce_range": config.reduce_range}
@@ -293,7 +304,7 @@ def to_int8_static(config, source: Path, scratch: Path, calibration: list):
 def to_int8_dynamic(config, source: Path, scratch: Path):
     quantization = _quantization_module()
     large = _has_external_data(source)
-    pre = _preprocess(source, scratch / "preprocessed.onnx", "int8-dynamic", large)
+    pre, preprocess = _preprocess(source, scratch / "preprocessed.onnx", "int8-dynamic", large)
     out = scratch / "int8_dynamic.onnx"
     with _step("int8-dynamic", "quantize_dynamic"), _quiet():
         quantization.quantize_dynamic(
@@ -301,7 +312,7 @@ def to_int8_dynamic(config, source: Path, scratch: Path):
             use_external_data_format=large,
             weight_type=getattr(quantization.QuantType, _QUANT_TYPES[config.weight_type]),
         )
-    recipe = {"method": "onnxruntime.quantize_dynamic", "format": "QOperator", "preprocess": "quant_pre_process",
+    recipe = {"method": "onnxruntime.quantize_dynamic", "format": "QOperator", "preprocess": preprocess,
               "activation_type": "uint8 (dynamic, per call)", "weight_type": config.weight_type,
               "per_channel": config.per_channel, "reduce_range": config.reduce_range, "calibration_samples": 0}
     return _load(out), recipe
