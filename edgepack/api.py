@@ -20,9 +20,11 @@ whether parity, budgets and exports held (0, 1 or 3), with the report written ei
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .cache import BuildCache
 from .errors import ConfigError, SpecError
 from .pipeline import BuildOptions, BuildResult
 from .pipeline import build as _build
@@ -76,15 +78,18 @@ def build(spec_or_model: Any, target: Any, out: str | Path = "dist", *, example_
           evaluate: Callable | None = None, name: str | None = None, input_names: Sequence[str] | None = None,
           output_names: Sequence[str] | None = None, set: Sequence[str] | None = None,  # noqa: A002 (the CLI's word)
           keep_going: bool = False, check_reproducible: bool = True, write_zip: bool = True,
-          progress: Callable[[str], None] | None = None, timeout_s: float = 300.0,
+          progress: Callable[[str], None] | None = None, timeout_s: float = 300.0, cache: bool = True,
           **overrides: Any) -> BuildResult:
     """Build, validate and package ``spec_or_model`` for ``target`` into ``out``; see the module
     docstring. Returns the BuildResult (exit_code 0 passed, 1 parity/budget, 3 export/runtime)."""
+    started = time.perf_counter()
     spec = _spec(spec_or_model, example_inputs=example_inputs, calibration=calibration, holdout=holdout,
                  evaluate=evaluate, name=name, input_names=input_names, output_names=output_names)
+    spec_seconds = time.perf_counter() - started
     profile = _profile(target, overrides, set)
     options = BuildOptions(out_dir=Path(out), keep_going=keep_going, progress=progress,
-                           runtime_timeout_s=timeout_s, check_reproducible=check_reproducible, write_zip=write_zip)
+                           runtime_timeout_s=timeout_s, check_reproducible=check_reproducible, write_zip=write_zip,
+                           cache=BuildCache.from_env() if cache else None, spec_seconds=spec_seconds)
     return _build(spec, profile, options=options)
 
 

@@ -267,6 +267,8 @@ class Manifest(_Strict):
     device_measurements: list[DeviceMeasurement] = Field(default_factory=list)
     # wall time of each build step, in the order the build took them (host-dependent)
     timings: list[dict[str, Any]] = Field(default_factory=list)
+    # the build cache: enabled, its directory, per export (file, key, hit) and whether all hit
+    cache: dict[str, Any] = Field(default_factory=dict)
 
 
 def manifest_json_schema() -> dict:

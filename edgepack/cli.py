@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     build = command("build", "build a bundle for one target")
     build.add_argument("spec", help="models/x.py, models/x.py:function or package.module:function")
-    build.add_argument("--target", "-t", required=True, help="target name (see `edgepack targets`) or a YAML path")
+    build.add_argument("--target", "-t", required=True, action="append",
+                       help="target name (see `edgepack targets`) or a YAML path; repeat for several targets")
     build.add_argument("--out", "-o", default="dist", help="output root (default: dist)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -91,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-zip", action="store_true", help="do not write dist/<model>-<target>.zip")
     build.add_argument("--keep-going", action="store_true",
                        help="build the other formats when one fails (the exit code is still non-zero)")
+    build.add_argument("--no-cache", action="store_true",
+                       help="export everything afresh and store nothing in the build cache (see `edgepack cache`)")
     settings(build)
+
+    cache = command("cache", "the build cache: what it holds (info) or empty it (clear)")
+    cache.add_argument("action", choices=["info", "clear"])
+    cache.add_argument("--json", action="store_true")
 
     targets = command("targets", "list target profiles, or show one resolved")
     targets.add_argument("action", nargs="?", choices=["show"], help="show one profile")

@@ -3,11 +3,13 @@ Every function takes the parsed arguments and the Terminal, and returns the exit
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
+from .cache import BuildCache
 from .errors import EdgepackError
 from .tables import bundles_table, diagnosis_table, gpu_table, print_manifest, validation_table
 from .terminal import BuildProgress, Terminal, previous_timings
@@ -17,15 +19,37 @@ WIDE_MARGIN_DB = 3.0
 
 
 def cmd_build(args, term: Terminal) -> int:
-    from .pipeline import BuildOptions, build, bundle_path, check_installed
+    """One spec for one or more targets (--target a --target b): the spec is loaded once and,
+    through the build cache, the float reference and evaluation are made once. Exit: the worst."""
+    from .pipeline import check_installed
     from .spec import load_spec
     from .target import load_target
 
-    profile = load_target(args.target, settings=args.set)
-    check_installed(profile)  # before loading the spec: a missing extra is named at once
+    targets = list(dict.fromkeys(args.target))
+    profiles = [load_target(target, settings=args.set) for target in targets]
+    for profile in profiles:
+        check_installed(profile)  # before loading the spec: a missing extra is named at once
+    started = time.perf_counter()
     spec = load_spec(args.spec)
+    spec_seconds = time.perf_counter() - started
     for note in spec.notes:
         term.err.print(f"[yellow]note:[/] {escape(note)}")
+    results = []
+    for target, profile in zip(targets, profiles):
+        if len(profiles) > 1 and not args.quiet:
+            term.err.print(f"[bold]{spec.name} for {profile.name}[/] ({len(results) + 1}/{len(profiles)})")
+        results.append(_build_one(args, term, spec, target, profile, spec_seconds if not results else None))
+    term.bundle_dir = results[0].bundle_dir if len(results) == 1 else \
+        results[0].bundle_dir.with_name("+".join(r.manifest.target.name for r in results))
+    if args.json:
+        manifests = [r.manifest.model_dump(mode="json") for r in results]
+        term.write_json(manifests[0] if len(manifests) == 1 else manifests)
+    return max(r.exit_code for r in results)
+
+
+def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: float | None):
+    from .pipeline import BuildOptions, build, bundle_path
+
     dest = bundle_path(Path(args.out), spec.name, profile.name)
     progress = None
     if not args.quiet:
@@ -34,33 +58,33 @@ def cmd_build(args, term: Terminal) -> int:
         progress = BuildProgress(term.err, previous)
         if not args.no_repro_check and any(a.format in ("pte", "tflite") for a in profile.artifacts):
             term.err.print("[dim]each artifact is exported twice to check its bytes are reproducible (about a "
-                           "quarter of an Android build); --no-repro-check skips that[/]")
+                           "quarter of an Android build; a cached export reuses its check); --no-repro-check "
+                           "skips that[/]")
     options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=progress,
-                           check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug)
+                           check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug,
+                           cache=None if args.no_cache else BuildCache.from_env(), spec_seconds=spec_seconds)
     try:
-        result = build(spec, profile, str(args.target) + "".join(f" --set {s}" for s in args.set or []), options)
+        result = build(spec, profile, str(target) + "".join(f" --set {s}" for s in args.set or []), options)
     finally:
         if progress is not None:
             progress.close()
-    term.bundle_dir = result.bundle_dir
     manifest = result.manifest
-    if args.json:
-        term.write_json(manifest.model_dump(mode="json"))
-    elif not args.quiet:
+    if not args.json and not args.quiet:
         print_manifest(manifest, term.out)
     for warning in manifest.warnings:
         term.err.print(f"[yellow]warning:[/] {escape(warning)}")
     counted = f" ({len(manifest.warnings)} warning{'s' if len(manifest.warnings) != 1 else ''})" \
         if manifest.warnings else ""
     took = f" in {progress.elapsed:.1f} s" if progress is not None else ""
+    cached = ", every export cached" if manifest.cache.get("hit") else ""
     if result.exit_code:
         for message in result.messages:
             term.err.print(f"[bold red]failed:[/] {escape(message)}")
         term.err.print(f"report written to {result.bundle_dir}{took}{counted}; the last good bundle was left untouched")
     elif not args.quiet:
         term.err.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else "")
-                       + took + counted)
-    return result.exit_code
+                       + took + cached + counted)
+    return result
 
 
 def cmd_diagnose(args, term: Terminal) -> int:
@@ -250,5 +274,32 @@ def cmd_ingest(args, term: Terminal) -> int:
     return result.exit_code
 
 
-COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
+def cmd_cache(args, term: Terminal) -> int:
+    """edgepack cache info|clear [--json]"""
+    cache = BuildCache.from_env()
+    if cache is None:
+        raise EdgepackError("the build cache is off (EDGEPACK_BUILD_CACHE=off)", "unset EDGEPACK_BUILD_CACHE to use it")
+    if args.action == "clear":
+        removed = cache.clear()
+        if args.json:
+            term.write_json({"directory": str(cache.root), "removed_entries": removed})
+        else:
+            term.err.print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {cache.root}")
+        return 0
+    info = cache.info()
+    if args.json:
+        term.write_json(info)
+        return 0
+    table = Table(title=f"build cache: {info['directory']} (cap {info['max_bytes'] / 1e9:.1f} GB, "
+                        "EDGEPACK_CACHE_MAX_GB)")
+    for column in ("kind", "entries", "MB"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, row in sorted(info["kinds"].items()):
+        table.add_row(kind, str(row["entries"]), f"{row['bytes'] / 1e6:.1f}")
+    table.add_row("total", str(info["entries"]), f"{info['bytes'] / 1e6:.1f}")
+    term.out.print(table)
+    return 0
+
+
+COMMANDS = {"cache": cmd_cache, "build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
             "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}

@@ -143,10 +143,13 @@ def zip_payload_sha256(archive: zipfile.ZipFile, prefix: str = "") -> str:
     return digest.hexdigest()
 
 
-def seal_bundle(bundle_dir: Path) -> Manifest:
-    """Record every payload file's sha256, the kit and payload_sha256 in manifest.package."""
+def seal_bundle(bundle_dir: Path, timings: list[dict[str, Any]] | None = None) -> Manifest:
+    """Record every payload file's sha256, the kit and payload_sha256 in manifest.package (and
+    append ``timings``, the steps that ran after the manifest was first written)."""
     root = Path(bundle_dir)
     manifest = Manifest.model_validate_json((root / MANIFEST).read_text())
+    if timings:
+        manifest = manifest.model_copy(update={"timings": list(manifest.timings) + timings})
     names = bundle_files(root)
     files = [bundle_mod.file_entry(root / name, root) for name in names]
     kit = [name for name in names if name.startswith(KIT_DIR + "/")]

@@ -24,6 +24,7 @@ import torch
 from . import bundle as bundle_mod
 from . import package
 from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo, stack_samples
+from .cache import BuildCache, digest_arrays, digest_files, model_fingerprint
 from .compress import run_stages
 from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
                      UntraceableModel)
@@ -55,6 +56,10 @@ class BuildOptions:
     step_hook: Callable[[str], None] | None = None
     # Print the traceback of an export or runtime failure the build records (it still goes on).
     debug: bool = False
+    # The build cache (exports, reproducibility results, the float evaluation); None: none.
+    cache: BuildCache | None = None
+    # Seconds the caller spent loading the spec (the first step of the manifest's timings).
+    spec_seconds: float | None = None
 
 
 @dataclass
@@ -80,7 +85,8 @@ class _Builder:
         self.profile_source = profile_source
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.findings = Findings(debug=options.debug)
-        self.timings: list[dict[str, Any]] = []
+        self.timings: list[dict[str, Any]] = (
+            [] if options.spec_seconds is None else [{"step": "loading the spec", "seconds": round(options.spec_seconds, 2)}])
         self._step_started: tuple[str, float] | None = None
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
         # evaluate is user code: whatever it raises becomes a SpecError naming it.
@@ -99,6 +105,45 @@ class _Builder:
             name, started = self._step_started
             self.timings.append({"step": name, "seconds": round(now - started, 2)})
         self._step_started = (next_step, now) if next_step is not None else None
+
+    def _reference(self, model, example, directory: Path, input_names, output_names) -> list[Path]:
+        """The float model as ONNX, from the build cache when the same model (weights, structure,
+        module sources), inputs and toolchain made one before."""
+        cache = self.options.cache
+        if cache is None:
+            return export_float_onnx(model, example, directory / "reference.onnx", input_names, output_names)
+        key = cache.key({"kind": "reference", "model": model_fingerprint(model), "names": [input_names, output_names],
+                         "example": digest_arrays([as_numpy(example)]), "toolchain": toolchain_versions()})
+        with cache.claim("reference", key) as slot:
+            if slot.entry is None:
+                files = export_float_onnx(model, example, directory / "reference.onnx", input_names, output_names)
+                slot.store(files, {})
+                return files
+        directory.mkdir(parents=True, exist_ok=True)
+        for source in slot.entry.files:
+            shutil.copyfile(source, directory / source.name)
+        self.say("float reference: cached")
+        return [directory / source.name for source in slot.entry.files]
+
+    def _float_accuracy(self, model) -> dict[str, Any]:
+        """The spec's evaluate() on the float model (and the compressed one), cached by both models'
+        fingerprints and the spec file."""
+        def compute() -> dict[str, Any]:
+            found = {"float": metrics(self.evaluate(torch_outputs_fn(self.spec.model)))}
+            if self.profile.stages:
+                found["compressed_float"] = metrics(self.evaluate(torch_outputs_fn(model)))
+            return found
+
+        cache = self.options.cache
+        if cache is None or not self.spec.source_sha256:  # evaluate() from a Python session: no file to key
+            return compute()
+        key = cache.key({"kind": "evaluate", "spec": self.spec.source_sha256,
+                         "float": model_fingerprint(self.spec.model),
+                         "compressed": model_fingerprint(model) if self.profile.stages else None})
+        with cache.claim("evaluate", key) as slot:
+            if slot.entry is None:
+                slot.store([], {"accuracy": compute()})
+        return dict(slot.entry.record["accuracy"])
 
     def step(self, name: str) -> None:
         check_interrupted()
@@ -136,8 +181,7 @@ class _Builder:
         self.step("reference")
         self.say("exporting the float reference to ONNX")
         try:
-            ref_files = export_float_onnx(model, example, scratch / "reference" / "reference.onnx", input_names,
-                                          output_names)
+            ref_files = self._reference(model, example, scratch / "reference", input_names, output_names)
         except UntraceableModel as exc:
             raise UntraceableModel(f"the float reference (ONNX): {exc.message}", exc.hint) from exc
         except ExportError as exc:
@@ -172,10 +216,11 @@ class _Builder:
         accuracy: dict[str, Any] = {}
         if self.evaluate is not None:
             self.say("evaluating the float model")
-            accuracy["float"] = metrics(self.evaluate(torch_outputs_fn(spec.model)))
-            if profile.stages:
-                accuracy["compressed_float"] = metrics(self.evaluate(torch_outputs_fn(model)))
+            accuracy.update(self._float_accuracy(model))
 
+        cache_parts = {"toolchain": toolchain_versions(), "reference": digest_files(ref_files),
+                       "inputs": digest_arrays([as_numpy(example)] + [as_numpy(s) for s in calibration]),
+                       "names": [input_names, output_names], "extras": sorted(stage_ctx.extras)}
         export_ctx = ExportContext(model=model, example_inputs=example, calibration=calibration,
                                    input_names=input_names, output_names=output_names, workdir=staged,
                                    threads=self.threads, train_data=spec.train_data, loss=spec.loss,
@@ -185,7 +230,7 @@ class _Builder:
                               findings=self.findings, say=self.say, threads=self.threads,
                               timeout_s=self.options.runtime_timeout_s, keep_going=self.options.keep_going,
                               check_reproducible=self.options.check_reproducible, evaluate=self.evaluate,
-                              score_outputs=self.score_outputs)
+                              score_outputs=self.score_outputs, cache=self.options.cache, cache_parts=cache_parts)
         artifacts = []
         for index, config in enumerate(profile.artifacts):
             self.step(f"artifact:{config.file_name}")
@@ -227,10 +272,18 @@ class _Builder:
             toolchain=toolchain_versions(),
             host=host_info(),
             timings=self.timings,
+            cache=_cache_summary(self.options.cache, judge.cache_log),
         )
         self.step("manifest")
         bundle_mod.write_manifest(staged / "manifest.json", manifest)
         return manifest
+
+
+def _cache_summary(cache: BuildCache | None, log: list[dict[str, Any]]) -> dict[str, Any]:
+    if cache is None:
+        return {"enabled": False, "hit": False, "exports": []}
+    return {"enabled": True, "directory": str(cache.root), "hit": bool(log) and all(e["hit"] for e in log),
+            "exports": log}
 
 
 def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
@@ -278,8 +331,10 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
             except OSError as exc:
                 raise _scratch_full(exc, Path(scratch), dest.parent) or exc
         builder.step("package")
+        started = time.perf_counter()
         package.install_kit(staged)
-        manifest = package.seal_bundle(staged)
+        manifest = package.seal_bundle(staged, [{"step": "packaging: device kit, checksums",
+                                                 "seconds": round(time.perf_counter() - started, 2)}])
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
         zip_path = None
         if options.write_zip and manifest.status == "passed":

@@ -18,6 +18,10 @@ import yaml
 # the profile's thread count as usual.
 torch.set_num_threads(1)
 
+# Builds in tests export afresh (a test of the build cache sets its own EDGEPACK_BUILD_CACHE):
+# a cache hit would skip the very exports, checks and failures a test is about.
+os.environ.setdefault("EDGEPACK_BUILD_CACHE", "off")
+
 # A test that runs a whole build, itself or through a fixture, is marked `build`: `make test-fast`
 # (pytest -m "not build and not slow") leaves those out for a quick inner loop; CI runs everything.
 _BUILD_CALL = re.compile(r"\bbuild\(|[\"']build[\"']")

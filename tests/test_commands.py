@@ -147,3 +147,17 @@ def test_diagnose_says_when_nothing_needs_keeping_in_float(tmp_path):
     assert report["thresholds"]["min_sqnr_db"] == 14.0
     assert report["margin_db"] == pytest.approx(report["output"]["sqnr_db"] - 14.0, abs=1e-3)
     assert report["quantizer"].startswith("executorch.")
+
+
+def test_several_targets_in_one_run_share_the_spec_and_the_reference(tmp_path):
+    other = tmp_path / "x86-64-lean.yaml"
+    other.write_text("extends: x86-64\nname: x86-64-lean\nartifacts:\n  - {name: model, format: onnx, precision: fp32}\n")
+    proc = run_cli("build", str(TEST_MODELS / "two_io.py"), "-t", "x86-64", "-t", str(other), "-o",
+                   str(tmp_path / "dist"), "--json", "--no-repro-check", "--set", "latency.runs=20",
+                   env={"EDGEPACK_BUILD_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    manifests = json.loads(proc.stdout)
+    assert [m["target"]["name"] for m in manifests] == ["x86-64", "x86-64-lean"]
+    assert manifests[1]["timings"][0]["step"] != "loading the spec"  # loaded once, for the first
+    assert proc.stderr.count("float reference: cached") == 1  # made by the first target, reused by the second
+    assert (tmp_path / "dist" / "two-io" / "x86-64+x86-64-lean.log").is_file()

@@ -20,6 +20,7 @@ LAYERS = {
     "edgepack.modelstats": 0, "edgepack.provenance": 0,
     "edgepack.spec": 1, "edgepack.stage": 1, "edgepack.bundle": 1, "edgepack.package": 1, "edgepack.intake": 1,
     "edgepack.runtimes": 1, "edgepack.emulators": 1, "edgepack.export.base": 1, "edgepack.kitdocs": 1,
+    "edgepack.cache": 1,
     "edgepack.quant": 2,
     "edgepack.compress": 3, "edgepack.export": 3,
     "edgepack.target": 4,

@@ -16,6 +16,7 @@ import traceback
 
 import copy
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,12 +27,13 @@ import torch
 from .. import bundle as bundle_mod
 from .. import package
 from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
-from ..bundle import ArtifactEntry, ArtifactIO, EmulatedGpuCheck, GoldenFiles, stack_samples
+from ..bundle import ArtifactEntry, ArtifactIO, EmulatedGpuCheck, GoldenFiles, ReproducibilityCheck, stack_samples
+from ..cache import BuildCache
 from ..costmodel import estimate_latency
 from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, NothingToQuantize,
                       RuntimeCheckError)
 from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
-from ..export.base import ExportContext
+from ..export.base import ExportContext, ExportResult
 from ..measure import latency_summary, zip_bytes
 from ..parity import compare, headline
 from ..runtimes.base import from_native, to_native
@@ -106,6 +108,50 @@ class ArtifactJudge:
     check_reproducible: bool = True
     evaluate: Callable[..., dict[str, float]] | None = None
     score_outputs: list[str] | None = None
+    cache: BuildCache | None = None
+    cache_parts: dict[str, Any] = field(default_factory=dict)  # the build's inputs, for every export key
+    cache_log: list[dict[str, Any]] = field(default_factory=list)  # per export: file, key, hit
+
+    def export(self, config: Any, ctx: ExportContext, check_reproducible: bool = False
+               ) -> tuple[ExportResult, ReproducibilityCheck | None]:
+        """Export ``config`` into ``ctx.workdir``, through the build cache when there is one: a
+        stored export (same model bytes, inputs, settings, toolchain and edgepack source) is
+        copied in instead, with the reproducibility result recorded when it was made."""
+        export = exporter_registry()[config.format].module.export
+
+        def check(result: ExportResult) -> ReproducibilityCheck | None:
+            if not check_reproducible:
+                return None
+            self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
+            return package.check_reproducible(export, config, ctx, result.files)
+
+        if self.cache is None:
+            result = export(config, isolated(ctx))
+            return result, check(result)
+        key = self.cache.key({**self.cache_parts, "kind": "export", "config": config.model_dump(mode="json")})
+        with self.cache.claim("export", key) as slot:
+            if slot.entry is not None:
+                record = slot.entry.record
+                files = []
+                for source in slot.entry.files:
+                    files.append(Path(ctx.workdir) / source.name)
+                    shutil.copyfile(source, files[-1])
+                result = ExportResult(files=files, runtime=record["runtime"], details=record["details"],
+                                      notes=list(record["notes"]))
+                stored = record.get("reproducible")
+                repro = ReproducibilityCheck.model_validate(stored) if stored else check(result)
+            else:
+                result = export(config, isolated(ctx))
+                repro = check(result)
+                if all(Path(f).parent.resolve() == Path(ctx.workdir).resolve() for f in result.files):
+                    slot.store(result.files, {"runtime": result.runtime, "details": result.details,
+                                              "notes": result.notes,
+                                              "reproducible": repro.model_dump(mode="json") if repro else None})
+        self.cache_log.append({"file": config.file_name, "precision": config.precision, "key": key,
+                               "hit": slot.hit})
+        if slot.hit:
+            self.say(f"{config.file_name}: cached export (key {key[:12]})")
+        return result, repro
 
     def judge(self, config: Any) -> ArtifactEntry:
         """Export, validate and judge one artifact (with the fallback if the profile asks)."""
@@ -186,13 +232,12 @@ class ArtifactJudge:
         """Export one artifact, run it in its runtime and judge it: (entry, parity summary).
         Parity and budget results are in entry.status; judge() records them as failures."""
         profile, staged = self.profile, self.staged
-        exporter = exporter_registry()[config.format]
         label = f"{config.file_name} ({config.format}, {config.precision})"
         base = {"name": config.name, "format": config.format, "precision": config.precision,
                 "config": config.model_dump(mode="json")}
         self.say(f"exporting {label}")
         try:
-            result = exporter.module.export(config, isolated(self.ctx))
+            result, reproducible = self.export(config, self.ctx, check_reproducible)
         except NothingToQuantize as exc:
             if profile.unquantizable != "keep_float" or config.precision == "fp32":
                 self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
@@ -205,10 +250,6 @@ class ArtifactJudge:
             return ArtifactEntry(status="failed", error=exc.message, **base), ""
         files = result.files
         main = files[0]
-        reproducible = None
-        if check_reproducible:
-            self.say(f"exporting {config.file_name} again to check the bytes are reproducible")
-            reproducible = package.check_reproducible(exporter.module.export, config, self.ctx, files)
         total_bytes = sum(p.stat().st_size for p in files)
         size = {"bytes": total_bytes, "float_reference_bytes": self.reference.bytes,
                 "ratio_to_float": round(total_bytes / self.reference.bytes, 4)}

@@ -8,6 +8,8 @@ the figure the policy judges is this host's, and the manifest says so.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..measure import latency_summary
 from ..runtimes.base import to_native
 from ..runtimes.session import RuntimeSession
-from .judge import ArtifactJudge, isolated
+from .judge import ArtifactJudge
 
 
 def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[ArtifactEntry], scratch: Path) -> None:
@@ -116,7 +118,7 @@ def export_float_baseline(judge: ArtifactJudge, config: Any, scratch: Path) -> P
     workdir = scratch / f"float-baseline-{config.format}"
     workdir.mkdir(exist_ok=True)
     judge.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency")
-    return entry.module.export(baseline, isolated(judge.ctx, workdir=workdir)).files[0]
+    return judge.export(baseline, dataclasses.replace(judge.ctx, workdir=workdir))[0].files[0]
 
 
 def main_path(entry: ArtifactEntry) -> str:

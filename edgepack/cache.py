@@ -1,0 +1,238 @@
+"""The build cache: content-addressed entries of files plus a JSON record, shared by builds.
+
+    cache = BuildCache.from_env()     # EDGEPACK_BUILD_CACHE, else $EDGEPACK_CACHE/builds; None when "off"
+    key = cache.key({"artifact": config, "reference": digest, ...})   # sha256 of canonical JSON
+    with cache.claim("export", key) as slot:           # one process computes a key at a time
+        if slot.entry is None:
+            ...compute files...
+            slot.store([paths], {"record": ...})      # copied in, published atomically
+        files, record = slot.entry.files, slot.entry.record
+
+An entry is a directory ``<kind>/<key[:2]>/<key>/`` with ``record.json`` and its files. It is
+written under a temporary name and renamed into place, so a reader sees a whole entry or none.
+``claim`` holds an exclusive lock file per key (fcntl.flock) while the caller computes: two
+builds wanting one key produce it once, the second waits and reads it. A key names every input
+that can change the output (edgepack's own source, toolchain versions, the model's float ONNX
+bytes, the inputs, the artifact's settings); nothing else is trusted. Above the size cap the
+least recently used entries are removed after each store (``EDGEPACK_CACHE_MAX_GB``, default 10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from .emulators.debian import cache_root
+
+RECORD = "record.json"
+DEFAULT_MAX_GB = 10.0
+KINDS_DIR = "builds"
+
+
+@lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 over edgepack's own Python files: a changed edgepack never reads an older entry."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def digest_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_arrays(samples: list[list[Any]]) -> str:
+    """sha256 over a list of samples of numpy arrays (dtype, shape and bytes of each)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for array in sample:
+            digest.update(f"{array.dtype}{tuple(array.shape)}".encode())
+            digest.update(array.tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: Any) -> dict[str, str]:
+    """What a model's exports depend on, without tracing it: its weights and buffers, its
+    structure (repr: layer types and hyper-parameters) and the source files of every module class
+    outside torch (so an edited forward() in a spec's sibling file changes the key). Code that
+    forward() calls from a file defining no module class is not covered: --no-cache after
+    changing only such a file."""
+    import torch
+
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().reshape(-1)
+        weights.update(f"{name}{tuple(tensor.shape)}{array.dtype}".encode())
+        weights.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    sources = hashlib.sha256()
+    files = set()
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls.__module__.startswith(("torch.", "builtins")):
+                continue
+            for value in vars(cls).values():  # forward() and the rest, wherever they were defined
+                code = getattr(getattr(value, "__func__", value), "__code__", None)
+                if code is not None:
+                    files.add(code.co_filename)
+    for path in sorted(files):
+        sources.update(path.encode() + b"\0")
+        with contextlib.suppress(OSError):
+            sources.update(Path(path).read_bytes())
+    return {"weights": weights.hexdigest(), "structure": hashlib.sha256(repr(model).encode()).hexdigest(),
+            "sources": sources.hexdigest()}
+
+
+@dataclass
+class Entry:
+    directory: Path
+    record: dict[str, Any]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.directory / name for name in self.record.get("files", [])]
+
+
+class Slot:
+    """A claimed key: ``entry`` is the stored entry or None; ``store`` publishes one."""
+
+    def __init__(self, cache: "BuildCache", kind: str, key: str) -> None:
+        self.cache, self.kind, self.key = cache, kind, key
+        self.entry = cache.get(kind, key)
+        self.hit = self.entry is not None
+
+    def store(self, files: list[Path], record: dict[str, Any]) -> Entry:
+        self.entry = self.cache.put(self.kind, self.key, files, record)
+        return self.entry
+
+
+class BuildCache:
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes if max_bytes is not None else int(
+            float(os.environ.get("EDGEPACK_CACHE_MAX_GB", DEFAULT_MAX_GB)) * 1e9)
+
+    @classmethod
+    def default(cls) -> "BuildCache":
+        return cls(cache_root() / KINDS_DIR)
+
+    @classmethod
+    def from_env(cls) -> "BuildCache | None":
+        """EDGEPACK_BUILD_CACHE: a directory, or ``off``; unset: $EDGEPACK_CACHE/builds."""
+        setting = os.environ.get("EDGEPACK_BUILD_CACHE", "").strip()
+        if setting.lower() in ("off", "0", "no", "none", "false"):
+            return None
+        return cls(Path(setting)) if setting else cls.default()
+
+    @staticmethod
+    def key(parts: dict[str, Any]) -> str:
+        text = json.dumps({"edgepack_source": source_digest(), **parts}, sort_keys=True, separators=(",", ":"),
+                          default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _dir(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / key
+
+    def get(self, kind: str, key: str) -> Entry | None:
+        directory = self._dir(kind, key)
+        try:
+            record = json.loads((directory / RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        entry = Entry(directory, record)
+        if not all(path.is_file() for path in entry.files):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(directory / RECORD)  # least recently used goes first
+        return entry
+
+    def put(self, kind: str, key: str, files: list[Path], record: dict[str, Any]) -> Entry:
+        final = self._dir(kind, key)
+        staging = self.root / "tmp" / f"{key}-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            names = []
+            for path in files:
+                shutil.copyfile(path, staging / path.name)
+                names.append(path.name)
+            (staging / RECORD).write_text(json.dumps({**record, "files": names, "created": time.time()},
+                                                     indent=1, default=str))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(staging, final)
+            except OSError:  # another process published the same key first: theirs stands
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.evict()
+        return Entry(final, json.loads((final / RECORD).read_text()))
+
+    @contextlib.contextmanager
+    def claim(self, kind: str, key: str) -> Iterator[Slot]:
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{kind}-{key}.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield Slot(self, kind, key)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def entries(self) -> list[tuple[str, Path, int, float]]:
+        """(kind, directory, bytes, last used) of every entry."""
+        found = []
+        for record in self.root.glob(f"*/??/*/{RECORD}"):
+            directory = record.parent
+            kind = directory.parent.parent.name
+            if kind in ("tmp", "locks"):
+                continue
+            size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+            found.append((kind, directory, size, record.stat().st_mtime))
+        return found
+
+    def evict(self) -> list[Path]:
+        entries = sorted(self.entries(), key=lambda e: e[3])
+        total = sum(e[2] for e in entries)
+        removed = []
+        while entries and total > self.max_bytes:
+            kind, directory, size, _ = entries.pop(0)
+            shutil.rmtree(directory, ignore_errors=True)
+            total -= size
+            removed.append(directory)
+        return removed
+
+    def info(self) -> dict[str, Any]:
+        kinds: dict[str, dict[str, int]] = {}
+        for kind, _, size, _ in self.entries():
+            row = kinds.setdefault(kind, {"entries": 0, "bytes": 0})
+            row["entries"] += 1
+            row["bytes"] += size
+        return {"directory": str(self.root), "max_bytes": self.max_bytes, "kinds": kinds,
+                "entries": sum(k["entries"] for k in kinds.values()), "bytes": sum(k["bytes"] for k in kinds.values())}
+
+    def clear(self) -> int:
+        count = len(self.entries())
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        return count
