@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import MODELS
 from edgepack.errors import SpecError
