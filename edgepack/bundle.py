@@ -269,6 +269,8 @@ class Manifest(_Strict):
     timings: list[dict[str, Any]] = Field(default_factory=list)
     # the build cache: enabled, its directory, per export (file, key, hit) and whether all hit
     cache: dict[str, Any] = Field(default_factory=dict)
+    # the build's peak memory on the build host (PSS of its process tree) and how it was sampled
+    resources: dict[str, Any] = Field(default_factory=dict)
 
 
 def manifest_json_schema() -> dict:

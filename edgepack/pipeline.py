@@ -31,10 +31,10 @@ from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_B
 from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
-from .measure import latency_summary
+from .measure import PeakTreePss, latency_summary
 from .modelstats import model_stats
 from .parity import compare
-from .provenance import edgepack_version, host_info, toolchain_versions
+from .provenance import edgepack_version, host_info, host_matches, toolchain_versions
 from .runtimes import forkserver
 from .runtimes.session import RuntimeSession
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
@@ -152,6 +152,14 @@ class _Builder:
 
     # -- the build ------------------------------------------------------------------------
     def run(self, staged: Path, scratch: Path) -> Manifest:
+        with PeakTreePss() as memory:
+            manifest = self._run(staged, scratch)
+        manifest = manifest.model_copy(update={"resources": memory.record()})
+        self.step("manifest")
+        bundle_mod.write_manifest(staged / "manifest.json", manifest)
+        return manifest
+
+    def _run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
         self.say("reading the spec's calibration and held-out samples")
         for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
@@ -270,13 +278,16 @@ class _Builder:
                               samples=len(parity_inputs), calibration_samples=len(parity_samples) - len(holdout),
                               holdout_samples=len(holdout)),
             toolchain=toolchain_versions(),
-            host=host_info(),
+            host=_host(profile),
             timings=self.timings,
             cache=_cache_summary(self.options.cache, judge.cache_log),
         )
-        self.step("manifest")
-        bundle_mod.write_manifest(staged / "manifest.json", manifest)
         return manifest
+
+
+def _host(profile) -> dict[str, Any]:
+    host = host_info()
+    return {**host, "matches_target": host_matches(profile.device, host)}
 
 
 def _cache_summary(cache: BuildCache | None, log: list[dict[str, Any]]) -> dict[str, Any]:

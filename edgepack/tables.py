@@ -85,6 +85,9 @@ def print_manifest(manifest, console: Console) -> None:
     if checked:
         console.print(gpu_table(checked, "GPU path: LiteRT's GPU accelerator on an emulated Vulkan GPU "
                                          "(not a phone driver; emulated time)"))
+    match = (manifest.host or {}).get("matches_target") or {}
+    if match.get("matches") is False:
+        console.print(f"[dim]host p50 is this build host's time: {_escape(match.get('reason', ''))}[/]")
     if manifest.accuracy.get("float"):
         console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
     for failure in manifest.failures:

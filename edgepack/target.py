@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 from functools import lru_cache
@@ -17,156 +16,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .compress import registry as stage_registry
 from .errors import ConfigError
 from .export import registry as export_registry
+from .profile_sections import (  # noqa: F401 (re-exported: the profile's sections are part of its API)
+    DEFAULT_FP32_TOLERANCE, GPU_CHECK_PRECISIONS, PRECISIONS, Budgets, DeviceSpec, FallbackSettings, GpuCheckSettings,
+    LatencySettings, ParitySettings, Precision, Tolerance, _Strict)
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
 MAX_EXTENDS = 8  # profiles extending profiles, at most this deep
 SCHEMA_PATH = Path(__file__).parent / "schema" / "profile.schema.json"
-Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DeviceSpec(_Strict):
-    arch: str = Field(description="CPU architecture, e.g. arm64-v8a, x86_64")
-    cores: int = Field(ge=1)
-    threads: int = Field(ge=1, description="threads the runtimes use, on the device and in host checks")
-    peak_gops: dict[Literal["fp32", "fp16", "int8", "int4"], Annotated[float, Field(gt=0)]] = Field(
-        description="peak giga-ops/s per precision (1 MAC = 2 ops), for the latency estimate")
-    memory_gbps: float = Field(gt=0, description="sustained memory bandwidth, GB/s")
-    ram_mb: int = Field(gt=0)
-    accelerator: str | None = None
-
-
-class Tolerance(_Strict):
-    """Parity thresholds. Every threshold given must hold; float paths use atol/rtol,
-    quantized paths use cosine, SQNR and top-1 agreement."""
-
-    atol: float | None = Field(default=None, ge=0)
-    rtol: float | None = Field(default=None, ge=0)
-    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
-    min_sqnr_db: float | None = Field(default=None, ge=-50.0, le=200.0)
-    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _something_checked(self) -> "Tolerance":
-        if all(v is None for v in self.model_dump().values()):
-            raise ValueError("a tolerance must set at least one threshold")
-        if (self.atol is None) != (self.rtol is None):
-            raise ValueError("atol and rtol go together: set both or neither")
-        return self
-
-
-# Float artifacts are judged by these when the profile has no fp32 tolerance (the reference check,
-# an fp32 artifact shipped because int8 had nothing to quantize).
-DEFAULT_FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3, "min_cosine": 0.9999}
-
-
-class Budgets(_Strict):
-    """Per-artifact limits, and the one rule that judges them (build, fallback steps, ingest)."""
-
-    max_bytes: int | None = Field(default=None, gt=0, description="per artifact, all its files")
-    max_latency_ms: float | None = Field(default=None, gt=0, description="p50, per artifact")
-    max_ratio_to_float: float | None = Field(
-        default=None, gt=0, description="per artifact: its bytes over the float model's (ONNX) bytes; 1.0 "
-                                        "fails any artifact the recipe made larger than float")
-
-    def failures(self, total_bytes: int | None, latency_ms: float | None, latency_label: str = "host p50",
-                 ratio_to_float: float | None = None) -> list[str]:
-        """What ``total_bytes`` / ``latency_ms`` / ``ratio_to_float`` exceed. A budget never passes
-        on missing data: a limit whose figure is None (or not a finite number) fails, saying so."""
-        found = []
-        if self.max_ratio_to_float is not None:
-            if ratio_to_float is None or not math.isfinite(ratio_to_float):
-                found.append("no size ratio to judge max_ratio_to_float against")
-            elif ratio_to_float > self.max_ratio_to_float:
-                found.append(f"{ratio_to_float:.3f}x the float bytes > max_ratio_to_float {self.max_ratio_to_float}")
-        if self.max_bytes is not None:
-            if total_bytes is None:
-                found.append("no size to judge max_bytes against")
-            elif total_bytes > self.max_bytes:
-                found.append(f"{total_bytes} bytes > max_bytes {self.max_bytes}")
-        if self.max_latency_ms is not None:
-            if latency_ms is None or not math.isfinite(latency_ms):
-                found.append(f"no {latency_label} latency to judge max_latency_ms against")
-            elif latency_ms > self.max_latency_ms:
-                found.append(f"{latency_label} {latency_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
-        return found
-
-    def check(self, total_bytes: int | None, latency_ms: float | None, /, latency_source: str = "host",
-              latency_label: str = "host p50", ratio_to_float: float | None = None, **figures: Any) -> dict | None:
-        """The manifest's budgets record (None when the profile sets no budget): the limits, where
-        the latency came from, ``figures`` (e.g. the statistic used), passed and failures."""
-        if self.max_bytes is None and self.max_latency_ms is None and self.max_ratio_to_float is None:
-            return None
-        failures = self.failures(total_bytes, latency_ms, latency_label, ratio_to_float)
-        record = {"max_bytes": self.max_bytes, "max_latency_ms": self.max_latency_ms}
-        if self.max_ratio_to_float is not None:
-            record.update(max_ratio_to_float=self.max_ratio_to_float, ratio_to_float=ratio_to_float)
-        return {**record, "latency_source": latency_source, **figures, "passed": not failures, "failures": failures}
-
-
-class FallbackSettings(_Strict):
-    """How far the int8 fallback may go (on_parity_failure: fallback; analysis/fallback.py)."""
-
-    max_steps: int = Field(default=6, ge=1, le=64, description="re-exports at most")
-    group_size: int = Field(default=2, ge=1, le=64, description="layers moved to fp32 per step")
-    max_float_layers: int | None = Field(default=None, ge=1, description="never keep more layers in fp32")
-    diagnosis_samples: int = Field(default=4, ge=1, le=256, description="calibration samples the ranking uses")
-
-
-class ParitySettings(_Strict):
-    calibration_samples: int = Field(default=16, ge=0, le=10_000, description="calibration samples in the parity set")
-    holdout_samples: int = Field(default=16, ge=0, le=10_000, description="held-out samples in the parity set")
-
-    @model_validator(mode="after")
-    def _nonempty(self) -> "ParitySettings":
-        if self.calibration_samples + self.holdout_samples == 0:
-            raise ValueError("the parity set needs at least one sample")
-        return self
-
-
-class LatencySettings(_Strict):
-    warmup: int = Field(default=5, ge=0, le=10_000)
-    runs: int = Field(default=30, ge=20, le=100_000)
-    # A quantized artifact vs its float sibling: both loaded at once, timed in alternating rounds
-    # of ``runs`` each (steps/speed.py).
-    comparison_rounds: int = Field(default=6, ge=2, le=1_000)
-
-
-class GpuCheckSettings(_Strict):
-    """Run each float .tflite through LiteRT's GPU accelerator, the code path a phone's GPU runs,
-    on Mesa's lavapipe (a Vulkan driver on the build host's CPU, set up on first use), and judge
-    it against the float reference and against the CPU interpreter (steps/gpu_check.py)."""
-
-    enabled: bool = False
-    # fp16: the GPU accelerator's default arithmetic, as on phones; fp32 (enforce_f32): a tight
-    # functional check (1.1e-5 from the CPU interpreter on the digits CNN, vs 2.6e-2 for fp16).
-    precision: Literal["fp16", "fp32"] = "fp16"
-    # the entry of `tolerances` that judges the GPU outputs (default: fp16 when the GPU computes in
-    # fp16 or the artifact has fp16 weights, else fp32)
-    tolerance: Precision | None = None
-    # when the emulator cannot be set up (download refused, host not Linux x86-64 / Debian 12):
-    # true fails the build (exit 2); false records `skipped: <reason>` and warns
-    required: bool = True
-
-    def tolerance_key(self, artifact_precision: str) -> str:
-        if self.tolerance is not None:
-            return self.tolerance
-        return "fp16" if "fp16" in (self.precision, artifact_precision) else "fp32"
-
-
-GPU_CHECK_PRECISIONS = ("fp16", "fp32")  # .tflite artifacts of these precisions take the GPU check
-
-
 def _stage_union():
     configs = tuple(entry.config for entry in stage_registry().values())
     return Annotated[Union[configs], Field(discriminator="type")]  # type: ignore[valid-type]

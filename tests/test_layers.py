@@ -23,7 +23,7 @@ LAYERS = {
     "edgepack.cache": 1,
     "edgepack.quant": 2,
     "edgepack.compress": 3, "edgepack.export": 3,
-    "edgepack.target": 4,
+    "edgepack.target": 4, "edgepack.profile_sections": 4,
     "edgepack.analysis": 5,
     "edgepack.steps": 6,
     "edgepack.pipeline": 7,

@@ -1,0 +1,30 @@
+"""measure.py: latency summaries and the build's peak memory (PSS of its process tree)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from edgepack.measure import PeakTreePss, latency_summary, tree_pss_mb
+
+
+def test_latency_summary_percentiles():
+    summary = latency_summary([float(v) for v in range(1, 101)])
+    assert summary["p50_ms"] == 50.5 and summary["min_ms"] == 1.0 and summary["runs"] == 100
+
+
+def test_tree_pss_counts_children_and_the_peak_holds():
+    alone = tree_pss_mb()
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300_000_000); time.sleep(3)"])
+    try:
+        with PeakTreePss(interval_s=0.05) as memory:
+            deadline = time.time() + 10
+            while tree_pss_mb() < alone + 250 and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    assert memory.peak_mb >= alone + 250  # the child's 300 MB, touched, count for the tree
+    assert memory.record()["samples"] >= 2 and "smaps_rollup" in memory.record()["method"]
