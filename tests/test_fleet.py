@@ -100,6 +100,15 @@ def test_without_ray_the_fleet_names_the_extra(tmp_path):
     assert "runtime unavailable" in proc.stderr and "edgepack[fleet]" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_an_address_where_nothing_listens_fails_at_once(tmp_path):
+    """ray.init retries an unreachable cluster for many minutes, deaf to Ctrl-C: the fleet checks first."""
+    path = _write(tmp_path / "fleet.yaml", {"out": "dist", "models": [CONV], "targets": ["x86-64"]})
+    proc = run_cli("fleet", str(path), "--address", "127.0.0.1:1", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot join the Ray cluster at 127.0.0.1:1: nothing answers there" in proc.stderr
+    assert not (tmp_path / "dist").exists() and "Traceback" not in proc.stderr
+
+
 def test_the_build_cache_field_is_reported_when_a_manifest_has_it(tmp_path):
     base = {"status": "passed", "model": {"name": "m"}, "target": {"name": "t"}, "artifacts": []}
     assert summarize_manifest({**base, "cache": {"hit": True, "key": "k"}}, tmp_path)["cached"] is True

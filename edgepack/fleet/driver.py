@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,8 +51,25 @@ def _import_ray():
     return ray
 
 
+def _check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at HOST:PORT: ray.init retries an unreachable address for
+    many minutes, in native code that Ctrl-C does not reach. ``auto`` and ``ray://`` are Ray's to resolve."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5.0).close()
+    except OSError as exc:
+        raise RuntimeUnavailable(f"cannot join the Ray cluster at {address}: nothing answers there "
+                                 f"({exc.strerror or exc})",
+                                 "give the head node's address (`ray status` there prints it), or leave --address out "
+                                 "to start a local instance") from None
+
+
 def _start_ray(ray, options: FleetOptions) -> dict[str, Any]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a build host does not report usage
+    if options.address:
+        _check_reachable(options.address)
     started = time.monotonic()
     try:
         if options.address:
@@ -63,8 +81,9 @@ def _start_ray(ray, options: FleetOptions) -> dict[str, Any]:
                      namespace="edgepack-fleet")
     except Exception as exc:  # Ray raises ConnectionError, RuntimeError, ValueError...: name it, exit 2
         where = f"join the Ray cluster at {options.address}" if options.address else "start a local Ray instance"
-        hint = ("check the address (`ray status` on the head node prints it), or leave --address out to start a "
-                "local instance") if options.address else "see Ray's logs in /tmp/ray/session_latest/logs"
+        hint = ("a cluster with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                "~/.ray/auth_token) here, as any Ray client does; `ray status` on the head node prints its address"
+                ) if options.address else "see Ray's logs in /tmp/ray/session_latest/logs"
         raise RuntimeUnavailable(f"cannot {where}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                                  hint) from exc
     nodes = [n for n in ray.nodes() if n.get("Alive")]
