@@ -278,6 +278,9 @@ def cmd_fleet(args, term: Terminal) -> int:
         term.out.print(fleet_table(report))
     for warning in report["warnings"]:
         term.err.print(f"[yellow]warning:[/] {escape(warning)}")
+    if report["counts"].get("interrupted"):
+        term.err.print(f"[yellow]interrupted:[/] {report['counts']['interrupted']} build(s) stopped or never started; "
+                       f"the bundles already built are in place")
     files = report["files"]
     term.err.print(f"report: {files['json']}  {Path(files['md']).name}  {Path(files['png']).name}"
                    f" ({report['wall_s']:.1f} s, exit {report['exit_code']})")

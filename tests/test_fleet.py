@@ -235,3 +235,14 @@ def test_the_fleet_exit_code_is_the_worst_build_and_failures_are_not_retried(tmp
     assert "syntax error" in broken["error"]["message"] and broken["artifacts"] == []
     assert "exit 1" in proc.stderr and "exit 2" in proc.stderr and "Traceback" not in proc.stderr
     assert "## Problems" in (tmp_path / "dist" / "fleet-report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_build_over_its_timeout_is_stopped_and_counts_as_a_runtime_error(tmp_path):
+    matrix = _write(tmp_path / "fleet.yaml", {"out": "dist", "models": [CONV], "targets": ["x86-64"]})
+    proc = run_cli("fleet", str(matrix), "--timeout", "1", "--json", timeout=300)
+    assert proc.returncode == 3, proc.stderr
+    build, = json.loads(proc.stdout)["builds"]
+    assert build["status"] == "timeout" and build["exit_code"] == 3 and build["attempts"] == 1  # not retried
+    assert "more than 1 s" in build["error"]["message"] and build["bundle_dir"] is None
+    assert not leftovers(tmp_path / "dist")  # SIGTERM: the build stopped before placing anything
