@@ -193,6 +193,7 @@ def test_a_3x2_fleet_survives_a_killed_worker_and_reports_every_build(tmp_path):
     assert not _alive(worker_pid) and not _alive(build_pid)  # the build died with its worker (PDEATHSIG)
     assert retried[0]["accuracy_float"] == {"holdout_samples": 8.0}  # the retry ran evaluate() through
     assert not leftovers(out), leftovers(out)  # the killed attempt's staging directory was removed
+    assert not Path(first["tmp"]).exists()  # and its private TMPDIR (its scratch files, its captured log)
 
     for build in builds:
         assert Path(build["bundle_dir"]) == out / build["model_name"] / build["target_name"]

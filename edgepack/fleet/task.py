@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -60,8 +61,9 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_dead_attempts(logs: Path, out: Path) -> list[Path]:
-    """Remove the staging directories (and zips) that killed attempts of this build left in the out
-    root: named ``.<name>.tmp-<pid>-...`` after the build process, recorded in attempt-N.json."""
+    """Remove what killed attempts of this build left: their staging directories (and zips) in the
+    out root, named ``.<name>.tmp-<pid>-...`` after the build process, and their private TMPDIR,
+    both recorded in attempt-N.json."""
     removed = []
     for record in sorted(logs.glob("attempt-*.json")):
         try:
@@ -71,7 +73,9 @@ def sweep_dead_attempts(logs: Path, out: Path) -> list[Path]:
         pid = attempt.get("pid")
         if not isinstance(pid, int) or attempt.get("host") != socket.gethostname() or _alive(pid):
             continue
-        for stale in [*out.glob(f"*/.*.tmp-{pid}-*"), *out.glob(f".*.tmp-{pid}-*")]:
+        tmp = attempt.get("tmp")
+        scratch = [Path(tmp)] if isinstance(tmp, str) and Path(tmp).is_dir() else []
+        for stale in [*out.glob(f"*/.*.tmp-{pid}-*"), *out.glob(f".*.tmp-{pid}-*"), *scratch]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
             removed.append(stale)
     return removed
@@ -100,6 +104,16 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _keep_logs(scratch: Path, logs: Path, attempt: int) -> str | None:
+    """The CLI keeps its captured library output in TMPDIR when a build fails before it has a bundle
+    (a spec error, say): moved beside the attempt's log before the TMPDIR goes."""
+    kept = None
+    for found in sorted(scratch.glob("edgepack-*.log")):
+        if found.stat().st_size:
+            kept = str(shutil.move(str(found), logs / f"attempt-{attempt}-{found.name}"))
+    return kept
+
+
 def run_build(job: dict[str, Any]) -> dict[str, Any]:
     """One build in a child process (this runs as a Ray task). Returns its report entry."""
     logs, out = Path(job["logs"]), Path(job["out"])
@@ -110,20 +124,28 @@ def run_build(job: dict[str, Any]) -> dict[str, Any]:
     argv = [sys.executable, "-m", "edgepack.cli", "build", *job["args"]]
     if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
         argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]  # see _LAUNCHER; Ray runs tasks here
-    env = {**os.environ, "EDGEPACK_CACHE": job["cache"]}
+    # The build's temp files (its scratch directory, its captured log) go to a TMPDIR of its own,
+    # removed when the attempt ends, or by the next attempt's sweep when a kill ended it.
+    scratch = tempfile.mkdtemp(prefix=f"edgepack-fleet-attempt{attempt}-")
+    env = {**os.environ, "EDGEPACK_CACHE": job["cache"], "TMPDIR": scratch}
     cwd = job["cwd"] if Path(job["cwd"]).is_dir() else str(out)
     started, timed_out = time.monotonic(), False
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env, cwd=cwd,
-                                start_new_session=True)
-        record = {"attempt": attempt, "host": socket.gethostname(), "pid": proc.pid, "worker_pid": os.getpid()}
-        write_atomic(logs / f"attempt-{attempt}.json", json.dumps(record))
-        try:
-            stdout, _ = proc.communicate(timeout=job["timeout_s"])
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _stop(proc)
-            stdout, _ = proc.communicate()
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
+                                    cwd=cwd, start_new_session=True)
+            record = {"attempt": attempt, "host": socket.gethostname(), "pid": proc.pid, "worker_pid": os.getpid(),
+                      "tmp": scratch}
+            write_atomic(logs / f"attempt-{attempt}.json", json.dumps(record))
+            try:
+                stdout, _ = proc.communicate(timeout=job["timeout_s"])
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                _stop(proc)
+                stdout, _ = proc.communicate()
+        kept = _keep_logs(Path(scratch), logs, attempt)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # temp files only; the bundle is in the out root
     wall = round(time.monotonic() - started, 2)
     code = proc.returncode
     write_atomic(logs / f"attempt-{attempt}.json", json.dumps({**record, "exit_code": code, "wall_s": wall}))
@@ -137,7 +159,8 @@ def run_build(job: dict[str, Any]) -> dict[str, Any]:
         printed = json.loads(stdout)
     except ValueError:
         printed = None
-    entry: dict[str, Any] = {"exit_code": code, "wall_s": wall, "host": record["host"], "log": str(log_path)}
+    entry: dict[str, Any] = {"exit_code": code, "wall_s": wall, "host": record["host"], "log": str(log_path),
+                             "build_log": kept}
     if timed_out:
         entry.update(exit_code=EXIT_EXPORT_OR_RUNTIME, status="timeout",
                      error={"kind": "timeout", "message": f"the build took more than {job['timeout_s']:g} s and was "
@@ -148,6 +171,7 @@ def run_build(job: dict[str, Any]) -> dict[str, Any]:
                      error={k: error.get(k) for k in ("kind", "message", "hint")})
     elif isinstance(printed, dict) and "artifacts" in printed:
         entry.update(summarize_manifest(printed, out))
+        entry["build_log"] = entry["build_log"] or kept
     else:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
         entry.update(status="error", error={"kind": "no result", "message": f"the build exited {code} without its "
