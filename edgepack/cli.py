@@ -61,6 +61,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _retries(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: give between 0 and 10 retries")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -141,6 +151,26 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     diagnose.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     settings(diagnose)
+
+    fleet = command("fleet", "build every model of a matrix for every target, one Ray task per build")
+    fleet.add_argument("matrix", help="MATRIX.yaml: models x targets, with optional set: overrides "
+                                      "(README: Fleet builds)")
+    fleet.add_argument("--out", "-o", help="output root (default: the matrix's out:, else dist)")
+    fleet.add_argument("--parallel", "-j", type=_count,
+                       help="builds at once (default: one per 2 CPUs on a local instance; on a cluster, what its "
+                            "CPUs allow at 2 per build)")
+    fleet.add_argument("--address", help="join this Ray cluster (auto, or HOST:PORT) instead of starting a local one")
+    fleet.add_argument("--retries", type=_retries, default=2,
+                       help="attempts after a build's worker or build process was killed (default: 2); a build "
+                            "that ran and failed is never retried")
+    fleet.add_argument("--timeout", type=_positive_seconds, default=3600.0,
+                       help="seconds one build may take before it is stopped (exit 3; default 3600)")
+    fleet.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    fleet.add_argument("--quiet", "-q", action="store_true", help="no progress lines or table")
+    fleet.add_argument("--no-repro-check", action="store_true", help="passed to every build")
+    fleet.add_argument("--no-zip", action="store_true", help="passed to every build")
+    fleet.add_argument("--keep-going", action="store_true", help="passed to every build")
+    settings(fleet)
     return parser
 
 
@@ -160,7 +190,8 @@ def _on_signal(signum, frame):
 
 
 # Commands whose libraries print (exporters, runtimes, a spec's print()): their output goes to a log.
-CAPTURED = {"build", "diagnose", "validate"}
+# fleet: Ray's own start-up chatter (its builds write per-build logs in the out root).
+CAPTURED = {"build", "diagnose", "validate", "fleet"}
 
 
 def main(argv: list[str] | None = None) -> int:

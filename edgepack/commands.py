@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .cache import BuildCache
 from .errors import EdgepackError
-from .tables import bundles_table, diagnosis_table, gpu_table, print_manifest, validation_table
+from .tables import bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest, validation_table
 from .terminal import BuildProgress, Terminal, previous_timings
 
 # `diagnose` says "nothing to keep in float" only with at least this much SQNR to spare.
@@ -301,5 +301,43 @@ def cmd_cache(args, term: Terminal) -> int:
     return 0
 
 
-COMMANDS = {"cache": cmd_cache, "build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}
+def cmd_fleet(args, term: Terminal) -> int:
+    """edgepack fleet MATRIX.yaml: every model x target on Ray; the exit code is the worst build's."""
+    from .fleet import FleetOptions, run_fleet
+
+    def finished(entry: dict, done: int, total: int) -> None:
+        code = entry["exit_code"]
+        line = (f"[dim][{done}/{total}][/] {escape(entry.get('model_name') or entry['model'])} on "
+                f"{escape(entry['target_name'])}: [{'green' if code == 0 else 'red'}]{escape(str(entry['status']))}[/]"
+                f" (exit {code})")
+        if entry.get("wall_s") is not None:
+            line += f" in {entry['wall_s']:.1f} s"
+        if entry["attempts"] > 1:
+            line += f", attempt {entry['attempts']}"
+        problem = (entry.get("error") or {}).get("message") or "; ".join(entry.get("failures") or [])
+        term.err.print(line + (f": {escape(problem.splitlines()[0][:200])}" if problem else ""))
+
+    flags = [flag for flag, on in (("--no-repro-check", args.no_repro_check), ("--no-zip", args.no_zip),
+                                   ("--keep-going", args.keep_going)) if on]
+    options = FleetOptions(out=Path(args.out) if args.out else None, settings=list(args.set or []),
+                           parallel=args.parallel, address=args.address, retries=args.retries,
+                           timeout_s=args.timeout, build_flags=flags, say=None if args.quiet else finished)
+    report = run_fleet(args.matrix, options)
+    if args.json:
+        term.write_json(report)
+    elif not args.quiet:
+        term.out.print(fleet_table(report))
+    for warning in report["warnings"]:
+        term.err.print(f"[yellow]warning:[/] {escape(warning)}")
+    if report["counts"].get("interrupted"):
+        term.err.print(f"[yellow]interrupted:[/] {report['counts']['interrupted']} build(s) stopped or never started; "
+                       f"the bundles already built are in place")
+    files = report["files"]
+    term.err.print(f"report: {files['json']}  {Path(files['md']).name}  {Path(files['png']).name}"
+                   f" ({report['wall_s']:.1f} s, exit {report['exit_code']})")
+    return report["exit_code"]
+
+
+COMMANDS = {"cache": cmd_cache, "build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect,
+            "validate": cmd_validate, "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup,
+            "fleet": cmd_fleet}

@@ -1,5 +1,6 @@
 """The tables the commands print (rich): a build's or a bundle's manifest, a re-validation, the
-GPU path, a diagnosis. Everything printed from a bundle or report goes through _escape."""
+GPU path, a diagnosis, a fleet (and its report's markdown table). Everything printed from a bundle
+or report goes through _escape."""
 
 from __future__ import annotations
 
@@ -167,4 +168,72 @@ def diagnosis_table(report: dict, title: str, top: int) -> Table:
         table.add_row(str(row["index"]), row["layer"], row["op"], f"{100 * row['error_share']:.1f}%",
                       fmt(row["output_sqnr_db_alone"], ".1f"), cause(row), fmt(row["sqnr_db"], ".1f"),
                       fmt(row["local_sqnr_db"], ".1f"), fmt(row["cosine"], ".4f"), fmt(row["max_abs_error"], ".3g"))
+    return table
+
+
+FLEET_COLUMNS = ("model", "target", "exit", "status", "artifact", "bytes", "x float", "cosine min", "SQNR dB",
+                 "accuracy", "build s", "attempts", "cached")
+
+
+def fleet_rows(report: dict) -> list[dict[str, str]]:
+    """A fleet report as rows of plain text, one per artifact (one per build without artifacts)."""
+    rows = []
+    for build in report["builds"]:
+        head = {"model": build.get("model_name") or build["model"],
+                "target": build.get("target_name") or build["target"],
+                "exit": str(build["exit_code"]), "status": str(build["status"]),
+                "build s": "-" if build.get("wall_s") is None else f"{build['wall_s']:.1f}",
+                "attempts": str(build.get("attempts", "-")),
+                "cached": {True: "yes", False: "no"}.get(build.get("cached"), "unknown")}
+        note = (build.get("error") or {}).get("message") or "; ".join(build.get("failures") or [])
+        for art in build.get("artifacts") or [{}]:
+            if not art:
+                rows.append({**head, "artifact": "-", "accuracy": note[:120]})
+                continue
+            accuracy = ", ".join(f"{k} {v:.4g}" for k, v in (art.get("accuracy") or {}).items())
+            rows.append({**head, "artifact": f"{art.get('file') or '-'} ({art.get('precision')})",
+                         "bytes": "-" if art.get("bytes") is None else f"{art['bytes']:,}",
+                         "x float": "-" if art.get("ratio_to_float") is None else f"{art['ratio_to_float']:.3f}",
+                         "cosine min": "-" if art.get("cosine_min") is None else f"{art['cosine_min']:.5f}",
+                         "SQNR dB": "-" if art.get("sqnr_db") is None else f"{art['sqnr_db']:.1f}",
+                         "accuracy": accuracy or "-"})
+    return rows
+
+
+def fleet_markdown(report: dict) -> str:
+    """fleet-report.md: what ran, then one table row per artifact, then what failed and why."""
+    ray = report.get("ray") or {}
+    lines = [f"# edgepack fleet: {len(report['builds'])} builds, exit code {report['exit_code']}", "",
+             f"Matrix `{report['matrix']}`, out root `{report['out']}`, {report['created']}; {report['wall_s']:.1f} s "
+             f"wall on Ray {ray.get('version')} ({ray.get('address')}, {ray.get('nodes')} node(s), started in "
+             f"{ray.get('start_s')} s, {ray.get('parallel') or 'cluster-sized'} build(s) at once, "
+             f"{ray.get('retries')} retries after a worker death). "
+             + ", ".join(f"{n} {status}" for status, n in sorted(report["counts"].items())) + ".", "",
+             "| " + " | ".join(FLEET_COLUMNS) + " |", "|" + "|".join("---:" if c in ("exit", "bytes", "x float",
+             "cosine min", "SQNR dB", "build s", "attempts") else "---" for c in FLEET_COLUMNS) + "|"]
+    for row in fleet_rows(report):
+        lines.append("| " + " | ".join(row.get(c, "-").replace("|", "\\|").replace("\n", " ") for c in FLEET_COLUMNS)
+                     + " |")
+    problems = [b for b in report["builds"] if b["exit_code"]]
+    if problems or report.get("warnings"):
+        lines += ["", "## Problems", ""]
+    for build in problems:
+        error = build.get("error") or {}
+        what = error.get("message") or "; ".join(build.get("failures") or []) or build["status"]
+        hint = f" (hint: {error['hint']})" if error.get("hint") else ""
+        where = build.get("bundle_dir") or build.get("log") or build.get("logs")
+        lines.append(f"- {build['model']} on {build['target']}: exit {build['exit_code']}, "
+                     f"{what.splitlines()[0]}{hint}; see `{where}`".replace("|", "\\|"))
+    lines += [f"- {note}" for note in report.get("warnings") or []]
+    return "\n".join(lines) + "\n"
+
+
+def fleet_table(report: dict) -> Table:
+    table = Table(title=f"fleet: {len(report['builds'])} builds in {report['wall_s']:.1f} s")
+    for column in FLEET_COLUMNS:
+        table.add_column(column, justify="right" if column in ("exit", "bytes", "x float", "build s") else "left")
+    for row in fleet_rows(report):
+        style = "green" if row["exit"] == "0" else "red"
+        table.add_row(*(f"[{style}]{_escape(row.get(c, '-'))}[/]" if c in ("exit", "status")
+                        else _escape(row.get(c, "-")) for c in FLEET_COLUMNS))
     return table

@@ -28,7 +28,7 @@ LAYERS = {
     "edgepack.steps": 6,
     "edgepack.pipeline": 7,
     "edgepack.cli": 8, "edgepack.commands": 8, "edgepack.terminal": 8, "edgepack.tables": 8, "edgepack.fuzz": 8,
-    "edgepack.api": 8, "edgepack": 8,
+    "edgepack.api": 8, "edgepack.fleet": 8, "edgepack": 8,
 }
 APART = "edgepack.device"  # the on-device kit: stdlib + numpy + a runtime, nothing of edgepack
 MAX_LINES = 450
