@@ -72,19 +72,24 @@ def digest_arrays(samples: list[list[Any]]) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(model: Any) -> str:
+    """sha256 over a module's state_dict: names, shapes, dtypes and bytes, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        array = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{array.dtype}".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return digest.hexdigest()
+
+
 def model_fingerprint(model: Any) -> dict[str, str]:
     """What a model's exports depend on, without tracing it: its weights and buffers, its
     structure (repr: layer types and hyper-parameters) and the source files of every module class
     outside torch (so an edited forward() in a spec's sibling file changes the key). Code that
     forward() calls from a file defining no module class is not covered: --no-cache after
     changing only such a file."""
-    import torch
-
-    weights = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        array = tensor.detach().cpu().contiguous().reshape(-1)
-        weights.update(f"{name}{tuple(tensor.shape)}{array.dtype}".encode())
-        weights.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     sources = hashlib.sha256()
     files = set()
     for module in model.modules():
@@ -99,7 +104,7 @@ def model_fingerprint(model: Any) -> dict[str, str]:
         sources.update(path.encode() + b"\0")
         with contextlib.suppress(OSError):
             sources.update(Path(path).read_bytes())
-    return {"weights": weights.hexdigest(), "structure": hashlib.sha256(repr(model).encode()).hexdigest(),
+    return {"weights": weights_digest(model), "structure": hashlib.sha256(repr(model).encode()).hexdigest(),
             "sources": sources.hexdigest()}
 
 

@@ -252,7 +252,9 @@ def _set_compress_level(info: zipfile.ZipInfo, level: int) -> None:
 # --- reproducibility ---------------------------------------------------------------------
 
 REPRO_METHOD = ("exported a second time in the same build into a temp dir, with the RNGs seeded "
-                "from the export context, and compared byte for byte")
+                "from the export context, and compared byte for byte; a static int8 export reuses the "
+                "first one's calibrated graph (one calibration per recipe per build), so the second run "
+                "repeats conversion, torch.export, lowering and serialisation, not calibration")
 
 
 def check_reproducible(export: Callable[[Any, Any], Any], config: Any, ctx: Any,

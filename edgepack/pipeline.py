@@ -34,6 +34,7 @@ from .export.onnx_float import export_float_onnx
 from .measure import PeakTreePss, latency_summary
 from .modelstats import model_stats
 from .parity import compare
+from .quant.calibrate import shared_calibration
 from .provenance import edgepack_version, host_info, host_matches, toolchain_versions
 from .runtimes import forkserver
 from .runtimes.session import RuntimeSession
@@ -152,7 +153,7 @@ class _Builder:
 
     # -- the build ------------------------------------------------------------------------
     def run(self, staged: Path, scratch: Path) -> Manifest:
-        with PeakTreePss() as memory:
+        with PeakTreePss() as memory, shared_calibration():
             manifest = self._run(staged, scratch)
         manifest = manifest.model_copy(update={"resources": memory.record()})
         self.step("manifest")

@@ -53,3 +53,27 @@ def test_eval_dropout_leaves_no_requantize_chain():
     assert not [n for n in graph.graph.nodes if "dropout" in str(n.target)]
     sample = _inputs([(1, 3, 8, 8)], 1, seed=1)[0]
     torch.testing.assert_close(graph(*sample), model(*sample))
+
+
+def test_one_calibration_per_recipe_within_a_build():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from edgepack.quant.calibrate import prepare_corrected, shared_calibration
+    from edgepack.quant.recipe import Recipe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    samples = [(torch.randn(1, 3, 8, 8),) for _ in range(8)]
+    recipe = Recipe(bias_correction=True)
+    outside = prepare_corrected(model, samples[0], list(samples), recipe)[1]
+    assert "calibration_shared" not in outside
+    with shared_calibration():
+        first, record = prepare_corrected(model, samples[0], list(samples), recipe)
+        again, shared = prepare_corrected(model, samples[0], list(samples), recipe)  # a new list, same inputs
+        other = prepare_corrected(model, samples[0], list(samples), Recipe(bias_correction=False))[1]
+    assert "calibration_shared" not in record and shared["calibration_shared"] is True
+    assert "calibration_shared" not in other  # another recipe calibrates on its own
+    assert again is not first
+    x = samples[3][0]
+    assert torch.equal(convert_pt2e(first)(x), convert_pt2e(again)(x))
