@@ -28,7 +28,6 @@ MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
 MAX_EXTENDS = 8  # profiles extending profiles, at most this deep
 SCHEMA_PATH = Path(__file__).parent / "schema" / "profile.schema.json"
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
 
 
 class _Strict(BaseModel):
@@ -47,8 +46,7 @@ class DeviceSpec(_Strict):
 
 
 class Tolerance(_Strict):
-    """Parity thresholds. Every threshold given must hold; float paths use atol/rtol,
-    quantized paths use cosine, SQNR and top-1 agreement."""
+    """Parity thresholds, every one given must hold: atol/rtol (float), cosine, SQNR, top-1 agreement."""
 
     atol: float | None = Field(default=None, ge=0)
     rtol: float | None = Field(default=None, ge=0)
@@ -198,10 +196,12 @@ def profile_model() -> type[BaseModel]:
         # What to do when a quantized artifact is not faster than its float sibling on the build
         # host (both measured in the same build): fail the build, warn, or ship the float one.
         slower_than_float: Literal["fail", "warn", "keep_float"] = "warn"
-        # What to do when an int8 artifact fails parity: fail the build, or keep the layers the
-        # diagnosis ranks most harmful in fp32, a group per step, re-exporting and re-validating
-        # until parity passes or `fallback`'s limits or `budgets` would be exceeded.
+        # An int8 artifact failing parity: fail the build, or keep the layers the diagnosis ranks most
+        # harmful in fp32, a group per step, until parity passes or `fallback`/`budgets` stop it.
         on_parity_failure: Literal["fail", "fallback"] = "fail"
+        # A static int8 artifact still failing parity: fail, or judge it as int8-dynamic by the int8
+        # thresholds and ship that, with a warning, if it passes (steps/judge.py).
+        on_static_int8_failure: Literal["fail", "dynamic"] = "fail"
         # What to do when a quantized artifact's recipe finds nothing to quantize in the model (an
         # FFT-only model): fail the build, or ship the fp32 artifact of that format with a warning.
         unquantizable: Literal["fail", "keep_float"] = "fail"

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 
 from ..errors import EdgepackError, ExportError, NothingToQuantize, RuntimeUnavailable
 from ..quant.calibrate import prepare_corrected
-from ..quant.recipe import Int8Options, recipe_for, recipe_reason
+from ..quant.recipe import RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
 from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 from .tflite_flatbuffer import describe, float_io, repair_bias_scales
 
@@ -105,6 +105,9 @@ class TFLiteArtifact(ArtifactConfig, Int8Options):
         if self.precision == "fp16" and self.quantizer == "pt2e":
             raise ValueError("fp16 is made by ai-edge-quantizer (float16 weights); use quantizer: auto")
         return self
+
+    # embeddings: int8-dynamic's tables are whatever its quantizer makes (AEQ: int8 per row)
+    STATIC_INT8_ONLY = (*RECIPE_OPTIONS, "io", "embeddings")
 
     @property
     def extension(self) -> str:
