@@ -132,6 +132,25 @@ def test_when_int8_dynamic_fails_too_the_static_artifact_is_reported(tmp_path):
     assert "QuantizeLinear" in ops  # the static file stayed; the dynamic one was made aside
 
 
+def test_a_mostly_float_dynamic_form_is_not_shipped_as_int8(tmp_path):
+    """tests/models/hostile.py (a CNN) fails static int8 in ExecuTorch; XNNPACK's dynamic quantizer
+    leaves its convolutions fp32, so its int8-dynamic .pte passes parity as a float model would,
+    at several times the static bytes: that is not an int8 artifact, and the static failure stands."""
+    from edgepack.export.executorch import ExecuTorchArtifact
+    from edgepack.steps.judge import DYNAMIC_MAX_GROWTH
+    from edgepack.target import Tolerance
+
+    judge = _judge(tmp_path, model="hostile.py", samples=16, on_static_int8_failure="dynamic",
+                   tolerances={"int8": Tolerance(min_cosine=0.98, min_sqnr_db=14.0)})
+    judge.check_reproducible = False  # one export each: this test is about what ships
+    entry = judge.judge(ExecuTorchArtifact(precision="int8", activation_observer="minmax", bias_correction=False))
+    assert entry.status == "parity-failed" and entry.precision == "int8"
+    static, dynamic = entry.export["dynamic_fallback"]["tried"]
+    assert dynamic["status"] == "ok" and dynamic["bytes"] > DYNAMIC_MAX_GROWTH * static["bytes"]
+    assert "left much of the model in float" in dynamic["failures"][0]
+    assert not entry.export["dynamic_fallback"]["passed"] and judge.findings.warnings == []
+
+
 def test_int8_dynamic_form_keeps_what_applies_and_resets_static_only_settings():
     from edgepack.export.executorch import ExecuTorchArtifact
     from edgepack.export.tflite import TFLiteArtifact

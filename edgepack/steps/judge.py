@@ -98,6 +98,13 @@ def session_fn(session: RuntimeSession) -> Callable[[tuple[torch.Tensor, ...]], 
     return fn
 
 
+# on_static_int8_failure: dynamic ships the int8-dynamic form only if it is at most this much larger
+# than the static artifact: XNNPACK's dynamic quantizer leaves convolutions fp32, so a CNN's
+# "int8-dynamic" .pte is mostly float (MobileNetV2: 3.9x the static .pte's bytes), while a
+# transformer's is as small as its static form (all-MiniLM-L6-v2: 1.00x .pte, 0.99x .tflite and .onnx).
+DYNAMIC_MAX_GROWTH = 1.25
+
+
 def _try_record(entry: ArtifactEntry) -> dict[str, Any]:
     """One try of an artifact, for a fallback record: what it was, what it measured, why it failed."""
     if entry.status == "failed":
@@ -248,6 +255,10 @@ class ArtifactJudge:
             entry, summary = aside.export_validate(dynamic, self.check_reproducible, tolerance="int8")
             # parity passed (a budget still judges it), and int8-dynamic it is (not an fp32 stand-in)
             passed = entry.status in ("ok", "budget-exceeded") and entry.precision == dynamic.precision
+            growth = (entry.bytes or 0) / max(1, failed.bytes or 0)
+            refused = (f"{growth:.2f}x the static int8 artifact's bytes (> {DYNAMIC_MAX_GROWTH}): its dynamic "
+                       f"recipe left much of the model in float" if passed and growth > DYNAMIC_MAX_GROWTH else None)
+            passed = passed and refused is None
             if passed:
                 for item in failed.files:
                     (self.staged / item.path).unlink(missing_ok=True)
@@ -258,6 +269,8 @@ class ArtifactJudge:
                         shutil.move(source, target)
                 self.findings.warnings.extend(aside.findings.warnings)
         tried = [_try_record(failed), _try_record(entry)]
+        if refused:
+            tried[1]["failures"].append(refused)
         static, shipped = headline(failed.parity), headline(entry.parity)
         if passed:
             finding = (f"{config.file_name}: static int8 failed parity (cosine min {static['cosine_min']:.4f}, "
