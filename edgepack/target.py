@@ -64,6 +64,9 @@ def profile_model() -> type[BaseModel]:
         # diagnosis ranks most harmful in fp32, a group per step, re-exporting and re-validating
         # until parity passes or `fallback`'s limits or `budgets` would be exceeded.
         on_parity_failure: Literal["fail", "fallback"] = "fail"
+        # A static int8 artifact still failing parity: fail, or judge it as int8-dynamic by the int8
+        # thresholds and ship that, with a warning, if it passes (steps/judge.py).
+        on_static_int8_failure: Literal["fail", "dynamic"] = "fail"
         # What to do when a quantized artifact's recipe finds nothing to quantize in the model (an
         # FFT-only model): fail the build, or ship the fp32 artifact of that format with a warning.
         unquantizable: Literal["fail", "keep_float"] = "fail"

@@ -396,3 +396,22 @@ def test_android_gpu_build_ships_the_vulkan_pte_not_validated(tmp_path, digits_s
     check = run_cli("validate", str(bundle))
     assert check.returncode == 0, check.stderr
     assert "model_vulkan.pte: status not-validated" in check.stderr + check.stdout
+
+
+def test_int8_tables_of_a_bert_shaped_encoder_lower_and_run(tmp_path):
+    """tests/models/padded_encoder.py: a token table with padding_idx=0 and position/token-type
+    tables looked up with constant buffers, as transformers' BertEmbeddings. With int8 tables the
+    .pte once failed at lowering (torchao::dequantize_affine left outside XNNPACK: the
+    padding_idx lookup was not fused), at every quantized precision; int8-dynamic is the fastest
+    to export. The constant lookups fold away; the token lookup runs as embedding_byte."""
+    from tests.models.padded_encoder import PaddedEncoder, token_samples
+
+    model = PaddedEncoder().eval()
+    samples = token_samples(12, seed=1)
+    ctx = ExportContext(model=model, example_inputs=samples[0], calibration=samples[:4],
+                        input_names=[], output_names=[], workdir=tmp_path)
+    result = et_export.export(et_export.ExecuTorchArtifact(precision="int8-dynamic", embeddings="int8"), ctx)
+    assert result.details["quantization"]["embeddings"]["padding_idx_dropped"] == ["word_embeddings"]
+    assert {"op": "quantized_decomposed::embedding_byte.out", "count": 1} in result.details["portable_ops"]
+    got, want = _compare(model, result.files[0], samples[4:])
+    assert _cosine(got[0], want[0]) > 0.999

@@ -19,7 +19,7 @@ from edgepack.target import load_target
 TEST_MODELS = Path(__file__).resolve().parent / "models"
 
 
-def _judge(tmp_path: Path, model: str = "two_io.py", **profile_changes) -> ArtifactJudge:
+def _judge(tmp_path: Path, model: str = "two_io.py", samples: int = 4, **profile_changes) -> ArtifactJudge:
     spec = load_spec(str(TEST_MODELS / model))
     profile = load_target("x86-64")
     if profile_changes:
@@ -29,7 +29,7 @@ def _judge(tmp_path: Path, model: str = "two_io.py", **profile_changes) -> Artif
     names = spec.resolved_input_names()
     outputs = spec.resolved_output_names(len(spec.output_names) if spec.output_names else 1)
     reference_onnx = export_float_onnx(spec.model, spec.example_inputs, tmp_path / "ref.onnx", names, outputs)[0]
-    inputs = [as_numpy(s) for s in list(spec.calibration)[:4]]
+    inputs = [as_numpy(s) for s in list(spec.calibration)[:samples]]
     with RuntimeSession("onnxruntime", reference_onnx, 1) as session:
         reference = [session.run(x) for x in inputs]
     ctx = ExportContext(model=spec.model, example_inputs=spec.example_inputs, calibration=list(spec.calibration),
@@ -72,6 +72,99 @@ def test_an_export_error_is_recorded_not_raised(tmp_path):
     entry = judge.judge(OnnxArtifact(precision="int8"))
     assert entry.status == "failed" and "no calibration samples" in entry.error
     assert judge.findings.exit_code == EXIT_EXPORT_OR_RUNTIME
+
+
+# --- on_static_int8_failure: dynamic ---------------------------------------------------------
+
+def test_a_static_int8_failure_ships_int8_dynamic_when_the_profile_says_so(tmp_path):
+    """tests/models/scale_varying.py: inputs three decades apart in scale. Static int8 ranges are
+    set by the loud samples and the quietest round to zero; int8-dynamic quantizes each call with
+    its own range. Measured on 32 samples, cosine min / mean: static 0.00 / 0.80 in onnxruntime,
+    ExecuTorch and LiteRT alike; dynamic 0.9996 (onnxruntime), 0.9999 (ExecuTorch, LiteRT)."""
+    failing = _judge(tmp_path / "default", model="scale_varying.py", samples=16)
+    entry = failing.judge(OnnxArtifact(precision="int8", name="model_int8"))
+    assert entry.status == "parity-failed" and "dynamic_fallback" not in entry.export  # the default: fail
+
+    judge = _judge(tmp_path / "dynamic", model="scale_varying.py", samples=16, on_static_int8_failure="dynamic")
+    entry = judge.judge(OnnxArtifact(precision="int8", name="model_int8"))
+    assert entry.status == "ok" and judge.findings.exit_code == 0 and judge.findings.failures == []
+    assert entry.precision == entry.config["precision"] == "int8-dynamic"
+    assert entry.config["calibration_method"] == "minmax" and entry.config["reduce_range"]  # kept what applies
+    assert entry.export["quantization"]["method"] == "onnxruntime.quantize_dynamic"
+    assert entry.parity["thresholds"] == judge.profile.tolerance_for("int8").model_dump(exclude_none=True)
+    record = entry.export["dynamic_fallback"]
+    assert record["passed"] and record["shipped"] == "int8-dynamic" and record["tolerance"] == "int8"
+    static, dynamic = record["tried"]
+    assert static["precision"] == "int8" and static["status"] == "parity-failed"
+    assert static["parity"]["cosine_min"] < 0.93 and any("cosine min" in f for f in static["failures"])
+    assert dynamic["status"] == "ok" and dynamic["parity"]["cosine_min"] > 0.999 and dynamic["failures"] == []
+    json.dumps(record)
+    # the file in the bundle is the dynamic one (integer MatMuls, no QDQ pairs), with its golden I/O
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(judge.staged / "model_int8.onnx")).graph.node}
+    assert "MatMulInteger" in ops and "QuantizeLinear" not in ops
+    assert entry.sha256 and entry.reproducible.reproducible
+    for golden in (entry.golden.inputs, entry.golden.outputs):
+        assert (judge.staged / golden).is_file()
+    (warning,) = judge.findings.warnings
+    assert "static int8 failed parity" in warning and "shipped int8-dynamic" in warning
+    assert warning in entry.notes
+
+
+def test_when_int8_dynamic_fails_too_the_static_artifact_is_reported(tmp_path):
+    from edgepack.target import Tolerance
+
+    strict = Tolerance(min_cosine=0.999999, min_sqnr_db=90.0)
+    judge = _judge(tmp_path, model="scale_varying.py", samples=16, on_static_int8_failure="dynamic",
+                   tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "int8": strict})
+    entry = judge.judge(OnnxArtifact(precision="int8", name="model_int8"))
+    assert entry.status == "parity-failed" and entry.precision == "int8"
+    assert judge.findings.exit_code == EXIT_PARITY_OR_BUDGET
+    assert judge.findings.failures[0].startswith("model_int8.onnx (onnx, int8): parity failed")
+    record = entry.export["dynamic_fallback"]
+    assert not record["passed"] and record["shipped"] == "int8"
+    assert [t["status"] for t in record["tried"]] == ["parity-failed", "parity-failed"]
+    assert "int8-dynamic did not pass either" in entry.notes[-1]
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(judge.staged / "model_int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops  # the static file stayed; the dynamic one was made aside
+
+
+def test_a_mostly_float_dynamic_form_is_not_shipped_as_int8(tmp_path):
+    """tests/models/hostile.py (a CNN) fails static int8 in ExecuTorch; XNNPACK's dynamic quantizer
+    leaves its convolutions fp32, so its int8-dynamic .pte passes parity as a float model would,
+    at several times the static bytes: that is not an int8 artifact, and the static failure stands."""
+    from edgepack.export.executorch import ExecuTorchArtifact
+    from edgepack.steps.judge import DYNAMIC_MAX_GROWTH
+    from edgepack.target import Tolerance
+
+    judge = _judge(tmp_path, model="hostile.py", samples=16, on_static_int8_failure="dynamic",
+                   tolerances={"int8": Tolerance(min_cosine=0.98, min_sqnr_db=14.0)})
+    judge.check_reproducible = False  # one export each: this test is about what ships
+    entry = judge.judge(ExecuTorchArtifact(precision="int8", activation_observer="minmax", bias_correction=False))
+    assert entry.status == "parity-failed" and entry.precision == "int8"
+    static, dynamic = entry.export["dynamic_fallback"]["tried"]
+    assert dynamic["status"] == "ok" and dynamic["bytes"] > DYNAMIC_MAX_GROWTH * static["bytes"]
+    assert "left much of the model in float" in dynamic["failures"][0]
+    assert not entry.export["dynamic_fallback"]["passed"] and judge.findings.warnings == []
+
+
+def test_int8_dynamic_form_keeps_what_applies_and_resets_static_only_settings():
+    from edgepack.export.executorch import ExecuTorchArtifact
+    from edgepack.export.tflite import TFLiteArtifact
+
+    onnx_config = OnnxArtifact(precision="int8", calibration_method="entropy", reduce_range=False, name="m")
+    assert onnx_config.int8_dynamic_form() == OnnxArtifact(precision="int8-dynamic", reduce_range=False, name="m")
+    pte = ExecuTorchArtifact(precision="int8", activation_observer="histogram", float_layers=("a",),
+                             bias_correction=False, embeddings="int8")
+    assert pte.int8_dynamic_form() == ExecuTorchArtifact(precision="int8-dynamic", embeddings="int8")
+    tflite = TFLiteArtifact(precision="int8", io="int8", fuse_clamp=False)
+    assert tflite.int8_dynamic_form() == TFLiteArtifact(precision="int8-dynamic")
+    for config in (OnnxArtifact(precision="fp32"), OnnxArtifact(precision="int8-dynamic"),
+                   ExecuTorchArtifact(precision="int4-weight"), TFLiteArtifact(precision="fp16")):
+        assert config.int8_dynamic_form() is None
 
 
 # --- no dead ends: real models that once stopped a build -------------------------------------

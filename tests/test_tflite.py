@@ -217,6 +217,34 @@ def test_int8_dynamic(case, models, tmp_path_factory):
     assert "QUANTIZE" not in result.details["ops"]  # weights int8, activations float
 
 
+def test_int8_dynamic_of_an_encoder_with_lookup_tables_loads(tmp_path):
+    """tests/models/padded_encoder.py: litert-torch's dynamic conversion stored the token table int8
+    per tensor with zero point -17, and LiteRT refused the file at load (embedding_lookup.cc:73
+    zero_point == 0), so MiniLM's int8-dynamic .tflite could not run. quantizer: auto now detects
+    that table and makes the artifact with ai-edge-quantizer (tables int8 per row, symmetric);
+    an explicit pt2e fails at export, naming why, instead of writing a file that cannot load."""
+    from tests.models.padded_encoder import PaddedEncoder, token_samples
+
+    model = PaddedEncoder().eval()
+    samples = token_samples(12, seed=3)
+    ctx = ExportContext(model=model, example_inputs=samples[0], calibration=samples[:4], input_names=[],
+                        output_names=[], workdir=tmp_path)
+    result = export(TFLiteArtifact(precision="int8-dynamic"), ctx)
+    quantization = result.details["quantization"]
+    assert quantization["quantizer"] == "ai-edge-quantizer" and quantization["fallback_from"] == "pt2e"
+    assert "nonzero zero point" in quantization["fallback_reason"]
+    (table,) = result.details["lookup_tables"]  # the token table; the constant lookups fold away
+    assert table == {"dtype": "int8", "scales": 64, "nonzero_zero_point": False}
+    runner = litert.load(str(result.files[0]), threads=1)
+    for ids, mask in samples[4:]:
+        got = from_native(runner.run(to_native([ids.numpy(), mask.numpy()], runner.inputs)), runner.outputs)[0]
+        with torch.no_grad():
+            want = model(ids, mask).numpy()
+        assert float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want))) > 0.999
+    with pytest.raises(ExportError, match="EMBEDDING_LOOKUP table.*nonzero zero point"):
+        export(TFLiteArtifact(precision="int8-dynamic", quantizer="pt2e"), ctx)
+
+
 def test_zero_calibration_breaks_parity(models, tmp_path_factory):
     """A broken calibration set (all zeros) must show up as bad parity, not slip through."""
     shapes = CASES["cnn"][1]

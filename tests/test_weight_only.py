@@ -43,3 +43,21 @@ def test_int4_linears_take_the_ones_whose_inputs_divide_the_group():
     assert record["quantized_layers"] == ["proj"] and record["skipped_layers"] == ["odd"]
     with pytest.raises(ExportError, match="no nn.Linear layer"):
         int4_linears(nn.Sequential(nn.Linear(10, 3)), 32)
+
+
+def test_padding_idx_is_dropped_from_quantized_tables_only():
+    """A BERT token table has padding_idx (pad_token_id 0); its lookup then carries padding_idx,
+    which ExecuTorch's quantized-embedding fusion does not match. padding_idx only masks a
+    gradient: the quantized copy drops it and looks up the same rows."""
+    from tests.models.padded_encoder import PaddedEncoder, token_samples
+
+    model = PaddedEncoder().eval()
+    quantized, record = embedding_tables(model, "int8", 32)
+    assert record["padding_idx_dropped"] == ["word_embeddings"]
+    assert quantized.word_embeddings.padding_idx is None and model.word_embeddings.padding_idx == 0
+    ids, mask = token_samples(1, seed=0)[0]
+    assert (ids == 0).any()  # the padding rows are looked up
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(ids, mask), model(ids, mask), rtol=0.0, atol=0.02)
+    _, plain = embedding_tables(Tagger().eval(), "int8", 32)
+    assert "padding_idx_dropped" not in plain  # nothing to say, nothing recorded

@@ -12,9 +12,10 @@ when the toolchain is missing.
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -47,6 +48,21 @@ class ArtifactConfig(BaseModel):
         """Why this artifact cannot be run in its runtime on the build host, for the manifest
         (None, the default: it is run and judged there like every artifact)."""
         return None
+
+    # Settings that only static int8 has (calibration, activation ranges); int8_dynamic_form()
+    # sets them back to their defaults.
+    STATIC_INT8_ONLY: ClassVar[tuple[str, ...]] = ()
+
+    def int8_dynamic_form(self) -> "ArtifactConfig | None":
+        """This static int8 artifact as int8-dynamic (int8 weights, activations quantized per call),
+        same name and every setting both precisions take; None when it is not static int8 or the
+        format has no int8-dynamic (the profile's on_static_int8_failure: dynamic)."""
+        precisions = typing.get_args(type(self).model_fields["precision"].annotation)
+        if self.precision != "int8" or "int8-dynamic" not in precisions:
+            return None
+        fields = type(self).model_fields
+        return type(self).model_validate({**self.model_dump(), "precision": "int8-dynamic",
+                                          **{name: fields[name].default for name in self.STATIC_INT8_ONLY}})
 
 
 _COMPLEX = re.compile(r"\bcomplex(32|64|128)\b|ComplexFloat|ComplexDouble|complex tensors?", re.IGNORECASE)

@@ -54,7 +54,7 @@ from torch import nn
 from ..errors import EdgepackError, ExportError, RuntimeUnavailable
 from ..quant.calibrate import quantize
 from ..quant.qat_graph import pt2e_qat_for
-from ..quant.recipe import INSTALL_HINT, Int8Options, recipe_for, recipe_reason
+from ..quant.recipe import INSTALL_HINT, RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
 from ..quant.weight_only import embedding_tables, int4_linears
 from ..runtimes.executorch import register_quantized_kernels
 from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
@@ -99,6 +99,8 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
         if self.group_size != 32 and self.precision != "int4-weight" and self.embeddings != "int4":
             raise ValueError("pte group_size only applies to precision int4-weight or embeddings int4")
         return self
+
+    STATIC_INT8_ONLY = RECIPE_OPTIONS
 
     @property
     def extension(self) -> str:

@@ -63,6 +63,8 @@ class OnnxArtifact(ArtifactConfig):
                              "use weight_type int8")
         return self
 
+    STATIC_INT8_ONLY = ("calibration_samples", "calibration_method", "activation_type")
+
     @property
     def extension(self) -> str:
         return "onnx"

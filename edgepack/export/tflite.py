@@ -13,7 +13,10 @@ Precisions and how each is made (litert-torch 0.10.0, ai-edge-quantizer 0.10.0):
   fused before its output is observed, activation_observer, bias_correction, float_layers);
   on EfficientNet-Lite0 it takes the .tflite from 6/16 top-1 agreement (logit cosine 0.82,
   litert-torch's stock quantizer) to 16/16 (0.997).
-- int8-dynamic: dynamic-range (int8 weights, activations quantized at run time by kernels).
+- int8-dynamic: dynamic-range (int8 weights, activations quantized at run time by kernels). With
+  ``quantizer: auto``, PT2E unless its conversion leaves an EMBEDDING_LOOKUP table LiteRT cannot
+  load (int8 with a nonzero zero point: every model with nn.Embedding); then ai-edge-quantizer,
+  whose dynamic recipe stores tables int8 per row.
 
 Both int8 paths emit a graph whose IO tensors are already int8. ``io: float`` (the default)
 wraps them in QUANTIZE/DEQUANTIZE ops with the calibrated parameters, so the float-IO and
@@ -36,7 +39,7 @@ from pydantic import Field, model_validator
 
 from ..errors import EdgepackError, ExportError, NothingToQuantize, RuntimeUnavailable
 from ..quant.calibrate import prepare_corrected
-from ..quant.recipe import Int8Options, recipe_for, recipe_reason
+from ..quant.recipe import RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
 from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 from .tflite_flatbuffer import describe, float_io, repair_bias_scales
 
@@ -63,7 +66,8 @@ Precision = Literal["fp32", "fp16", "int8", "int8-dynamic"]
 # conv/linear/add/mul/cat/pooling: other ops (TwoInTwoOut's SUM) stay float between
 # DEQUANTIZE/QUANTIZE, which is where its out1 advantage comes from. details["float_compute_ops"]
 # lists them; pick quantizer: ai-edge-quantizer for integer-only accelerators (every op int8).
-# int8-dynamic: identical numerics (46.4 dB both), PT2E file 4% smaller, so auto = PT2E too.
+# int8-dynamic: identical numerics (46.4 dB both), PT2E file 4% smaller, so auto = PT2E too, except
+# for a model with lookup tables, whose PT2E flatbuffer LiteRT cannot load (_build): there AEQ.
 AUTO_QUANTIZER = "pt2e"
 
 _SIGNATURE = "serving_default"  # litert_torch.model.DEFAULT_SIGNATURE_NAME
@@ -101,6 +105,9 @@ class TFLiteArtifact(ArtifactConfig, Int8Options):
         if self.precision == "fp16" and self.quantizer == "pt2e":
             raise ValueError("fp16 is made by ai-edge-quantizer (float16 weights); use quantizer: auto")
         return self
+
+    # embeddings: int8-dynamic's tables are whatever its quantizer makes (AEQ: int8 per row)
+    STATIC_INT8_ONLY = (*RECIPE_OPTIONS, "io", "embeddings")
 
     @property
     def extension(self) -> str:
@@ -323,8 +330,22 @@ def _build(config: TFLiteArtifact, ctx: ExportContext, litert_torch) -> tuple[by
             return flatbuffer, {"quantizer": "ai-edge-quantizer", "fallback_from": "pt2e",
                                 "fallback_reason": exc.message.splitlines()[0]}
     if config.resolved_quantizer == "pt2e":
-        return _pt2e(litert_torch, model, inputs, calibration, per_channel=config.granularity == "per-channel",
-                     dynamic=True), None
+        flatbuffer = _pt2e(litert_torch, model, inputs, calibration, per_channel=config.granularity == "per-channel",
+                           dynamic=True)
+        unloadable = [t for t in describe(flatbuffer)["lookup_tables"] if t["nonzero_zero_point"]]
+        if not unloadable:
+            return flatbuffer, None
+        # litert-torch's DYNAMIC conversion quantizes an nn.Embedding table per tensor with a nonzero
+        # zero point, which LiteRT's EMBEDDING_LOOKUP kernel refuses at load (embedding_lookup.cc:73);
+        # ai-edge-quantizer's dynamic recipe stores tables per row, symmetric (tests/models/padded_encoder.py).
+        why = (f"litert-torch's dynamic conversion stored {len(unloadable)} EMBEDDING_LOOKUP table(s) int8 with a "
+               f"nonzero zero point, which LiteRT's lookup kernel refuses to load")
+        if config.quantizer != "auto":
+            raise ExportError(f"tflite int8-dynamic: {why}", "use quantizer: auto or ai-edge-quantizer, which "
+                                                             "quantizes lookup tables per row, symmetric")
+        float_model = _to_float_flatbuffer(litert_torch, model, inputs)
+        flatbuffer = _aeq(float_model, config.precision, config.granularity == "per-channel", calibration, ctx.threads)
+        return flatbuffer, {"quantizer": "ai-edge-quantizer", "fallback_from": "pt2e", "fallback_reason": why}
     float_model = _to_float_flatbuffer(litert_torch, model, inputs)
     if config.precision == "fp32":
         return float_model, None
@@ -416,10 +437,12 @@ def export(config: TFLiteArtifact, ctx: ExportContext) -> ExportResult:
         "activation_bytes_upper_bound": facts["activation_bytes_upper_bound"],
         # int8: biases the converter left on the wrong scale, requantized (repair_bias_scales)
         "bias_scales_repaired": repaired if config.precision == "int8" else None,
+        # int8-dynamic: how the converter stored the EMBEDDING_LOOKUP tables (int8 per row with ai-edge-quantizer)
+        **({"lookup_tables": facts["lookup_tables"]} if config.precision == "int8-dynamic" else {}),
         "toolchain": {name: _version(name) for name in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert")},
     }
     notes = _notes(config, ctx, facts)
     if pt2e_record is not None and "fallback_from" in pt2e_record:
-        notes.append(f"tflite int8: made by ai-edge-quantizer because the PT2E recipe failed on this model "
-                     f"({pt2e_record['fallback_reason']}); quantizer: auto allows it, quantizer: pt2e would fail")
+        notes.append(f"tflite {config.precision}: made by ai-edge-quantizer because the PT2E path failed on this "
+                     f"model ({pt2e_record['fallback_reason']}); quantizer: auto allows it, quantizer: pt2e would fail")
     return ExportResult(files=[path], runtime="litert", details=details, notes=notes)

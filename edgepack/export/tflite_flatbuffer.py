@@ -133,9 +133,10 @@ _NUMPY_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 
 
 def describe(buffer: bytes) -> dict[str, Any]:
     """Facts read from the flatbuffer itself (not the interpreter, which shows XNNPACK's
-    DELEGATE node instead of the ops): builtin op counts, ops still computing in float,
-    signature IO dtypes, and an upper bound on activation memory (ai-edge-litert 2.3's
-    Interpreter does not expose its arena size; the arena reuses memory, so it is smaller)."""
+    DELEGATE node instead of the ops): builtin op counts, ops still computing in float, the
+    EMBEDDING_LOOKUP tables (dtype, scales, a nonzero zero point), signature IO dtypes, and an
+    upper bound on activation memory (ai-edge-litert 2.3's Interpreter does not expose its arena
+    size; the arena reuses memory, so it is smaller)."""
     from ai_edge_litert import schema_py_generated as fb
 
     names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
@@ -143,12 +144,20 @@ def describe(buffer: bytes) -> dict[str, Any]:
     sg = model.Subgraphs(0)
     ops: dict[str, int] = {}
     float_ops: dict[str, int] = {}
+    tables: list[dict[str, Any]] = []
     for i in range(sg.OperatorsLength()):
         op = sg.Operators(i)
         oc = model.OperatorCodes(op.OpcodeIndex())
         name = names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), oc.CustomCode() or "CUSTOM")
         name = name.decode() if isinstance(name, bytes) else name
         ops[name] = ops.get(name, 0) + 1
+        if name == "EMBEDDING_LOOKUP" and op.InputsLength() > 1:  # inputs: ids, table
+            table = sg.Tensors(op.Inputs(1))
+            quant = table.Quantization()
+            zero_points = [quant.ZeroPoint(j) for j in range(quant.ZeroPointLength())] if quant else []
+            # LiteRT's int8 lookup kernel requires zero point 0 (embedding_lookup.cc), else the model won't load
+            tables.append({"dtype": _NUMPY_NAMES.get(table.Type(), "other"),
+                           "scales": quant.ScaleLength() if quant else 0, "nonzero_zero_point": any(zero_points)})
         outputs = [sg.Tensors(op.Outputs(j)).Type() for j in range(op.OutputsLength()) if op.Outputs(j) >= 0]
         if name not in ("QUANTIZE", "DEQUANTIZE") and 0 in outputs:
             float_ops[name] = float_ops.get(name, 0) + 1
@@ -170,4 +179,4 @@ def describe(buffer: bytes) -> dict[str, Any]:
                 entry = get(j)
                 io[key][entry.Name().decode()] = _NUMPY_NAMES.get(sg.Tensors(entry.TensorIndex()).Type(), "other")
     return {"ops": dict(sorted(ops.items())), "float_compute_ops": dict(sorted(float_ops.items())),
-            "signature_io": io, "activation_bytes_upper_bound": activation_bytes}
+            "signature_io": io, "activation_bytes_upper_bound": activation_bytes, "lookup_tables": tables}

@@ -7,6 +7,12 @@ quantized_decomposed::embedding_byte / embedding_4bit, which run outside XNNPACK
 quantized kernels (an app links quantized_ops_lib). int4 linears: Int8DynamicActivationIntxWeightConfig
 (int4 groupwise weights, int8 per-token dynamic activations) on every nn.Linear whose in_features
 divide group_size; other layers stay fp32. Measurements: export/executorch.py.
+
+A table's ``padding_idx`` is dropped in the quantized copy: it only masks that row's gradient
+(forward returns the row either way), but it makes the lookup ``aten.embedding(dq, ids, padding_idx)``,
+which ExecuTorch 1.5.1's torchao embedding fusion does not match, so the dequantize was left
+outside XNNPACK with no kernel to run it (every Hugging Face BERT: pad_token_id 0;
+tests/models/padded_encoder.py).
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ def embedding_tables(model: nn.Module, kind: Literal["fp32", "int8", "int4"],
         raise ExportError(f"pte embeddings int4: embedding_dim {sorted(set(dims.values()))} is not divisible by "
                           f"group_size {group_size}", "use embeddings int8, or a group_size that divides it")
     quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
+    padded = sorted(name for name, module in quantized.named_modules()
+                    if name in dims and module.padding_idx is not None)
+    for name in padded:  # inference only: padding_idx changes no output (see the module docstring)
+        quantized.get_submodule(name).padding_idx = None
     quantize_(quantized,
               IntxWeightOnlyConfig(weight_dtype=torch.int4 if int4 else torch.int8,
                                    granularity=PerGroup(group_size) if int4 else PerAxis(0),
@@ -53,6 +63,7 @@ def embedding_tables(model: nn.Module, kind: Literal["fp32", "int8", "int4"],
         "weights": f"{kind} symmetric, " + (f"per-group({group_size})" if int4 else "per-row"),
         "kernel": "quantized_decomposed::" + ("embedding_4bit" if int4 else "embedding_byte")
                   + " (ExecuTorch quantized kernels, outside the delegate)",
+        **({"padding_idx_dropped": padded} if padded else {}),
     }
 
 

@@ -5,6 +5,9 @@ float reference, check the budgets, write its golden I/O, and, when the profile 
     judge = ArtifactJudge(profile, ctx, staged, reference, findings, say, threads, ...)
     entry = judge.judge(config)          # an ArtifactEntry for the manifest
 
+With ``on_static_int8_failure: dynamic``, a static int8 artifact that still fails parity is
+exported again as int8-dynamic, judged by the int8 thresholds, and shipped if it passes.
+
 The entry's status says parity-failed / budget-exceeded; judge() records those (and, with
 --keep-going, export or runtime errors) in ``findings``, which the build turns into its exit
 code. The order of a build is pipeline.py's; this module knows one artifact at a time.
@@ -17,6 +20,7 @@ import traceback
 import copy
 import dataclasses
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -94,6 +98,27 @@ def session_fn(session: RuntimeSession) -> Callable[[tuple[torch.Tensor, ...]], 
     return fn
 
 
+# on_static_int8_failure: dynamic ships the int8-dynamic form only if it is at most this much larger
+# than the static artifact: XNNPACK's dynamic quantizer leaves convolutions fp32, so a CNN's
+# "int8-dynamic" .pte is mostly float (MobileNetV2: 3.9x the static .pte's bytes), while a
+# transformer's is as small as its static form (all-MiniLM-L6-v2: 1.00x .pte, 0.99x .tflite and .onnx).
+DYNAMIC_MAX_GROWTH = 1.25
+
+
+def _try_record(entry: ArtifactEntry) -> dict[str, Any]:
+    """One try of an artifact, for a fallback record: what it was, what it measured, why it failed."""
+    if entry.status == "failed":
+        failures = [entry.error or "failed"]
+    elif entry.status == "budget-exceeded":
+        failures = list((entry.budgets or {}).get("failures") or [])
+    else:
+        failures = [f for output in (entry.parity or {}).get("outputs", []) for f in output.get("failures", [])]
+    return {"precision": entry.precision, "config": entry.config, "status": entry.status, "bytes": entry.bytes,
+            "ratio_to_float": (entry.size or {}).get("ratio_to_float"),
+            "latency_ms": (entry.latency or {}).get("p50_ms"), "parity": headline(entry.parity),
+            "accuracy": entry.accuracy, "failures": failures}
+
+
 @dataclass
 class ArtifactJudge:
     profile: Any  # TargetProfile
@@ -164,7 +189,10 @@ class ArtifactJudge:
             else:
                 entry.notes.append(f"on_parity_failure: fallback does not apply to {config.format} "
                                    f"{config.precision} (static int8 made with the pt2e recipe only)")
-        label = f"{config.file_name} ({config.format}, {config.precision})"
+        dynamic = config.int8_dynamic_form() if self.profile.on_static_int8_failure == "dynamic" else None
+        if entry.status == "parity-failed" and dynamic is not None:
+            entry, summary = self.try_dynamic(config, dynamic, entry, summary)
+        label = f"{entry.file or config.file_name} ({config.format}, {entry.precision})"
         if entry.status == "parity-failed":
             self.findings.fail(f"{label}: parity failed\n" + summary, EXIT_PARITY_OR_BUDGET)
         elif entry.status == "budget-exceeded":
@@ -214,6 +242,55 @@ class ArtifactJudge:
             entry.notes.append(f"on_parity_failure: fallback: {result.reason}")
         return entry, summary
 
+    def try_dynamic(self, config: Any, dynamic: Any, failed: ArtifactEntry,
+                    failed_summary: str) -> tuple[ArtifactEntry, str]:
+        """on_static_int8_failure: dynamic. Export ``dynamic`` (the artifact as int8-dynamic) beside the
+        bundle and judge it by the int8 thresholds; when its parity passes it replaces the static one,
+        else the static entry stays. The entry kept records both tries under
+        ``export.dynamic_fallback``; the build warns when the dynamic one ships."""
+        self.say(f"{config.file_name}: static int8 failed parity; trying it as int8-dynamic")
+        with tempfile.TemporaryDirectory(prefix="edgepack-dynamic-") as scratch:
+            aside = dataclasses.replace(self, staged=Path(scratch), findings=Findings(debug=self.findings.debug),
+                                        ctx=dataclasses.replace(self.ctx, workdir=Path(scratch)))
+            entry, summary = aside.export_validate(dynamic, self.check_reproducible, tolerance="int8")
+            # parity passed (a budget still judges it), and int8-dynamic it is (not an fp32 stand-in)
+            passed = entry.status in ("ok", "budget-exceeded") and entry.precision == dynamic.precision
+            growth = (entry.bytes or 0) / max(1, failed.bytes or 0)
+            refused = (f"{growth:.2f}x the static int8 artifact's bytes (> {DYNAMIC_MAX_GROWTH}): its dynamic "
+                       f"recipe left much of the model in float" if passed and growth > DYNAMIC_MAX_GROWTH else None)
+            passed = passed and refused is None
+            if passed:
+                for item in failed.files:
+                    (self.staged / item.path).unlink(missing_ok=True)
+                for source in sorted(Path(scratch).rglob("*")):  # the artifact and its golden files
+                    if source.is_file():
+                        target = self.staged / source.relative_to(scratch)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(source, target)
+                self.findings.warnings.extend(aside.findings.warnings)
+        tried = [_try_record(failed), _try_record(entry)]
+        if refused:
+            tried[1]["failures"].append(refused)
+        static, shipped = headline(failed.parity), headline(entry.parity)
+        if passed:
+            finding = (f"{config.file_name}: static int8 failed parity (cosine min {static['cosine_min']:.4f}, "
+                       f"SQNR {static['sqnr_db']:.1f} dB); shipped int8-dynamic (int8 weights, activations quantized "
+                       f"per call; {entry.size['ratio_to_float']:.2f}x the float bytes), which passed the int8 "
+                       f"thresholds (cosine min {shipped['cosine_min']:.4f}, SQNR {shipped['sqnr_db']:.1f} dB) "
+                       f"(profile: on_static_int8_failure: dynamic)")
+            self.say(finding)
+            self.findings.warnings.append(finding)
+            kept, kept_summary = entry, summary
+        else:
+            finding = ("on_static_int8_failure: dynamic: int8-dynamic did not pass either: "
+                       + ("; ".join(tried[1]["failures"]) or entry.status))
+            kept, kept_summary = failed, failed_summary
+        kept.export["dynamic_fallback"] = {
+            "passed": passed, "shipped": kept.precision, "tolerance": "int8", "tried": tried,
+            "reason": "int8-dynamic passed the int8 thresholds" if passed else finding.split(": ", 2)[-1]}
+        kept.notes.append(finding)
+        return kept, kept_summary
+
     def _ship_float(self, config: Any, why: str, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
         """unquantizable: keep_float. The artifact's fp32 form of the same format and name, judged
         by the fp32 tolerance, with a note and a warning saying what was asked and why."""
@@ -228,9 +305,11 @@ class ArtifactJudge:
         self.findings.warnings.append(finding)
         return entry, summary
 
-    def export_validate(self, config: Any, check_reproducible: bool) -> tuple[ArtifactEntry, str]:
-        """Export one artifact, run it in its runtime and judge it: (entry, parity summary).
-        Parity and budget results are in entry.status; judge() records them as failures."""
+    def export_validate(self, config: Any, check_reproducible: bool,
+                        tolerance: str | None = None) -> tuple[ArtifactEntry, str]:
+        """Export one artifact, run it in its runtime and judge it (by ``tolerances[tolerance]``,
+        default its precision's): (entry, parity summary). Parity and budget results are in
+        entry.status; judge() records them as failures."""
         profile, staged = self.profile, self.staged
         label = f"{config.file_name} ({config.format}, {config.precision})"
         base = {"name": config.name, "format": config.format, "precision": config.precision,
@@ -284,8 +363,8 @@ class ArtifactJudge:
             if left:
                 result.notes.append(f"{result.runtime}: ops left outside {info['delegation']['delegate'] or 'a delegate'}"
                                     f" (run by the runtime's own kernels): {left}")
-        tolerance = profile.tolerance_for(config.precision).model_dump()
-        parity = compare(self.reference.outputs, outputs, tolerance, self.reference.output_names, self.score_outputs,
+        thresholds = profile.tolerance_for(tolerance or config.precision).model_dump()
+        parity = compare(self.reference.outputs, outputs, thresholds, self.reference.output_names, self.score_outputs,
                          self.reference.masks)
         golden_in = f"golden/{config.file_name}.inputs.npz"
         golden_out = f"golden/{config.file_name}.outputs.npz"

@@ -58,7 +58,7 @@ def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[A
                                              "ratio_to_float": round(1 / speedup, 3), "float_source": source}
         if speedup > 1.0:
             continue
-        finding = (f"{entry.file}: {config.precision} is not faster than float on this host "
+        finding = (f"{entry.file}: {entry.precision} is not faster than float on this host "
                    f"(p50 {comparison['p50_ms']:.3f} ms vs {comparison['float_p50_ms']:.3f} ms side by side, "
                    f"{speedup:.2f}x)")
         if policy == "warn":
