@@ -16,6 +16,13 @@ APIs (versions pinned in pyproject.toml):
               (int8 channelwise weights, float activations quantized at run time).
   executorch: torch.export.export -> to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])
               -> to_executorch(), written as .pte; fp32, no quantization.
+  PT2E int8:  the documented static int8 path of each mobile toolchain, calibrated on the same
+              samples as edgepack: torch.export(...).module() -> prepare_pt2e(quantizer) ->
+              calibrate -> convert_pt2e, with ExecuTorch's XNNPACKQuantizer and
+              get_symmetric_quantization_config(is_per_channel=True), then lowered to XNNPACK
+              (pte-int8-pt2e); with litert-torch's PT2EQuantizer and its symmetric per-channel
+              config, then litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))
+              (tflite-int8-pt2e). What an edgepack cold build is compared with in time.
 """
 
 from __future__ import annotations
@@ -54,7 +61,13 @@ BASELINES: tuple[Baseline, ...] = (
              "ai_edge_quantizer Quantizer(fp32, recipe.dynamic_wi8_afp32()).quantize()"),
     Baseline("pte-fp32", "executorch", "pte", "fp32", "executorch",
              "torch.export -> to_edge_transform_and_lower(XnnpackPartitioner()) -> to_executorch()"),
+    Baseline("pte-int8-pt2e", "executorch", "pte", "int8", "executorch",
+             "prepare_pt2e(XNNPACKQuantizer symmetric per-channel) -> calibrate -> convert_pt2e -> XNNPACK"),
+    Baseline("tflite-int8-pt2e", "litert", "tflite", "int8", "litert",
+             "prepare_pt2e(litert-torch PT2EQuantizer symmetric per-channel) -> calibrate -> convert_pt2e -> convert"),
 )
+# The plain conversions an edgepack cold build's wall time is compared with (their export seconds summed).
+PT2E_PEERS = ("pte-int8-pt2e", "tflite-int8-pt2e")
 BY_NAME = {b.name: b for b in BASELINES}
 GROUPS = tuple(sorted({b.group for b in BASELINES if b.group}))
 # The plain fp32 baseline each format's size is compared with ("int8 bytes <= 0.30x float").
@@ -157,6 +170,25 @@ def export_litert(spec, calibration, outdir: Path, rec: _Recorder) -> None:
 
     rec.run("tflite-int8-dynamic", dynamic)
 
+    def pt2e_int8():
+        import litert_torch
+        import torch
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        model = prepare_pt2e(torch.export.export(spec.model, tuple(spec.example_inputs)).module(), quantizer)
+        for sample in calibration:
+            model(*sample)
+        model = convert_pt2e(model, fold_quantize=False)
+        out = outdir / "tflite-int8-pt2e.tflite"
+        litert_torch.convert(model, tuple(spec.example_inputs),
+                             quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(out))
+        return _files(outdir, out.name)
+
+    rec.run("tflite-int8-pt2e", pt2e_int8)
+
 
 def export_executorch(spec, calibration, outdir: Path, rec: _Recorder) -> None:
     def lower():
@@ -171,6 +203,27 @@ def export_executorch(spec, calibration, outdir: Path, rec: _Recorder) -> None:
         return _files(outdir, out.name)
 
     rec.run("pte-fp32", lower)
+
+    def pt2e_int8():
+        import torch
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                             get_symmetric_quantization_config)
+        from executorch.exir import to_edge_transform_and_lower
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        model = prepare_pt2e(torch.export.export(spec.model, tuple(spec.example_inputs)).module(), quantizer)
+        for sample in calibration:
+            model(*sample)
+        model = convert_pt2e(model)
+        program = torch.export.export(model, tuple(spec.example_inputs))
+        et_program = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+        out = outdir / "pte-int8-pt2e.pte"
+        out.write_bytes(et_program.buffer)
+        return _files(outdir, out.name)
+
+    rec.run("pte-int8-pt2e", pt2e_int8)
 
 
 EXPORTERS = {"onnx": export_onnx, "litert": export_litert, "executorch": export_executorch}
