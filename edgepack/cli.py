@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgepackError
-from .tables import diagnosis_table, gpu_table, print_manifest, validation_table
+from .tables import arm64_table, diagnosis_table, gpu_table, print_manifest, validation_table
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -64,6 +64,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _cpu_list(text: str) -> list[str]:
+    from .emulators.qemu import CPU_MODELS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CPU_MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: qemu-aarch64's CPU models are {', '.join(CPU_MODELS)}")
+    return list(dict.fromkeys(names))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgepack", description="Compress, export, validate and package a PyTorch model for a device.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -101,6 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--gpu", action="store_true",
                           help="also run each float .tflite on LiteRT's GPU accelerator over lavapipe (a CPU Vulkan "
                                "driver, set up in the cache on first use)")
+
+    validate.add_argument("--arm64", action="store_true",
+                          help="also run each artifact's device kit on arm64 code under qemu-aarch64, per CPU model "
+                               "(qemu, an arm64 Python and the runtimes are set up in the cache on first use)")
+    validate.add_argument("--cpu", type=_cpu_list, help="with --arm64: comma-separated qemu CPU models "
+                                                        "(default: the profile's, else cortex-a53,cortex-a76)")
+    validate.add_argument("--executorch", action="store_true",
+                          help="with --arm64: .pte files too (2.7 GB of aarch64 wheels on first use)")
+
+    arm64_setup = sub.add_parser("arm64-setup", help="set up qemu-aarch64, an arm64 Python and the runtimes for "
+                                                     "--arm64, in the user's cache; does nothing when they are there")
+    arm64_setup.add_argument("--executorch", action="store_true", help="the ExecuTorch runtime too (2.7 GB)")
+    arm64_setup.add_argument("--counts", action="store_true",
+                             help="build the plugin-enabled qemu that counts instructions (minutes; gcc, ninja)")
+    arm64_setup.add_argument("--json", action="store_true", help="print what was set up as JSON on stdout")
 
     gpu_setup = sub.add_parser("gpu-setup", help="set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
                                                  "in the user's cache; does nothing when it is there")
@@ -231,11 +256,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .steps.validate import validate_bundle
+    from .steps.validate import Arm64Request, validate_bundle
 
+    if (args.cpu or args.executorch) and not args.arm64:
+        raise EdgepackError("--cpu and --executorch go with --arm64", "add --arm64")
     progress = None if args.json else (lambda message: err_console.print(f"[dim]·[/] {_escape(message)}"))
     result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
-                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
+                             timeout_s=args.timeout, progress=progress, gpu=args.gpu,
+                             arm64=Arm64Request(args.cpu, args.executorch) if args.arm64 else None)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         return result.exit_code
@@ -243,6 +271,12 @@ def cmd_validate(args) -> int:
     out_console.print(table)
     if result.gpu:
         out_console.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
+    if result.arm64:
+        out_console.print(arm64_table(list(result.arm64.items()), "device kit on arm64 code under qemu-aarch64 "
+                                                                  "(emulated; not device time)"))
+        for file, record in result.arm64.items():
+            if record.status == "failed":
+                err_console.print(f"[bold red]arm64 failure:[/] {file}: " + _escape(record.reason or ""))
     for note in result.skipped:
         err_console.print(f"[yellow]skipped:[/] {_escape(note)}")
     for check in result.artifacts:
@@ -257,7 +291,9 @@ def cmd_validate(args) -> int:
         if not check.passed:
             err_console.print(f"[bold red]GPU path failure:[/] {check.file}: " + _escape(check.record.reason or ""))
     if result.exit_code == 0:
-        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
+        ran = [r for r in result.arm64.values() if r.runs]
+        gpu = (f", {len(result.gpu)} on the GPU path" if result.gpu else "") + (
+            f", {len(ran)} on {len(ran[0].runs)} emulated arm64 CPU(s)" if ran else "")
         err_console.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
                           f"{result.files_verified} file(s) verified")
     return result.exit_code
@@ -273,6 +309,23 @@ def cmd_gpu_setup(args) -> int:
         described = driver.describe()
         err_console.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
                           f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
+    return 0
+
+
+def cmd_arm64_setup(args) -> int:
+    from .emulators import arm64_python, qemu_counting
+
+    say = None if args.json else (lambda m: err_console.print(f"[dim]·[/] {_escape(m)}"))
+    runtimes = ("executorch", "litert", "onnxruntime") if args.executorch else ("litert", "onnxruntime")
+    guest = arm64_python.ensure(arm64_python.runtime_pins({}, runtimes), runtimes, say)
+    described = {**guest.describe(), "site": str(guest.site), "sysroot": str(guest.sysroot)}
+    if args.counts:
+        described["counting"] = qemu_counting.ensure(say).describe()
+    if args.json:
+        sys.stdout.write(json.dumps(described, indent=2) + "\n")
+    else:
+        err_console.print(f"[green]ready:[/] {described['emulator']}; {described['python']}; "
+                          f"{', '.join(guest.pins)}" + ("; instruction counting" if args.counts else ""))
     return 0
 
 
@@ -309,7 +362,7 @@ def _stop_now(signum, frame):
 
 
 COMMANDS = {"build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect, "validate": cmd_validate,
-            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup}
+            "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup, "arm64-setup": cmd_arm64_setup}
 
 
 def _on_signal(signum, frame):

@@ -25,7 +25,8 @@ from . import bundle as bundle_mod
 from . import package
 from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo, stack_samples
 from .compress import run_stages
-from .errors import check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError
+from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
+                     RuntimeCheckError)
 from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
@@ -38,6 +39,7 @@ from .runtimes.session import RuntimeSession
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
 from .stage import StageContext, torch_outputs_fn
 from .steps.judge import ArtifactJudge, Findings, Reference, metrics
+from .steps.arm64_check import check_bundle
 from .steps.speed import compare_with_float
 
 @dataclass
@@ -69,6 +71,7 @@ class _Builder:
         self.profile_source = profile_source
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.findings = Findings()
+        self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
         self.timings: list[dict[str, Any]] = []
         self._step_started: tuple[str, float] | None = None
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
@@ -184,7 +187,7 @@ class _Builder:
                                    f" (--keep-going builds them anyway)", EXIT_EXPORT_OR_RUNTIME)
                 break
         self.step("float-comparison")
-        compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
+        self.float_baselines = compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
 
         self._lap(None)
         base_stats = model_stats(spec.model, example)
@@ -220,6 +223,41 @@ class _Builder:
         return manifest
 
 
+    def check_on_arm64(self, staged: Path, manifest: Manifest) -> Manifest:
+        """The sealed bundle's device kit on real arm64 code under qemu, per CPU model (profile's
+        arm64_check; steps/arm64_check.py); its records go into the manifest, which payload_sha256
+        does not cover, so the seal holds."""
+        settings = self.profile.arm64_check
+        if not settings.enabled:
+            return manifest
+        try:
+            records = check_bundle(staged, manifest, settings, say=self.say, floats=self.float_baselines,
+                                   progress=self.options.progress or (lambda message: None))
+        except RuntimeCheckError as exc:
+            self.findings.fail(f"on emulated arm64: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            records = {}
+        self._lap(None)
+        artifacts = []
+        for art in manifest.artifacts:
+            record = records.get(art.file) if art.file else None
+            if record is None:
+                artifacts.append(art)
+                continue
+            update = {"emulated_arm64": record}
+            if record.status == "failed":
+                self.findings.fail(f"{art.file}: on emulated arm64: {record.reason}", EXIT_PARITY_OR_BUDGET)
+                if art.status == "ok":
+                    update["status"] = "parity-failed"
+            elif record.status == "skipped" and "opt-in" not in (record.reason or ""):
+                self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
+            artifacts.append(art.model_copy(update=update))
+        manifest = manifest.model_copy(update={
+            "artifacts": artifacts, "failures": list(self.findings.failures), "warnings": list(self.findings.warnings),
+            "status": "passed" if not self.findings.failures else "failed", "timings": list(self.timings)})
+        bundle_mod.write_manifest(staged / "manifest.json", manifest)
+        return manifest
+
+
 def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
     return Path(out_dir) / model_name / target_name
 
@@ -247,9 +285,11 @@ def build(spec: ModelSpec, profile, profile_source: str, options: BuildOptions |
                 builder.run(staged, Path(scratch))
             except OSError as exc:
                 raise _scratch_full(exc, Path(scratch), dest.parent) or exc
-        builder.step("package")
-        package.install_kit(staged)
-        manifest = package.seal_bundle(staged)
+            builder.step("package")
+            package.install_kit(staged)
+            manifest = package.seal_bundle(staged)
+            builder.step("arm64")
+            manifest = builder.check_on_arm64(staged, manifest)
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
         zip_path = None
         if options.write_zip and manifest.status == "passed":

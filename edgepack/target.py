@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .compress import registry as stage_registry
+from .emulators import qemu
 from .errors import ConfigError
 from .export import registry as export_registry
 
@@ -162,6 +163,43 @@ class GpuCheckSettings(_Strict):
 
 
 GPU_CHECK_PRECISIONS = ("fp16", "fp32")  # .tflite artifacts of these precisions take the GPU check
+Arm64Runtime = Literal["litert", "onnxruntime", "executorch"]
+Arm64Cpu = Literal[qemu.CPU_MODELS]  # type: ignore[valid-type]
+
+
+class Arm64CheckSettings(_Strict):
+    """Run the bundle's own device kit (device/validate.py) on real arm64 code under qemu-aarch64,
+    once per CPU model, after the bundle is sealed (steps/arm64_check.py): parity against the float
+    reference, bit-identity with the build host's outputs, the kernel family the CPU's features
+    select. Emulated time is never recorded as latency."""
+
+    enabled: bool = False
+    # A low-end class without dot product (A53/A55 cores: NEON SMLAL int8 kernels) and a current
+    # one with it (A76: SDOT). cortex-a710 adds i8mm (SMMLA) kernels; max adds SME.
+    cpus: list[Arm64Cpu] = Field(default_factory=lambda: ["cortex-a53", "cortex-a76"], min_length=1)
+    # ExecuTorch is opt-in: PyPI's aarch64 torch is the CUDA build (2.7 GB of wheels, one emulated
+    # import ~52 s)
+    runtimes: list[Arm64Runtime] = Field(default_factory=lambda: ["litert", "onnxruntime"], min_length=1)
+    # Artifacts of these precisions must give the build host's outputs bit for bit (integer kernels
+    # differ per instruction set but not in their results: measured identical on a53/a76/a710/max);
+    # others record how far they are (float accumulation order differs: ~1e-5 on logits).
+    identical: list[Precision] = Field(default_factory=lambda: ["int8"])
+    # Executed aarch64 instructions per inference of each artifact and of its float sibling, under
+    # count_cpu: needs the plugin-enabled qemu (`edgepack arm64-setup --counts`, built once, minutes)
+    count_instructions: bool = False
+    count_cpu: Arm64Cpu = "cortex-a76"
+    count_inferences: int = Field(default=4, ge=1, le=1000, description="per inference = (c(2N) - c(N)) / N")
+    timeout_s: float = Field(default=900.0, gt=0, le=86_400, description="per emulated run of the kit")
+    # when the emulator cannot be set up (download refused, host not Linux x86-64): true fails the
+    # build (exit 2); false records `skipped: <reason>` and warns
+    required: bool = True
+
+    @field_validator("cpus", "runtimes")
+    @classmethod
+    def _no_repeats(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"names {values} repeat")
+        return values
 
 
 def _stage_union():
@@ -203,6 +241,7 @@ def profile_model() -> type[BaseModel]:
         unquantizable: Literal["fail", "keep_float"] = "fail"
         fallback: FallbackSettings = FallbackSettings()
         gpu_check: GpuCheckSettings = GpuCheckSettings()
+        arm64_check: Arm64CheckSettings = Arm64CheckSettings()
 
         @field_validator("artifacts")
         @classmethod

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from ..bundle import ArtifactEntry, EmulatedGpuCheck, Manifest, sha256_file
+from pydantic import ValidationError
+
+from ..bundle import ArtifactEntry, EmulatedArm64Check, EmulatedGpuCheck, Manifest, sha256_file
 from ..errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
 from ..export import RUNTIME_FOR_FORMAT
 from ..intake import (check_zip_against_manifest, checksummed_paths, confined, load_bundle_manifest,
@@ -38,7 +40,8 @@ from ..package import MANIFEST, zip_payload_sha256
 from ..parity import ParityReport, compare
 from ..runtimes.base import TensorIO, from_native
 from ..runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
-from ..target import GPU_CHECK_PRECISIONS
+from ..target import GPU_CHECK_PRECISIONS, Arm64CheckSettings
+from .arm64_check import check_bundle
 from .gpu_check import GpuJob, check_on_gpu
 from .golden import Golden, agreement, recorded_masks
 
@@ -90,6 +93,7 @@ class ValidationResult:
     artifacts: list[ArtifactCheck] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     gpu: list[GpuValidation] = field(default_factory=list)  # --gpu: float .tflite files on LiteRT's GPU path
+    arm64: dict[str, EmulatedArm64Check] = field(default_factory=dict)  # --arm64: the kit under qemu, per file
 
     @property
     def parity_passed(self) -> bool:
@@ -100,7 +104,8 @@ class ValidationResult:
         """0 only when every artifact re-checked here passed parity (and the GPU path, with --gpu)
         and the bundle's own build passed: a .failed bundle (a budget exceeded, say) is not made
         good by passing parity."""
-        passed = self.parity_passed and all(g.passed for g in self.gpu)
+        passed = (self.parity_passed and all(g.passed for g in self.gpu)
+                  and all(r.status != "failed" for r in self.arm64.values()))
         return EXIT_OK if passed and self.manifest.status == "passed" else EXIT_PARITY_OR_BUDGET
 
     def to_dict(self) -> dict:
@@ -109,12 +114,13 @@ class ValidationResult:
                 "parity_passed": self.parity_passed, "build_status": self.manifest.status,
                 "build_failures": list(self.manifest.failures),
                 "files_verified": self.files_verified, "artifacts": [a.to_dict() for a in self.artifacts],
-                "gpu": [g.to_dict() for g in self.gpu], "skipped": self.skipped}
+                "gpu": [g.to_dict() for g in self.gpu], "skipped": self.skipped,
+                "arm64": {f: r.model_dump(mode="json") for f, r in self.arm64.items()}}
 
 
 def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | None = None,
                     timeout_s: float = DEFAULT_TIMEOUT_S, progress: Callable[[str], None] | None = None,
-                    gpu: bool = False) -> ValidationResult:
+                    gpu: bool = False, arm64: Arm64Request | None = None) -> ValidationResult:
     """Validate a bundle directory or a bundle .zip. Raises BundleError / RuntimeCheckError /
     RuntimeUnavailable (EmulatorUnavailable for --gpu without lavapipe); a parity failure is
     reported in the result (exit_code 1), not raised. gpu: also run each float .tflite through
@@ -123,10 +129,10 @@ def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | N
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
             root, payload = extract_bundle_zip(path, Path(scratch))
-            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload, gpu)
+            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload, gpu, arm64)
     if path.is_file():
         raise BundleError(f"{path}: neither a bundle directory nor a zip", "pass dist/<model>/<target> or its .zip")
-    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None, gpu)
+    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None, gpu, arm64)
 
 
 # --- zip ---------------------------------------------------------------------------------
@@ -283,7 +289,8 @@ def check_on_emulated_gpu(root: Path, manifest: Manifest, art: ArtifactEntry, th
 
 
 def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int | None, timeout_s: float,
-                  progress: Callable[[str], None] | None, zip_payload: str | None, gpu: bool) -> ValidationResult:
+                  progress: Callable[[str], None] | None, zip_payload: str | None, gpu: bool,
+                  arm64: Arm64Request | None = None) -> ValidationResult:
     say = progress or (lambda message: None)
     manifest = load_bundle_manifest(root)
     count = verify_files(root, manifest)
@@ -317,4 +324,35 @@ def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int |
         result.gpu.append(check_on_emulated_gpu(root, manifest, art, threads, timeout_s, say))
     if gpu:
         result.skipped += [f"{a.file}: --gpu runs float .tflite artifacts only" for a in candidates if a not in on_gpu]
+    if arm64 is not None:
+        settings = arm64.settings(manifest)
+        result.arm64 = check_bundle(root, manifest, settings, say=say, only=artifact)
+        if all(r.status == "skipped" for r in result.arm64.values()):
+            reasons = "; ".join(sorted({r.reason or "" for r in result.arm64.values()}))
+            raise BundleError(f"{source}: --arm64 has nothing to run: {reasons or 'no artifact'}",
+                              "pass --executorch for .pte files, or validate without --arm64")
     return result
+
+
+@dataclass
+class Arm64Request:
+    """`validate --arm64`: the CPU models (default: the profile's arm64_check, else A53 + A76) and
+    whether .pte files run too (ExecuTorch under emulation is opt-in)."""
+
+    cpus: list[str] | None = None
+    executorch: bool = False
+
+    def settings(self, manifest: Manifest) -> Arm64CheckSettings:
+        recorded = manifest.target.profile.get("arm64_check") or {}
+        try:
+            settings = Arm64CheckSettings.model_validate(recorded)
+        except ValidationError:  # a bundle from another edgepack: its settings are advice only
+            settings = Arm64CheckSettings()
+        runtimes = list(settings.runtimes) + (["executorch"] if self.executorch and "executorch" not in
+                                              settings.runtimes else [])
+        try:
+            return settings.model_copy(update={"cpus": Arm64CheckSettings(cpus=self.cpus or settings.cpus).cpus,
+                                               "runtimes": runtimes, "required": True, "count_instructions": False})
+        except ValidationError as exc:
+            raise BundleError(f"--cpu: {exc.errors()[0]['msg']}", "name qemu-aarch64 CPU models, e.g. "
+                              "cortex-a53,cortex-a76") from None
