@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import costmodel
 from .compress import registry as stage_registry
 from .emulators import qemu
 from .errors import ConfigError
@@ -33,6 +34,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CpuSpec(_Strict):
+    """The arm64 CPU the runtime's threads run on: what the calibrated latency estimate needs
+    (costmodel.calibrated_ms; fitted on published phone latencies, costmodel_fit.json)."""
+
+    core: str = Field(description="core type the fit knows, e.g. cortex-a76 (costmodel_fit.json 'cores')")
+    ghz: list[Annotated[float, Field(gt=0, le=6)]] = Field(min_length=1, max_length=64,
+                                                           description="clock of each core a thread runs on")
+    int8_kernels: Literal["sdot", "smlal"] = Field(
+        default="sdot", description="int8 kernel family the runtime runs: sdot (dot product) or smlal (NEON, without)")
+
+    @field_validator("core")
+    @classmethod
+    def _known_core(cls, core: str) -> str:
+        known = sorted(costmodel.load_fit()["cores"])
+        if core not in known:
+            raise ValueError(f"the latency fit knows the cores {known}, not {core!r}")
+        return core
+
+
 class DeviceSpec(_Strict):
     arch: str = Field(description="CPU architecture, e.g. arm64-v8a, x86_64")
     cores: int = Field(ge=1)
@@ -42,6 +62,7 @@ class DeviceSpec(_Strict):
     memory_gbps: float = Field(gt=0, description="sustained memory bandwidth, GB/s")
     ram_mb: int = Field(gt=0)
     accelerator: str | None = None
+    cpu: CpuSpec | None = None  # arm64 cores for the calibrated latency estimate (else the roofline)
 
 
 class Tolerance(_Strict):
