@@ -232,7 +232,7 @@ class _Builder:
             return manifest
         try:
             records = check_bundle(staged, manifest, settings, say=self.say, floats=self.float_baselines,
-                                   progress=self.options.progress or (lambda message: None))
+                                   progress=self.options.progress or (lambda message: None), passed_only=True)
         except RuntimeCheckError as exc:
             self.findings.fail(f"on emulated arm64: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             records = {}
@@ -248,7 +248,7 @@ class _Builder:
                 self.findings.fail(f"{art.file}: on emulated arm64: {record.reason}", EXIT_PARITY_OR_BUDGET)
                 if art.status == "ok":
                     update["status"] = "parity-failed"
-            elif record.status == "skipped" and "opt-in" not in (record.reason or ""):
+            elif record.status == "skipped" and not (record.reason or "").startswith(("opt-in", "its build status")):
                 self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
             artifacts.append(art.model_copy(update=update))
         manifest = manifest.model_copy(update={

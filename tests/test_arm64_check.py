@@ -117,6 +117,18 @@ def test_the_bundle_s_own_script_is_never_run(digits, tmp_path):
     assert not list(tmp_path.rglob("PWNED"))
 
 
+def test_the_build_leaves_out_what_it_already_failed(digits):
+    """A build runs the emulated check on artifacts that passed on the host only (a failure is
+    recorded once); validate --arm64 runs whatever the bundle ships."""
+    bundle, _ = digits
+    manifest = load_bundle_manifest(bundle)
+    failed = manifest.model_copy(update={"artifacts": [a.model_copy(update={"status": "parity-failed"})
+                                                       for a in manifest.artifacts]})
+    records = check_bundle(bundle, failed, Arm64CheckSettings(), say=pytest.fail, passed_only=True)
+    assert {r.status for r in records.values()} == {"skipped"}
+    assert records["model.tflite"].reason == "its build status is parity-failed"
+
+
 def test_a_hang_under_emulation_is_a_runtime_error(digits):
     bundle, _ = digits
     with pytest.raises(RuntimeCheckError, match=r"model.tflite under qemu-aarch64 -cpu cortex-a53: no answer within"):

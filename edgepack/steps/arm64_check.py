@@ -55,17 +55,21 @@ def _runnable(art: ArtifactEntry) -> bool:
 
 def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str], None],
                  floats: dict[str, Path] | None = None, only: str | None = None,
-                 progress: Callable[[str], None] | None = None) -> dict[str, EmulatedArm64Check]:
+                 progress: Callable[[str], None] | None = None, passed_only: bool = False
+                 ) -> dict[str, EmulatedArm64Check]:
     """settings: the profile's Arm64CheckSettings (cpus, runtimes, identical, counting, required).
     floats: format -> an fp32 sibling to count against when the bundle ships none; progress: where
-    the set-up's lines go (a line per download; default: say)."""
+    the set-up's lines go (a line per download; default: say); passed_only: leave out artifacts
+    the build already failed (their failure is recorded once)."""
     records: dict[str, EmulatedArm64Check] = {}
     chosen = []
     for art in manifest.artifacts:
         if not _runnable(art) or (only is not None and art.file != only):
             continue
         runtime = RUNTIME_FOR_FORMAT.get(art.format)
-        if runtime in settings.runtimes:
+        if passed_only and art.status != "ok":
+            records[art.file] = EmulatedArm64Check(status="skipped", reason=f"its build status is {art.status}")
+        elif runtime in settings.runtimes:
             chosen.append(art)
         else:
             records[art.file] = EmulatedArm64Check(

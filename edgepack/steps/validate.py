@@ -11,7 +11,10 @@
 5. with --gpu, each float .tflite also runs through LiteRT's GPU accelerator on lavapipe
    (steps/gpu_check.py), judged against the reference and the build host's CPU-interpreter
    outputs (golden/<file>.outputs.npz) under the thresholds the build recorded (exit 1 when it
-   fails; 2 when lavapipe cannot be set up; 3 when the accelerator or the driver fails).
+   fails; 2 when lavapipe cannot be set up; 3 when the accelerator or the driver fails);
+6. with --arm64, each artifact's device kit runs on arm64 code under qemu-aarch64, per CPU model
+   (steps/arm64_check.py): parity and bit-identity with the build host's outputs (exit 1 when it
+   fails; 2 when the emulator cannot be set up; 3 on a crash or hang under emulation).
 
 A .zip is checked before anything is extracted: absolute paths, '..' components, symlinks and
 duplicate names are refused; it is then extracted to a temp dir that is removed afterwards.
