@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup gpu-setup test test-fast bench fuzz clean
+.PHONY: build setup gpu-setup arm64-setup arm64-count-setup test test-fast bench costmodel-fit fuzz clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -33,6 +33,17 @@ $(STAMP): pyproject.toml requirements-weights.txt
 gpu-setup: $(STAMP)
 	$(BIN)/edgepack gpu-setup
 
+# qemu-aarch64 10, Debian's arm64 python3.11 and aarch64 wheels of the runtimes, for the Android
+# profiles' arm64_check and `edgepack validate --arm64` (~80 MB into ~/.cache/edgepack; a build
+# does the same on first use). Needs a Linux x86-64 host with gpgv and access to deb.debian.org
+# and PyPI. arm64-count-setup also builds the plugin-enabled qemu that counts instructions (a few
+# minutes; gcc, ninja, pkg-config) and the ExecuTorch runtime for .pte files (2.7 GB).
+arm64-setup: $(STAMP)
+	$(BIN)/edgepack arm64-setup
+
+arm64-count-setup: $(STAMP)
+	$(BIN)/edgepack arm64-setup --counts --executorch
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -44,6 +55,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/stages.py
+
+# Re-count instructions per inference under qemu (digits, MobileNetV2, EfficientNet-Lite0) and
+# re-fit the calibrated arm64 latency estimate (edgepack/costmodel_fit.json); prints the error
+# against each published phone figure.
+costmodel-fit: $(STAMP)
+	$(BIN)/python benchmarks/costmodel_fit.py measure
+	$(BIN)/python benchmarks/costmodel_fit.py fit
 
 # Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one);
 # every case, with its damage and message, is kept in dist/fuzz-report.json.
