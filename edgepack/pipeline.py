@@ -41,7 +41,7 @@ from .runtimes.session import RuntimeSession
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
 from .stage import StageContext, torch_outputs_fn
 from .steps.judge import ArtifactJudge, Findings, Reference, metrics
-from .steps.arm64_check import check_bundle
+from .steps.arm64_check import check_bundle, switched_off as arm64_switched_off
 from .steps.speed import compare_with_float
 
 @dataclass
@@ -90,6 +90,7 @@ class _Builder:
         self.timings: list[dict[str, Any]] = (
             [] if options.spec_seconds is None else [{"step": "loading the spec", "seconds": round(options.spec_seconds, 2)}])
         self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
+        self.arm64_off = profile.arm64_check.enabled and arm64_switched_off()  # a bad value fails before any work
         self._step_started: tuple[str, float] | None = None
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
         # evaluate is user code: whatever it raises becomes a SpecError naming it.
@@ -298,7 +299,8 @@ class _Builder:
         before = len(self.timings)
         try:
             records = check_bundle(staged, manifest, settings, say=self.say, floats=self.float_baselines,
-                                   progress=self.options.progress or (lambda message: None), passed_only=True)
+                                   progress=self.options.progress or (lambda message: None), passed_only=True,
+                                   off=self.arm64_off)
         except RuntimeCheckError as exc:
             self.findings.fail(f"on emulated arm64: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             records = {}
@@ -315,7 +317,7 @@ class _Builder:
                 self.findings.fail(f"{art.file}: on emulated arm64: {record.reason}", EXIT_PARITY_OR_BUDGET)
                 if art.status == "ok":
                     update["status"] = "parity-failed"
-            elif record.status == "skipped" and not (record.reason or "").startswith(("opt-in", "its build status")):
+            elif record.status == "skipped" and not (record.reason or "").startswith(("opt-in", "its build status", "switched off")):
                 self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
             artifacts.append(art.model_copy(update=update))
         manifest = manifest.model_copy(update={

@@ -17,7 +17,7 @@ from edgepack import package
 from edgepack.emulators.debian import DownloadRefused
 from edgepack.errors import ConfigError, RuntimeCheckError
 from edgepack.intake import load_bundle_manifest
-from edgepack.steps.arm64_check import check_bundle
+from edgepack.steps.arm64_check import SWITCHED_OFF, check_bundle, switched_off
 from edgepack.target import Arm64CheckSettings, parse_profile
 
 UNREACHABLE = "http://127.0.0.1:9"
@@ -32,7 +32,7 @@ def digits(tmp_path_factory):
     profile = tmp / "arm64-check.yaml"
     profile.write_text(yaml.safe_dump(data, sort_keys=False))
     proc = run_cli("build", "models/digits_cnn.py", "--target", str(profile), "--out", str(tmp / "dist"), "--json",
-                   "--quiet", "--no-repro-check")
+                   "--quiet", "--no-repro-check", env={"EDGEPACK_ARM64_CHECK": "on"})  # conftest's default is off
     assert proc.returncode == 0, proc.stderr
     return tmp / "dist" / "digits-cnn" / "arm64-check", json.loads(proc.stdout)
 
@@ -127,6 +127,24 @@ def test_the_build_leaves_out_what_it_already_failed(digits):
     records = check_bundle(bundle, failed, Arm64CheckSettings(), say=pytest.fail, passed_only=True)
     assert {r.status for r in records.values()} == {"skipped"}
     assert records["model.tflite"].reason == "its build status is parity-failed"
+
+
+def test_switched_off_records_skipped_and_sets_nothing_up(digits, monkeypatch):
+    """EDGEPACK_ARM64_CHECK=off (the test suite's default): what would run is recorded as skipped,
+    nothing is set up or run; validate --arm64 ignores it."""
+    bundle, _ = digits
+    records = check_bundle(bundle, load_bundle_manifest(bundle), Arm64CheckSettings(), say=pytest.fail, off=True)
+    assert records["model.tflite"].status == "skipped" and records["model.tflite"].reason == SWITCHED_OFF
+    assert records["model.pte"].reason.startswith("opt-in")  # what the profile leaves out stays so
+
+
+def test_the_switch_takes_on_or_off(monkeypatch):
+    for value, off in (("", False), ("on", False), ("OFF", True), ("off", True)):
+        monkeypatch.setenv("EDGEPACK_ARM64_CHECK", value)
+        assert switched_off() is off
+    monkeypatch.setenv("EDGEPACK_ARM64_CHECK", "maybe")
+    with pytest.raises(ConfigError, match="EDGEPACK_ARM64_CHECK='maybe': give on or off"):
+        switched_off()
 
 
 def test_a_hang_under_emulation_is_a_runtime_error(digits):

@@ -19,7 +19,8 @@ PROBE = ("import json, platform, numpy; from ai_edge_litert.interpreter import I
 
 @pytest.fixture(scope="module")
 def guest():
-    """numpy, LiteRT and onnxruntime at this host's versions (first use: ~80 MB downloaded)."""
+    """numpy, LiteRT and onnxruntime at this host's versions (first use: ~80 MB downloaded; the
+    tests using it are marked slow, so `make test-fast` downloads nothing)."""
     runtimes = ("litert", "onnxruntime")
     return arm64_python.ensure(arm64_python.runtime_pins(toolchain_versions(), runtimes), runtimes)
 
@@ -28,6 +29,7 @@ def _run(guest, cpu: str, *argv: str):
     return qemu.run(guest.command(cpu, list(argv)), env=guest.environment(), timeout_s=300, what=f"probe on {cpu}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cpu,has,lacks", [("cortex-a53", [], ["asimddp", "i8mm"]),
                                            ("cortex-a76", ["asimddp"], ["i8mm"]),
                                            ("cortex-a710", ["asimddp", "i8mm", "sve2"], ["sme"])])
@@ -41,6 +43,7 @@ def test_the_guest_runs_arm64_python_with_the_runtimes_and_the_cpu_models_featur
     assert set(has) <= set(seen["features"]) and not set(lacks) & set(seen["features"])
 
 
+@pytest.mark.slow
 def test_the_sysroot_has_no_link_to_the_host(guest):
     """Every absolute symlink of the 39 packages was made relative inside the sysroot."""
     absolute = [p for p in guest.sysroot.rglob("*") if p.is_symlink() and os.readlink(p).startswith("/")]
@@ -52,11 +55,13 @@ def test_the_sysroot_has_no_link_to_the_host(guest):
     assert not any((guest.sysroot / "usr/share/doc").glob("*"))  # documentation is not kept
 
 
+@pytest.mark.slow
 def test_a_guest_crash_is_a_signal_not_a_hang(guest):
     done = _run(guest, "cortex-a53", "-c", "import ctypes; ctypes.string_at(0)")
     assert done.returncode < 0 and qemu.ended_by(done.returncode).startswith("signal 11")
 
 
+@pytest.mark.slow
 def test_pins_come_from_the_bundle_toolchain(guest):
     pins = arm64_python.runtime_pins({"numpy": "2.4.6", "ai-edge-litert": "2.3.0", "torch": "2.13.0+cpu",
                                       "executorch": "1.5.1"}, ("litert", "executorch"))

@@ -23,6 +23,7 @@ FEATURES = {  # /proc/cpuinfo "Features" qemu 10 synthesizes per model (measured
 }
 
 
+@pytest.mark.slow  # first use in a cache downloads ~63 MB
 def test_ensure_sets_up_once_then_reads_the_cache(monkeypatch):
     emulator = qemu.ensure()  # first use in this cache: ~63 MB downloaded, 13.7 MB kept
     assert qemu.parse_version(emulator.version) >= (10, 0) and emulator.binary.is_file()

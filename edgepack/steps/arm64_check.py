@@ -25,11 +25,17 @@ around the inferences: (window(2N) - window(N)) / N is the executed aarch64 inst
 inference. LiteRT and ExecuTorch counts repeat to the instruction; onnxruntime starts a helper
 thread at import and its window moved by up to 192 of 381,726 instructions between runs
 (``spread`` records it).
+
+EDGEPACK_ARM64_CHECK=off (switched_off) makes a build record every artifact it would have run as
+skipped, without setting anything up: the test suite's default, so that a test building an
+Android profile for another reason pays no emulator; `validate --arm64` is an explicit request and
+ignores it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -37,7 +43,7 @@ from typing import Callable
 
 from ..bundle import ArtifactEntry, EmulatedArm64Check, EmulatedArm64Run, Manifest, sha256_file
 from ..emulators import arm64_python, qemu, qemu_counting
-from ..errors import BundleError, EmulatorUnavailable, RuntimeCheckError
+from ..errors import BundleError, ConfigError, EmulatorUnavailable, RuntimeCheckError
 from ..export import RUNTIME_FOR_FORMAT
 from ..intake import confined, load_golden
 from ..parity import compare
@@ -49,18 +55,31 @@ OPT_IN = {"executorch": "opt-in: ExecuTorch under emulation needs 2.7 GB of aarc
                         "arm64_check.runtimes, or validate --arm64 --executorch (PyPI's aarch64 torch is the CUDA build)"}
 
 
+SWITCH = "EDGEPACK_ARM64_CHECK"
+SWITCHED_OFF = f"switched off ({SWITCH}=off)"
+
+
+def switched_off() -> bool:
+    """EDGEPACK_ARM64_CHECK: ``off`` skips a build's emulated runs; unset or ``on`` runs them."""
+    setting = os.environ.get(SWITCH, "").strip().lower()
+    if setting not in ("", "on", "off"):
+        raise ConfigError(f"{SWITCH}={setting!r}: give on or off", f"unset {SWITCH} to run the profile's arm64_check")
+    return setting == "off"
+
+
 def _runnable(art: ArtifactEntry) -> bool:
     return bool(art.file and art.files and art.golden and art.io and art.parity)
 
 
 def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str], None],
                  floats: dict[str, Path] | None = None, only: str | None = None,
-                 progress: Callable[[str], None] | None = None, passed_only: bool = False
+                 progress: Callable[[str], None] | None = None, passed_only: bool = False, off: bool = False
                  ) -> dict[str, EmulatedArm64Check]:
     """settings: the profile's Arm64CheckSettings (cpus, runtimes, identical, counting, required).
     floats: format -> an fp32 sibling to count against when the bundle ships none; progress: where
     the set-up's lines go (a line per download; default: say); passed_only: leave out artifacts
-    the build already failed (their failure is recorded once)."""
+    the build already failed (their failure is recorded once); off: record what would run as
+    skipped (EDGEPACK_ARM64_CHECK=off) and set nothing up."""
     records: dict[str, EmulatedArm64Check] = {}
     chosen = []
     for art in manifest.artifacts:
@@ -74,6 +93,8 @@ def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str
         else:
             records[art.file] = EmulatedArm64Check(
                 status="skipped", reason=OPT_IN.get(runtime, f"{runtime} is not in arm64_check.runtimes"))
+    if off:
+        return {**records, **{a.file: EmulatedArm64Check(status="skipped", reason=SWITCHED_OFF) for a in chosen}}
     if not chosen:
         return records
     runtimes = tuple(sorted(settings.runtimes))  # one guest site per runtime set, whichever files need it
