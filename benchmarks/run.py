@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep-work", action="store_true", help=f"keep bundles and baseline files under {WORK}")
     parser.add_argument("--no-arm64-counts", dest="arm64_counts", action="store_false",
-                        help="build android-arm64 with its shipped arm64_check only: no .pte under emulation and no "
-                             "instruction counts (default: both, with the opt-in set-up they need on first use)")
+                        help="build android-arm64 with its shipped arm64_check only: no instruction counts (default: "
+                             "counted, building the counting qemu on first use)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="measure nothing: re-check the targets and rewrite the .md/.png of a results JSON")
     args = parser.parse_args(argv)
@@ -135,9 +135,9 @@ def resolve_targets(names: list[str], args, workdir: Path) -> dict[str, dict]:
             data = yaml.safe_load(source.read_text())
             data["latency"] = {"warmup": args.warmup if args.warmup is not None else profile.latency.warmup,
                                "runs": args.runs if args.runs is not None else profile.latency.runs}
-            if counts:  # the .pte under emulation too, and instructions per inference vs the float sibling
-                data["arm64_check"] = {**data["arm64_check"], "runtimes": ["litert", "onnxruntime", "executorch"],
-                                       "count_instructions": True, "count_cpu": ARM64_COUNT_CPU}
+            if counts:  # instructions per inference vs the float sibling. Not the .pte: counting it aborted
+                # qemu in the 2026-12-05 run (page_find_range_empty assertion), failing the whole build
+                data["arm64_check"] = {**data["arm64_check"], "count_instructions": True, "count_cpu": ARM64_COUNT_CPU}
             path = workdir / "targets" / f"{profile.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(data, sort_keys=False))
