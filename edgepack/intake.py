@@ -224,7 +224,8 @@ def load_golden(path: Path, expected: dict[str, tuple[int, ...]] | None = None,
             return {name: data[name] for name in data.files}
     except BundleError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
+            NotImplementedError) as exc:  # NotImplementedError: a zip version or method zipfile lacks
         raise BundleError(f"{path}: a damaged golden file ({type(exc).__name__}: {str(exc)[:200]})", _REBUILD) \
             from None
 
@@ -237,7 +238,7 @@ def read_zip_manifest(archive: zipfile.ZipFile, zip_path: Path, prefix: str) -> 
         raise BundleError(f"{zip_path}: manifest.json declares {info.file_size:,} bytes", _REBUILD)
     try:
         data = archive.read(info)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
         raise BundleError(f"{zip_path}: cannot read manifest.json ({exc})", "copy or rebuild the archive") from None
     return parse_manifest(data, f"{zip_path}!{prefix}{MANIFEST}")
 

@@ -117,7 +117,10 @@ def load_spec(ref: str) -> ModelSpec:
     if ref.endswith(".py") or path.exists() or "/" in ref:
         if not path.is_file():
             raise SpecError(f"{ref}: spec file not found", "pass a Python file that defines spec() -> ModelSpec")
-        module_name = f"edgepack_spec_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        # Named by the file's name and content, not its path: exported graphs record the module's
+        # name (ONNX name scopes), and a checkout elsewhere must give the same artifact bytes.
+        stem = re.sub(r"\W", "_", path.stem)
+        module_name = f"edgepack_spec_{stem}_{hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
         try:
             module_spec = importlib.util.spec_from_file_location(module_name, path)
             if module_spec is None or module_spec.loader is None:

@@ -39,12 +39,35 @@ def _runs_a_build(function) -> bool:
         return False
 
 
+# Tests that take 10-60 s on a busy 2-core host (pytest --durations), each a whole export-and-run
+# cycle or more: `slow`, so `make test-fast` stays near 3 minutes. `make test` runs them all.
+SLOW = {
+    "test_cache.py::test_a_second_identical_build_replays_every_export_byte_for_byte",
+    "test_diagnose.py::test_diagnosis_ranks_the_hostile_layer_first",
+    "test_fuzz.py::test_fuzz_driver_classifies_every_case",
+    "test_fuzz.py::test_fuzzing_manifests_golden_files_zips_reports_and_links",
+    "test_stages.py::test_distill_transfers_the_teacher_into_the_half_channel_student",
+    "test_stages.py::test_qat_int8_matches_or_beats_ptq_in_executorch",
+    "test_stages.py::test_gradual_80_percent_halves_the_download",
+    "test_judge.py::test_a_mostly_float_dynamic_form_is_not_shipped_as_int8",
+    "test_api.py::test_the_example_builds_validates_and_says_so",
+    "test_recipe.py::test_observer_options_give_different_valid_artifacts",
+    "test_commands.py::test_diagnose_says_when_nothing_needs_keeping_in_float",
+    "test_speed.py::test_the_policy_acts_on_the_measured_ratio",
+    "test_fallback.py::test_fallback_keeps_a_few_layers_float_and_passes",
+    "test_tiny_encoder.py::test_static_int8_pte_of_an_encoder_layer",
+}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         functions = [item.function] + [d.func for defs in fixtures.values() for d in defs]
         if any(_runs_a_build(f) for f in functions):
             item.add_marker(pytest.mark.build)
+        if f"{item.path.name}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)
+
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -135,7 +135,7 @@ def test_a_golden_npz_declaring_gigabytes_is_refused_before_loading(bundle, tmp_
     assert_refused(device_validate(root, tmp_path), "declares")
 
 
-@pytest.mark.parametrize("damage", ["object-array", "bad-crc", "truncated", "wrong-shape"])
+@pytest.mark.parametrize("damage", ["object-array", "bad-crc", "truncated", "wrong-shape", "zip-version"])
 def test_damaged_golden_npz_is_a_bundle_error(bundle, tmp_path, damage):
     root = copy(bundle, tmp_path)
     path = root / "golden" / "model.onnx.inputs.npz"
@@ -150,6 +150,11 @@ def test_damaged_golden_npz_is_a_bundle_error(bundle, tmp_path, damage):
         path.write_bytes(bytes(data))
     elif damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "zip-version":  # "version needed to extract" 12.8: zipfile raises NotImplementedError
+        data = bytearray(path.read_bytes())
+        central = data.find(b"PK\x01\x02")
+        data[central + 6:central + 8] = (128).to_bytes(2, "little")
+        path.write_bytes(bytes(data))
     else:
         arrays["image"] = arrays["image"][:, :, :, :5]
         _rewrite(path, arrays)
@@ -176,6 +181,18 @@ def test_a_zip_with_an_unlisted_or_oversized_entry_is_refused_before_extracting(
                 data += b"\0" * (4 << 20)
             target.writestr(info.filename, data)
     assert_refused(run_cli("validate", str(lying)), "model.onnx", "declares")
+
+
+@pytest.mark.parametrize("parity", [True, {"outputs": 3}, {"outputs": [-1]}, {"outputs": ["\x1b[31m"]},
+                                    {"thresholds": ["min_cosine"]}, {"thresholds": {"min_cosine": "0.99"}}])
+def test_a_recorded_parity_of_the_wrong_shape_is_a_manifest_error(bundle, tmp_path, parity):
+    """validate reads the build's thresholds and per-output records: a manifest that passes the
+    JSON schema but records them with the wrong types is refused (exit 2), never a crash."""
+    root = copy(bundle, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["artifacts"][0]["parity"] = parity
+    (root / "manifest.json").write_text(json.dumps(manifest))  # manifest.json is not among its own checksums
+    assert_refused(run_cli("validate", str(root)), "manifest", "parity")
 
 
 def test_a_manifest_nested_100000_deep_is_a_bundle_error(bundle, tmp_path):

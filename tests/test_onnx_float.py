@@ -42,3 +42,25 @@ def test_a_model_onnx_cannot_express_is_an_export_error(tmp_path):
     with pytest.raises(ExportError, match="onnx: torch.onnx.export failed") as caught:
         export_float_onnx(spec.model, spec.example_inputs, tmp_path / "m.onnx", ["x"], ["y"])
     assert "edgepack_test.wobble" in caught.value.message and not (tmp_path / "m.onnx").exists()
+
+
+def test_the_same_spec_from_two_checkouts_gives_the_same_onnx_bytes(tmp_path):
+    """The exporter records each op's Python stack (absolute file paths) and the spec module's
+    name: both must not depend on where the spec file lies, or a checkout elsewhere (another CI
+    runner, a fleet worker) writes different bytes for the same model."""
+    import shutil
+
+    from conftest import TEST_MODELS
+    from edgepack.spec import load_spec
+
+    files = []
+    for where in ("a/checkout", "b/elsewhere/deeper"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        shutil.copy(TEST_MODELS / "two_io.py", folder / "two_io.py")
+        spec = load_spec(str(folder / "two_io.py"))
+        path = export_float_onnx(spec.model.eval(), spec.example_inputs, tmp_path / where / "model.onnx",
+                                 spec.resolved_input_names(), spec.resolved_output_names(2))[0]
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    assert str(tmp_path).encode() not in files[0] and b"stack_trace" not in files[0]

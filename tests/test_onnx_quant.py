@@ -146,7 +146,8 @@ def test_profile_with_every_precision_round_trips(tmp_path):
                          tolerances={p["precision"]: {"min_cosine": 0.9} for p in artifacts})
     profile = load_target(str(path))
     again = parse_profile(yaml.safe_load(dump_profile(profile)), "round-trip")
-    assert again == profile and again.artifacts[4].group_size == 64
+    # the same profile, read from text (where it was read from is not part of it)
+    assert again.model_dump() == profile.model_dump() and again.artifacts[4].group_size == 64
 
 
 # -- int8 static ---------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def load_npz(path, expected=None):
             return {key: data[key] for key in data.files}
     except SetupError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
         raise SetupError(f"{path}: a damaged golden file ({type(exc).__name__}: {str(exc)[:200]})",
                          "copy the bundle again") from None
 

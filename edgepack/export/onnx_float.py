@@ -28,6 +28,25 @@ def _unsupported_op(text: str) -> str | None:
     return match.group(1) if match else None
 
 
+# Per-node metadata the exporter writes that names files on the build machine (the Python stack
+# of each op, with absolute paths): dropped, so the same model gives the same bytes anywhere.
+SOURCE_PATH_KEYS = ("pkg.torch.onnx.stack_trace",)
+
+
+def drop_source_paths(model) -> int:
+    """Remove SOURCE_PATH_KEYS from every node of an onnx_ir model (functions included); return
+    how many entries were dropped. Name scopes and class names stay: they help read the graph."""
+    import onnx_ir as ir
+
+    graphs = [model.graph, *(f.graph for f in model.functions.values())]
+    dropped = 0
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for key in SOURCE_PATH_KEYS:
+                dropped += node.metadata_props.pop(key, None) is not None
+    return dropped
+
+
 def export_float_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path, input_names: list[str],
                       output_names: list[str], opset: int = DEFAULT_OPSET, external_data_mb: float = 1024.0) -> list[Path]:
     """Export ``model`` to ``path``; return the files written (model first, external data after)."""
@@ -61,6 +80,7 @@ def export_float_onnx(model: torch.nn.Module, example_inputs: tuple, path: Path,
         int(init.const_value.nbytes) for init in program.model.graph.initializers.values()
         if init.const_value is not None
     )
+    drop_source_paths(program.model)
     external = weight_bytes > external_data_mb * 1024 * 1024
     data_path = path.with_name(path.name + ".data")
     if data_path.exists():

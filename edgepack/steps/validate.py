@@ -175,7 +175,7 @@ def extract_bundle_zip(zip_path: Path, scratch: Path) -> tuple[Path, str]:
     must be a file it checksums, at the size it records: nothing else is extracted."""
     try:
         archive = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, NotImplementedError) as exc:
         raise BundleError(f"{zip_path}: not a readable zip ({exc})", "copy or rebuild the archive") from None
     with archive:
         check_zip_entries(archive, zip_path)
@@ -193,7 +193,7 @@ def extract_bundle_zip(zip_path: Path, scratch: Path) -> tuple[Path, str]:
         try:
             for info in keep:
                 archive.extract(info, scratch)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # CRC errors, truncation
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as exc:  # CRC errors, truncation
             raise BundleError(f"{zip_path}: cannot extract ({exc})", "copy or rebuild the archive") from None
         root = scratch / prefix.rstrip("/") if prefix else scratch
         digest = zip_payload_sha256(archive, prefix)
