@@ -288,7 +288,6 @@ class _Builder:
         )
         return manifest
 
-
     def check_on_arm64(self, staged: Path, manifest: Manifest) -> Manifest:
         """The sealed bundle's device kit on real arm64 code under qemu, per CPU model (profile's
         arm64_check; steps/arm64_check.py); its records go into the manifest, which payload_sha256
@@ -317,7 +316,8 @@ class _Builder:
                 self.findings.fail(f"{art.file}: on emulated arm64: {record.reason}", EXIT_PARITY_OR_BUDGET)
                 if art.status == "ok":
                     update["status"] = "parity-failed"
-            elif record.status == "skipped" and not (record.reason or "").startswith(("opt-in", "its build status", "switched off")):
+            elif record.status == "skipped" and not (record.reason or "").startswith(
+                    ("opt-in", "its build status", "switched off")):  # asked for, or recorded elsewhere
                 self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
             artifacts.append(art.model_copy(update=update))
         manifest = manifest.model_copy(update={
