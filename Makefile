@@ -10,7 +10,7 @@ out ?= dist
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := build
-.PHONY: build setup gpu-setup test test-fast bench fuzz lock clean
+.PHONY: build setup gpu-setup arm64-setup arm64-count-setup test test-fast bench costmodel-fit fuzz lock clean
 
 build: $(STAMP)
 	$(BIN)/edgepack build $(model) --target $(target) --out $(out)
@@ -36,7 +36,20 @@ $(STAMP): pyproject.toml requirements-lock.txt requirements-weights.txt
 gpu-setup: $(STAMP)
 	$(BIN)/edgepack gpu-setup
 
-test: $(STAMP)
+# qemu-aarch64 10, Debian's arm64 python3.11 and aarch64 wheels of the runtimes, for the Android
+# profiles' arm64_check and `edgepack validate --arm64` (~80 MB into ~/.cache/edgepack; a build
+# does the same on first use). Needs a Linux x86-64 host with gpgv and access to deb.debian.org
+# and PyPI. arm64-count-setup also builds the plugin-enabled qemu that counts instructions (a few
+# minutes; gcc, ninja, pkg-config) and the ExecuTorch runtime for .pte files (2.7 GB).
+arm64-setup: $(STAMP)
+	$(BIN)/edgepack arm64-setup
+
+arm64-count-setup: $(STAMP)
+	$(BIN)/edgepack arm64-setup --counts --executorch
+
+# The arm64 tests' emulator and guest are set up first (a no-op once cached); the slow
+# instruction-count tests build the counting qemu on first use (gcc, ninja, pkg-config).
+test: $(STAMP) arm64-setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The inner loop: every test that does not run a whole build (conftest.py marks those `build`).
@@ -47,6 +60,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/stages.py
+
+# Re-count instructions per inference under qemu (digits, MobileNetV2, EfficientNet-Lite0) and
+# re-fit the calibrated arm64 latency estimate (edgepack/costmodel_fit.json); prints the error
+# against each published phone figure.
+costmodel-fit: $(STAMP)
+	$(BIN)/python benchmarks/costmodel_fit.py measure
+	$(BIN)/python benchmarks/costmodel_fit.py fit
 
 # Byte-flip fuzz of real artifacts through `edgepack validate` (the tests run a short one);
 # every case, with its damage and message, is kept in dist/fuzz-report.json.

@@ -219,6 +219,26 @@ def markdown(result: dict) -> str:
             _f(r.get("bytes"), "{:,}"), _f(r.get("zip_bytes"), "{:,}"), _f(r.get("ratio_to_float"), "{:.3f}"),
             _f(r.get("cosine_min"), "{:.5f}"), _f(r.get("sqnr_db"), "{:.1f}"), _accuracy(r), status]) + " |")
 
+    if result.get("arm64"):
+        out += ["", "## arm64 kernels under emulation (qemu-aarch64 user mode)", "",
+                "The bundle's device kit run on arm64 code per CPU model: parity vs the float reference, whether "
+                "the outputs equal this host's bit for bit, the kernel family the CPU's features select "
+                "(inferred), and the emulated wall seconds (not device time). Instructions: executed aarch64 "
+                "instructions per inference (deterministic, qemu plugin), the artifact's and its fp32 sibling's, "
+                "under the same CPU model; `x float` = their ratio, beside the host p50 ratio of the same pair "
+                "from the build (host timings move, counts do not).", "",
+                "| model | artifact | precision | emulated runs (CPU: result, vs host, kernel family, s) | CPU | "
+                "instructions | fp32 sibling | x float (instructions) | x float (host p50) |",
+                "|---|---|---|---|---|---:|---:|---:|---:|"]
+        for r in result["arm64"]:
+            runs = "; ".join(f"{x['cpu']}: {x['status']}, {'bit-identical' if x['bit_identical'] else 'differs'}, "
+                             f"{x['kernel_family']}, {_f(x.get('emulated_s'), '{:.1f}')}" for x in r["runs"]) or \
+                _cell(f"{r['status']}: {r.get('reason') or ''}")
+            out.append(f"| {r['model']} | {r['target']}/{r['file']} | {r['precision']} | {runs} | "
+                       f"{r.get('count_cpu') or '-'} | {_f(r.get('instructions'), '{:,}')} | "
+                       f"{_f(r.get('float_instructions'), '{:,}')} | {_f(r.get('instruction_ratio'), '{:.3f}')} | "
+                       f"{_f(r.get('host_p50_ratio'), '{:.3f}')} |")
+
     if result["export_cost"]:
         out += ["", "## Plain baseline export cost (one child per toolchain, for comparison)", "",
                 "| model | toolchain | wall s | CPU s | peak MB (largest proc RSS / tree PSS / tree RSS) |",

@@ -45,6 +45,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORK = ROOT / "benchmarks" / "work"
 BASELINE_CALIBRATION = 64   # the pipeline exporters' default calibration cap, so both see the same samples
 QUICK_WARMUP, QUICK_RUNS = 2, 20  # 20 is the profile schema's minimum
+ARM64_COUNT_CPU = "cortex-a76"  # instructions per inference are counted under this CPU model
 _START = time.perf_counter()
 
 
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--build-timeout", type=float, default=1800.0, help="seconds per build or export child")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--keep-work", action="store_true", help=f"keep bundles and baseline files under {WORK}")
+    parser.add_argument("--no-arm64-counts", dest="arm64_counts", action="store_false",
+                        help="build android-arm64 with its shipped arm64_check only: no instruction counts (default: "
+                             "counted, building the counting qemu on first use)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="measure nothing: re-check the targets and rewrite the .md/.png of a results JSON")
     args = parser.parse_args(argv)
@@ -123,13 +127,17 @@ def resolve_targets(names: list[str], args, workdir: Path) -> dict[str, dict]:
     for name in names:
         profile = load_target(name)
         target_arg = name
-        if args.warmup is not None or args.runs is not None:
+        counts = args.arm64_counts and profile.arm64_check.enabled and profile.name == "android-arm64"
+        if args.warmup is not None or args.runs is not None or counts:
             # Edit the profile's own YAML, not a dump of the loaded model: a dump would pin every
             # default as of now, and defaults may change while the run goes on.
             source = Path(name) if Path(name).is_file() else targets_dir() / f"{name}.yaml"
             data = yaml.safe_load(source.read_text())
             data["latency"] = {"warmup": args.warmup if args.warmup is not None else profile.latency.warmup,
                                "runs": args.runs if args.runs is not None else profile.latency.runs}
+            if counts:  # instructions per inference vs the float sibling. Not the .pte: counting it aborted
+                # qemu in the 2026-12-05 run (page_find_range_empty assertion), failing the whole build
+                data["arm64_check"] = {**data["arm64_check"], "count_instructions": True, "count_cpu": ARM64_COUNT_CPU}
             path = workdir / "targets" / f"{profile.name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -155,6 +163,7 @@ class ModelRun:
         self.exports: dict[str, dict] = {}     # baseline name -> export record
         self.export_cost: list[dict] = []      # one per toolchain group child
         self.manifests: dict[str, dict] = {}   # target -> manifest
+        self.arm64: list[dict] = []            # per artifact: its emulated arm64 runs and instruction counts
         self.bundles: dict[str, Path] = {}
         self.spec = None
 
@@ -202,6 +211,7 @@ class ModelRun:
                 if manifest.get("failures"):
                     row["reason"] = "; ".join(f.splitlines()[0] for f in manifest["failures"])
                 self.manifests[target] = manifest
+                self.arm64 += arm64_rows(self.key, target, manifest)
                 name = manifest["model"]["name"]
                 bundle = out / name / (target if manifest["status"] == "passed" else f"{target}.failed")
                 self.bundles[target] = bundle
@@ -369,6 +379,33 @@ class ModelRun:
         derive(self.rows)
 
 
+def arm64_rows(model: str, target: str, manifest: dict) -> list[dict]:
+    """Each artifact's emulated_arm64 record, flattened: per CPU model pass / bit-identical / kernel
+    family / emulated seconds, and instructions per inference against the float sibling's, beside
+    the host's latency ratio of the same pair from the build."""
+    rows = []
+    for art in manifest["artifacts"]:
+        record = art.get("emulated_arm64")
+        if not record:
+            continue
+        counts = record.get("instructions") or {}
+        sibling = counts.get("float_sibling") or {}
+        host = ((art.get("latency") or {}).get("float_comparison") or {}).get("ratio_to_float")
+        rows.append({"model": model, "target": target, "file": art.get("file"), "precision": art["precision"],
+                     "status": record["status"], "reason": record.get("reason"),
+                     "runs": [{"cpu": r["cpu"], "status": r["status"], "bit_identical": r.get("bit_identical"),
+                               "kernel_family": (r.get("kernel_family") or {}).get("family"),
+                               "emulated_s": (r.get("seconds") or {}).get("wall"),
+                               "cosine_min": min((o["cosine_min"] for o in (r.get("parity") or {}).get("outputs", [])),
+                                                 default=None)} for r in record.get("runs", [])],
+                     "count_cpu": counts.get("cpu"), "instructions": counts.get("per_inference"),
+                     "float_instructions": sibling.get("per_inference"), "float_source": sibling.get("source"),
+                     "instruction_ratio": counts.get("ratio_to_float"), "host_p50_ratio": host,
+                     "repeatable": counts.get("repeatable") if counts else None,
+                     "float_repeatable": sibling.get("repeatable")})
+    return rows
+
+
 def derive(rows: list[dict]) -> None:
     """Derived figures of one model's rows, in place (idempotent, so --render re-derives):
     every latency over torch eager's p50 at the same thread count; bytes over the plain fp32
@@ -464,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "width": args.mobilenet_width},
                            "baseline_calibration_samples": BASELINE_CALIBRATION,
                            "latency_input": "calibration sample 0 of each model"},
-              **machine_info(), "models": [], "pipeline": [], "export_cost": [], "rows": []}
+              **machine_info(), "models": [], "pipeline": [], "export_cost": [], "rows": [], "arm64": []}
     try:
         targets = resolve_targets(args.target_list, args, workdir)
         result["targets_resolved"] = {n: {k: v for k, v in t.items() if k not in ("profile", "arg")}
@@ -485,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             result["pipeline"] += run.pipeline
             result["export_cost"] += run.export_cost
             result["rows"] += run.rows
+            result["arm64"] += run.arm64
     finally:
         if not args.keep_work:
             shutil.rmtree(workdir, ignore_errors=True)

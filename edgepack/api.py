@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .cache import BuildCache
-from .errors import ConfigError, SpecError
+from .errors import ConfigError, EdgepackError, SpecError
 from .pipeline import BuildOptions, BuildResult
 from .pipeline import build as _build
 from .spec import ModelSpec, check_spec, load_spec
@@ -94,11 +94,17 @@ def build(spec_or_model: Any, target: Any, out: str | Path = "dist", *, example_
 
 
 def validate(bundle: str | Path, *, artifact: str | None = None, threads: int | None = None,
-             timeout_s: float = 300.0, gpu: bool = False):
-    """Re-run parity from a bundle directory or zip alone (ValidationResult; .exit_code as the CLI)."""
-    from .steps.validate import validate_bundle
+             timeout_s: float = 300.0, gpu: bool = False, arm64: bool = False, cpus: Sequence[str] | None = None,
+             executorch: bool = False):
+    """Re-run parity from a bundle directory or zip alone (ValidationResult; .exit_code as the CLI).
+    arm64: also the device kit under qemu-aarch64 per CPU model (`validate --arm64 --cpu ... --executorch`)."""
+    from .steps.validate import Arm64Request, validate_bundle
 
-    return validate_bundle(Path(bundle), artifact=artifact, threads=threads, timeout_s=timeout_s, gpu=gpu)
+    if (cpus or executorch) and not arm64:
+        raise EdgepackError("cpus and executorch go with arm64=True", "pass arm64=True")
+    request = Arm64Request(list(cpus) if cpus else None, executorch) if arm64 else None
+    return validate_bundle(Path(bundle), artifact=artifact, threads=threads, timeout_s=timeout_s, gpu=gpu,
+                           arm64=request)
 
 
 def inspect(bundle: str | Path):

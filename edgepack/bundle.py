@@ -172,6 +172,34 @@ class EmulatedGpuCheck(_Strict):
     seconds: dict[str, Any] | None = None  # emulated on the build host's CPU, labelled so
 
 
+class EmulatedArm64Run(_Strict):
+    """The device kit run on one emulated arm64 CPU model (steps/arm64_check.py)."""
+
+    cpu: str  # qemu's -cpu model, e.g. cortex-a76
+    status: Literal["passed", "failed"]
+    reason: str | None = None
+    features: list[str] = Field(default_factory=list)  # what the guest's /proc/cpuinfo lists
+    kernel_family: dict[str, Any] = Field(default_factory=dict)  # family, from_feature, inferred: true
+    runtime: str | None = None
+    runtime_version: str | None = None
+    parity: dict[str, Any] | None = None  # vs the float reference, the build's thresholds
+    bit_identical: bool | None = None  # outputs equal the build host's (golden/<file>.outputs.npz), every value
+    host_agreement: dict[str, Any] | None = None  # per output: identical, max_abs_diff, mismatched_values
+    seconds: dict[str, Any] | None = None  # wall time of the emulated run, labelled: not device time
+
+
+class EmulatedArm64Check(_Strict):
+    """An artifact run on real arm64 code under qemu-aarch64 user mode, per CPU model. Records no
+    latency: emulated time is not device time."""
+
+    status: Literal["passed", "failed", "skipped"]
+    reason: str | None = None
+    emulator: dict[str, Any] | None = None  # qemu version and package, the guest's Python, its wheels
+    runs: list[EmulatedArm64Run] = Field(default_factory=list)
+    # executed aarch64 instructions per inference, with the float sibling's under the same CPU model
+    instructions: dict[str, Any] | None = None
+
+
 class ArtifactEntry(_Strict):
     name: str
     format: str
@@ -204,6 +232,7 @@ class ArtifactEntry(_Strict):
     reproducible: ReproducibilityCheck | None = None
     device_latency: DeviceLatency | None = None
     emulated_gpu: EmulatedGpuCheck | None = None
+    emulated_arm64: EmulatedArm64Check | None = None
 
 
 class ModelInfo(_Strict):

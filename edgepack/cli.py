@@ -71,6 +71,16 @@ def _retries(text: str) -> int:
     return value
 
 
+def _cpu_list(text: str) -> list[str]:
+    from .emulators.qemu import CPU_MODELS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CPU_MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: qemu-aarch64's CPU models are {', '.join(CPU_MODELS)}")
+    return list(dict.fromkeys(names))
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -131,6 +141,21 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--gpu", action="store_true",
                           help="also run each float .tflite on LiteRT's GPU accelerator over lavapipe (a CPU Vulkan "
                                "driver, set up in the cache on first use)")
+
+    validate.add_argument("--arm64", action="store_true",
+                          help="also run each artifact's device kit on arm64 code under qemu-aarch64, per CPU model "
+                               "(qemu, an arm64 Python and the runtimes are set up in the cache on first use)")
+    validate.add_argument("--cpu", type=_cpu_list, help="with --arm64: comma-separated qemu CPU models "
+                                                        "(default: the profile's, else cortex-a53,cortex-a76)")
+    validate.add_argument("--executorch", action="store_true",
+                          help="with --arm64: .pte files too (2.7 GB of aarch64 wheels on first use)")
+
+    arm64_setup = command("arm64-setup", "set up qemu-aarch64, an arm64 Python and the runtimes for --arm64, "
+                                         "in the user's cache; does nothing when they are there")
+    arm64_setup.add_argument("--executorch", action="store_true", help="the ExecuTorch runtime too (2.7 GB)")
+    arm64_setup.add_argument("--counts", action="store_true",
+                             help="build the plugin-enabled qemu that counts instructions (minutes; gcc, ninja)")
+    arm64_setup.add_argument("--json", action="store_true", help="print what was set up as JSON on stdout")
 
     gpu_setup = command("gpu-setup", "set up lavapipe (Mesa's CPU Vulkan driver) for the GPU check, "
                                      "in the user's cache; does nothing when it is there")

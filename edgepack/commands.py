@@ -11,7 +11,8 @@ from rich.table import Table
 
 from .cache import BuildCache
 from .errors import EdgepackError
-from .tables import bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest, validation_table
+from .tables import (arm64_table, bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest,
+                     validation_table)
 from .terminal import BuildProgress, Terminal, previous_timings
 
 # `diagnose` says "nothing to keep in float" only with at least this much SQNR to spare.
@@ -201,11 +202,14 @@ def cmd_inspect(args, term: Terminal) -> int:
 
 
 def cmd_validate(args, term: Terminal) -> int:
-    from .steps.validate import validate_bundle
+    from .steps.validate import Arm64Request, validate_bundle
 
+    if (args.cpu or args.executorch) and not args.arm64:
+        raise EdgepackError("--cpu and --executorch go with --arm64", "add --arm64")
     progress = None if args.json else (lambda message: term.err.print(f"[dim]·[/] {escape(message)}"))
     result = validate_bundle(Path(args.bundle), artifact=args.artifact, threads=args.threads,
-                             timeout_s=args.timeout, progress=progress, gpu=args.gpu)
+                             timeout_s=args.timeout, progress=progress, gpu=args.gpu,
+                             arm64=Arm64Request(args.cpu, args.executorch) if args.arm64 else None)
     if args.json:
         term.write_json(result.to_dict())
         return result.exit_code
@@ -213,6 +217,12 @@ def cmd_validate(args, term: Terminal) -> int:
     term.out.print(table)
     if result.gpu:
         term.out.print(gpu_table([(g.file, g.record) for g in result.gpu], "GPU path, re-run on this host"))
+    if result.arm64:
+        term.out.print(arm64_table(list(result.arm64.items()), "device kit on arm64 code under qemu-aarch64 "
+                                                               "(emulated; not device time)"))
+        for file, record in result.arm64.items():
+            if record.status == "failed":
+                term.err.print(f"[bold red]arm64 failure:[/] {file}: " + escape(record.reason or ""))
     for note in result.skipped:
         term.err.print(f"[yellow]skipped:[/] {escape(note)}")
     for check in result.artifacts:
@@ -227,7 +237,9 @@ def cmd_validate(args, term: Terminal) -> int:
         if not check.passed:
             term.err.print(f"[bold red]GPU path failure:[/] {check.file}: " + escape(check.record.reason or ""))
     if result.exit_code == 0:
-        gpu = f", {len(result.gpu)} on the GPU path" if result.gpu else ""
+        ran = [r for r in result.arm64.values() if r.runs]
+        gpu = (f", {len(result.gpu)} on the GPU path" if result.gpu else "") + (
+            f", {len(ran)} on {len(ran[0].runs)} emulated arm64 CPU(s)" if ran else "")
         term.err.print(f"[green]passed:[/] {len(result.artifacts)} artifact(s){gpu}, "
                           f"{result.files_verified} file(s) verified")
     return result.exit_code
@@ -243,6 +255,23 @@ def cmd_gpu_setup(args, term: Terminal) -> int:
         described = driver.describe()
         term.err.print(f"[green]ready:[/] {described['name']} {described['package_version']}: {described['device']}, "
                           f"{described['driver_info']}, Vulkan {described['vulkan_api']} (in {driver.directory.parent})")
+    return 0
+
+
+def cmd_arm64_setup(args, term: Terminal) -> int:
+    from .emulators import arm64_python, qemu_counting
+
+    say = None if args.json else (lambda m: term.err.print(f"[dim]·[/] {escape(m)}"))
+    runtimes = ("executorch", "litert", "onnxruntime") if args.executorch else ("litert", "onnxruntime")
+    guest = arm64_python.ensure(arm64_python.runtime_pins({}, runtimes), runtimes, say)
+    described = {**guest.describe(), "site": str(guest.site), "sysroot": str(guest.sysroot)}
+    if args.counts:
+        described["counting"] = qemu_counting.ensure(say).describe()
+    if args.json:
+        term.write_json(described)
+    else:
+        term.err.print(f"[green]ready:[/] {escape(described['emulator'])}; {escape(described['python'])}; "
+                       f"{escape(', '.join(guest.pins))}" + ("; instruction counting" if args.counts else ""))
     return 0
 
 
@@ -340,4 +369,4 @@ def cmd_fleet(args, term: Terminal) -> int:
 
 COMMANDS = {"cache": cmd_cache, "build": cmd_build, "targets": cmd_targets, "inspect": cmd_inspect,
             "validate": cmd_validate, "ingest": cmd_ingest, "diagnose": cmd_diagnose, "gpu-setup": cmd_gpu_setup,
-            "fleet": cmd_fleet}
+            "arm64-setup": cmd_arm64_setup, "fleet": cmd_fleet}

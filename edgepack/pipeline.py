@@ -27,7 +27,7 @@ from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, 
 from .cache import BuildCache, digest_arrays, digest_files, model_fingerprint
 from .compress import run_stages
 from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
-                     UntraceableModel)
+                     RuntimeCheckError, UntraceableModel)
 from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
@@ -41,6 +41,7 @@ from .runtimes.session import RuntimeSession
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
 from .stage import StageContext, torch_outputs_fn
 from .steps.judge import ArtifactJudge, Findings, Reference, metrics
+from .steps.arm64_check import check_bundle, switched_off as arm64_switched_off
 from .steps.speed import compare_with_float
 
 @dataclass
@@ -88,6 +89,8 @@ class _Builder:
         self.findings = Findings(debug=options.debug)
         self.timings: list[dict[str, Any]] = (
             [] if options.spec_seconds is None else [{"step": "loading the spec", "seconds": round(options.spec_seconds, 2)}])
+        self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
+        self.arm64_off = profile.arm64_check.enabled and arm64_switched_off()  # a bad value fails before any work
         self._step_started: tuple[str, float] | None = None
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
         # evaluate is user code: whatever it raises becomes a SpecError naming it.
@@ -251,7 +254,7 @@ class _Builder:
                                    f" (--keep-going builds them anyway)", EXIT_EXPORT_OR_RUNTIME)
                 break
         self.step("float-comparison")
-        compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
+        self.float_baselines = compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
 
         self._lap(None)
         base_stats = model_stats(spec.model, example)
@@ -283,6 +286,45 @@ class _Builder:
             timings=self.timings,
             cache=_cache_summary(self.options.cache, judge.cache_log),
         )
+        return manifest
+
+    def check_on_arm64(self, staged: Path, manifest: Manifest) -> Manifest:
+        """The sealed bundle's device kit on real arm64 code under qemu, per CPU model (profile's
+        arm64_check; steps/arm64_check.py); its records go into the manifest, which payload_sha256
+        does not cover, so the seal holds."""
+        settings = self.profile.arm64_check
+        if not settings.enabled:
+            return manifest
+        before = len(self.timings)
+        try:
+            records = check_bundle(staged, manifest, settings, say=self.say, floats=self.float_baselines,
+                                   progress=self.options.progress or (lambda message: None), passed_only=True,
+                                   off=self.arm64_off)
+        except RuntimeCheckError as exc:
+            self.findings.fail(f"on emulated arm64: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+            records = {}
+        self._lap(None)
+        arm64_timings = self.timings[before:]
+        artifacts = []
+        for art in manifest.artifacts:
+            record = records.get(art.file) if art.file else None
+            if record is None:
+                artifacts.append(art)
+                continue
+            update = {"emulated_arm64": record}
+            if record.status == "failed":
+                self.findings.fail(f"{art.file}: on emulated arm64: {record.reason}", EXIT_PARITY_OR_BUDGET)
+                if art.status == "ok":
+                    update["status"] = "parity-failed"
+            elif record.status == "skipped" and not (record.reason or "").startswith(
+                    ("opt-in", "its build status", "switched off")):  # asked for, or recorded elsewhere
+                self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
+            artifacts.append(art.model_copy(update=update))
+        manifest = manifest.model_copy(update={
+            "artifacts": artifacts, "failures": list(self.findings.failures), "warnings": list(self.findings.warnings),
+            "status": "passed" if not self.findings.failures else "failed",
+            "timings": list(manifest.timings) + arm64_timings})
+        package.write_manifest_atomic(staged, manifest)
         return manifest
 
 
@@ -342,11 +384,14 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
                 builder.run(staged, Path(scratch))
             except OSError as exc:
                 raise _scratch_full(exc, Path(scratch), dest.parent) or exc
-        builder.step("package")
-        started = time.perf_counter()
-        package.install_kit(staged)
-        manifest = package.seal_bundle(staged, [{"step": "packaging: device kit, checksums",
-                                                 "seconds": round(time.perf_counter() - started, 2)}])
+            builder.step("package")
+            started = time.perf_counter()
+            package.install_kit(staged)
+            manifest = package.seal_bundle(staged, [{"step": "packaging: device kit, checksums",
+                                                     "seconds": round(time.perf_counter() - started, 2)}])
+            # still inside the scratch directory: the instruction counts read its fp32 baselines
+            builder.step("arm64")
+            manifest = builder.check_on_arm64(staged, manifest)
         final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
         zip_path = None
         if options.write_zip and manifest.status == "passed":

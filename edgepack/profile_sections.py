@@ -1,5 +1,6 @@
 """The sections of a target profile (target.py assembles them into TargetProfile): the device,
-parity tolerances, budgets, and the fallback, parity-sample, latency and GPU-check settings.
+parity tolerances, budgets, and the fallback, parity-sample, latency, GPU-check and arm64-check
+settings.
 Each is a strict pydantic model: unknown keys and out-of-range values are errors."""
 
 from __future__ import annotations
@@ -7,7 +8,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from . import costmodel
+from .emulators import qemu
 
 Precision = Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")
@@ -19,6 +23,25 @@ VNNI_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CpuSpec(_Strict):
+    """The arm64 CPU the runtime's threads run on: what the calibrated latency estimate needs
+    (costmodel.calibrated_ms; fitted on published phone latencies, costmodel_fit.json)."""
+
+    core: str = Field(description="core type the fit knows, e.g. cortex-a76 (costmodel_fit.json 'cores')")
+    ghz: list[Annotated[float, Field(gt=0, le=6)]] = Field(min_length=1, max_length=64,
+                                                           description="clock of each core a thread runs on")
+    int8_kernels: Literal["sdot", "smlal"] = Field(
+        default="sdot", description="int8 kernel family the runtime runs: sdot (dot product) or smlal (NEON, without)")
+
+    @field_validator("core")
+    @classmethod
+    def _known_core(cls, core: str) -> str:
+        known = sorted(costmodel.load_fit()["cores"])
+        if core not in known:
+            raise ValueError(f"the latency fit knows the cores {known}, not {core!r}")
+        return core
 
 
 class DeviceSpec(_Strict):
@@ -34,6 +57,8 @@ class DeviceSpec(_Strict):
         default=None, description="the int8 instructions the device class has (x86: avx2, avx512_vnni, avx_vnni, "
         "amx_int8; arm64: dotprod, i8mm); the int8 recipe follows them and the manifest says whether the build "
         "host has the same, so host latency from another class is labelled as such")
+
+    cpu: CpuSpec | None = None  # arm64 cores for the calibrated latency estimate (else the roofline)
 
     @property
     def has_vnni(self) -> bool:
@@ -160,3 +185,40 @@ class GpuCheckSettings(_Strict):
 
 
 GPU_CHECK_PRECISIONS = ("fp16", "fp32")  # .tflite artifacts of these precisions take the GPU check
+Arm64Runtime = Literal["litert", "onnxruntime", "executorch"]
+Arm64Cpu = Literal[qemu.CPU_MODELS]  # type: ignore[valid-type]
+
+
+class Arm64CheckSettings(_Strict):
+    """Run the bundle's own device kit (device/validate.py) on real arm64 code under qemu-aarch64,
+    once per CPU model, after the bundle is sealed (steps/arm64_check.py): parity against the float
+    reference, bit-identity with the build host's outputs, the kernel family the CPU's features
+    select. Emulated time is never recorded as latency."""
+
+    enabled: bool = False
+    # A low-end class without dot product (A53/A55 cores: NEON SMLAL int8 kernels) and a current
+    # one with it (A76: SDOT). cortex-a710 adds i8mm (SMMLA) kernels; max adds SME.
+    cpus: list[Arm64Cpu] = Field(default_factory=lambda: ["cortex-a53", "cortex-a76"], min_length=1)
+    # ExecuTorch is opt-in: PyPI's aarch64 torch is the CUDA build (2.7 GB of wheels, one emulated
+    # import ~52 s)
+    runtimes: list[Arm64Runtime] = Field(default_factory=lambda: ["litert", "onnxruntime"], min_length=1)
+    # Artifacts of these precisions must give the build host's outputs bit for bit (integer kernels
+    # differ per instruction set but not in their results: measured identical on a53/a76/a710/max);
+    # others record how far they are (float accumulation order differs: ~1e-5 on logits).
+    identical: list[Precision] = Field(default_factory=lambda: ["int8"])
+    # Executed aarch64 instructions per inference of each artifact and of its float sibling, under
+    # count_cpu: needs the plugin-enabled qemu (`edgepack arm64-setup --counts`, built once, minutes)
+    count_instructions: bool = False
+    count_cpu: Arm64Cpu = "cortex-a76"
+    count_inferences: int = Field(default=4, ge=1, le=1000, description="per inference = (c(2N) - c(N)) / N")
+    timeout_s: float = Field(default=900.0, gt=0, le=86_400, description="per emulated run of the kit")
+    # when the emulator cannot be set up (download refused, host not Linux x86-64): true fails the
+    # build (exit 2); false records `skipped: <reason>` and warns
+    required: bool = True
+
+    @field_validator("cpus", "runtimes")
+    @classmethod
+    def _no_repeats(cls, values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"names {values} repeat")
+        return values

@@ -1,5 +1,5 @@
 """The tables the commands print (rich): a build's or a bundle's manifest, a re-validation, the
-GPU path, a diagnosis, a fleet (and its report's markdown table). Everything printed from a bundle
+GPU path, the emulated arm64 runs and their instruction counts, a diagnosis, a fleet (and its report's markdown table). Everything printed from a bundle
 or report goes through _escape."""
 
 from __future__ import annotations
@@ -89,6 +89,13 @@ def print_manifest(manifest, console: Console) -> None:
     match = (manifest.host or {}).get("matches_target") or {}
     if match.get("matches") is False:
         console.print(f"[dim]host p50 is this build host's time: {_escape(match.get('reason', ''))}[/]")
+    emulated = [(art.file, art.emulated_arm64) for art in manifest.artifacts if art.emulated_arm64 is not None]
+    if emulated:
+        console.print(arm64_table(emulated, "arm64 kernels under qemu-aarch64 (emulated: its seconds are not device time)"))
+        counted = [(art, art.emulated_arm64.instructions) for art in manifest.artifacts
+                   if art.emulated_arm64 is not None and art.emulated_arm64.instructions]
+        if counted:
+            console.print(instructions_table(counted))
     if manifest.accuracy.get("float"):
         console.print("float accuracy: " + ", ".join(f"{k} {v:.4g}" for k, v in manifest.accuracy["float"].items()))
     for failure in manifest.failures:
@@ -122,6 +129,47 @@ def gpu_table(records: list, title: str) -> Table:
                       f"{min(top1):.1%}" if top1 else "-",
                       ", ".join(record.fallback_ops) or ("none" if record.fully_accelerated else "?"),
                       f"{seconds.get('first_run', 0):.2f}", "-" if later is None else f"{later * 1000:.1f}")
+    return table
+
+
+def arm64_table(records: list, title: str) -> Table:
+    """The device kit per artifact x emulated CPU model: parity, bit-identity with the build host,
+    the kernel family the CPU's features select (inferred), emulated seconds."""
+    table = Table(title=title)
+    for column in ("file", "CPU", "result", "kernel family (inferred)", "vs build host", "cos min", "SQNR dB",
+                   "emulated s"):
+        table.add_column(column, justify="right" if column in ("cos min", "SQNR dB", "emulated s") else "left")
+    for file, record in records:
+        if not record.runs:
+            table.add_row(file, "-", f"[yellow]{record.status}[/]", _escape((record.reason or "").split(";")[0][:80]),
+                          *["-"] * 4)
+            continue
+        for run in record.runs:
+            outputs = (run.parity or {}).get("outputs") or []
+            worst = max((o.get("max_abs_diff") or 0.0 for o in (run.host_agreement or {}).get("outputs", [])), default=0)
+            table.add_row(file, _escape(run.cpu), "[green]pass[/]" if run.status == "passed" else "[red]FAILED[/]",
+                          _escape(str(run.kernel_family.get("family", "?"))),
+                          "bit-identical" if run.bit_identical else f"max diff {worst:.3g}",
+                          f"{min(o['cosine_min'] for o in outputs):.5f}" if outputs else "-",
+                          f"{min(o['sqnr_db'] for o in outputs):.1f}" if outputs else "-",
+                          f"{(run.seconds or {}).get('wall', 0):.1f}")
+    return table
+
+
+def instructions_table(counted: list) -> Table:
+    """Executed aarch64 instructions per inference, quantized vs its float sibling, beside the host's
+    latency ratio of the same pair (host timings move; instruction counts do not)."""
+    table = Table(title="aarch64 instructions per inference (qemu plugin; deterministic)")
+    for column in ("file", "CPU", "instructions", "float sibling", "x float (instructions)", "x float (host p50)",
+                   "repeatable"):
+        table.add_column(column, justify="left" if column in ("file", "CPU") else "right")
+    for art, counts in counted:
+        sibling = counts.get("float_sibling") or {}
+        host = ((art.latency or {}).get("float_comparison") or {}).get("ratio_to_float")
+        table.add_row(art.file, _escape(str(counts["cpu"])), f"{counts['per_inference']:,}",
+                      f"{sibling['per_inference']:,}" if sibling else "-",
+                      f"{counts['ratio_to_float']:.3f}" if counts.get("ratio_to_float") else "-",
+                      f"{host:.3f}" if host else "-", "yes" if counts.get("repeatable") else "NO")
     return table
 
 

@@ -22,8 +22,8 @@ from .compress import registry as stage_registry
 from .errors import ConfigError
 from .export import registry as export_registry
 from .profile_sections import (  # noqa: F401 (re-exported: the profile's sections are part of its API)
-    DEFAULT_FP32_TOLERANCE, GPU_CHECK_PRECISIONS, PRECISIONS, Budgets, DeviceSpec, FallbackSettings, GpuCheckSettings,
-    LatencySettings, ParitySettings, Precision, Tolerance, _Strict)
+    DEFAULT_FP32_TOLERANCE, GPU_CHECK_PRECISIONS, PRECISIONS, Arm64CheckSettings, Budgets, CpuSpec, DeviceSpec,
+    FallbackSettings, GpuCheckSettings, LatencySettings, ParitySettings, Precision, Tolerance, _Strict)
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
@@ -72,6 +72,7 @@ def profile_model() -> type[BaseModel]:
         unquantizable: Literal["fail", "keep_float"] = "fail"
         fallback: FallbackSettings = FallbackSettings()
         gpu_check: GpuCheckSettings = GpuCheckSettings()
+        arm64_check: Arm64CheckSettings = Arm64CheckSettings()
 
         @field_validator("artifacts")
         @classmethod

@@ -22,6 +22,11 @@ torch.set_num_threads(1)
 # a cache hit would skip the very exports, checks and failures a test is about.
 os.environ.setdefault("EDGEPACK_BUILD_CACHE", "off")
 
+# Builds of Android profiles in tests skip the emulated arm64 runs (recorded as skipped): one
+# emulator setup and four qemu runs per build would cost ~30 s each. The tests about it
+# (test_arm64_check.py) switch it back on for their build.
+os.environ.setdefault("EDGEPACK_ARM64_CHECK", "off")
+
 # A test that runs a whole build, itself or through a fixture, is marked `build`: `make test-fast`
 # (pytest -m "not build and not slow") leaves those out for a quick inner loop; CI runs everything.
 _BUILD_CALL = re.compile(r"\bbuild\(|[\"']build[\"']")

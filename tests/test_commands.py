@@ -76,6 +76,10 @@ def test_json_build_keeps_stdout_pure_and_the_libraries_output_in_a_log(chatty_b
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)  # nothing but the manifest on stdout
     assert manifest["status"] == "passed" and [a["file"] for a in manifest["artifacts"]] == ["model.tflite"]
+    # tests/conftest.py switches the emulated arm64 runs off: recorded, not run, no warning
+    emulated = manifest["artifacts"][0]["emulated_arm64"]
+    assert emulated["status"] == "skipped" and emulated["reason"] == "switched off (EDGEPACK_ARM64_CHECK=off)"
+    assert not emulated["runs"] and not any("arm64" in w for w in manifest["warnings"])
     for line in proc.stderr.splitlines():
         assert not any(word in line for word in NATIVE_CHATTER), line
     assert "bundle:" in proc.stderr and "[1/" not in proc.stderr  # first build: no step count known yet

@@ -119,6 +119,38 @@ def test_resolve_prefers_the_host_then_regular_suites_then_backports():
                 candidates, host)
 
 
+def test_a_foreign_architecture_brings_its_whole_closure(monkeypatch):
+    """An arm64 sysroot on an x86-64 host: libc6 (host_only for the host's own architecture) and
+    whatever the host has installed are fetched for arm64 all the same."""
+    candidates = _Candidates([_stanza("python3.11", "3.11.2-6+deb12u9", Depends="libc6 (>= 2.36), libssl3 (>= 3.0.0)"),
+                              _stanza("libc6", "2.36-9+deb12u13"), _stanza("libssl3", "3.0.17-1~deb12u2")])
+    monkeypatch.setattr(debian.platform, "machine", lambda: "x86_64")
+    sysroot = _recipe(architecture="arm64", roots=(Want("python3.11"),), host_only=("libc6",), sysroot=True)
+    assert debian.host_packages("arm64") == {}  # dpkg's status file is never read for a foreign architecture
+    chosen, _ = resolve(sysroot, candidates, {})
+    assert sorted(chosen) == ["libc6", "libssl3", "python3.11"]
+    # the same recipe for the host's own architecture must take libc6 from the host
+    with pytest.raises(UnsupportedHost, match="needs libc6 >= 2.36; this host has none"):
+        resolve(_recipe(roots=(Want("python3.11"),), host_only=("libc6",)), candidates, {})
+    # follow_depends=False: the roots alone (headers for a build)
+    assert sorted(resolve(_recipe(roots=(Want("python3.11"),), follow_depends=False), candidates, {})[0]) == ["python3.11"]
+
+
+def test_recipes_made_before_the_sysroot_fields_keep_their_fingerprint():
+    """New Recipe fields at their default leave the fingerprint (and so every user's cache) as it was."""
+    assert lavapipe.RECIPE.fingerprint() == _recipe_fingerprint_without_new_fields(lavapipe.RECIPE)
+    assert _recipe(sysroot=True).fingerprint() != _recipe().fingerprint()
+
+
+def _recipe_fingerprint_without_new_fields(recipe: Recipe) -> str:
+    import dataclasses
+    import hashlib
+    import json
+
+    fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("sysroot", "follow_depends")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def test_a_fetched_recipe_is_read_from_its_stamp_without_network(monkeypatch):
     """lavapipe's real fetch (the product's recipe, in the user's cache): the packages the host
     lacks, verified, only the kept files; a second fetch touches no network."""

@@ -49,13 +49,16 @@ def test_stanzas_keep_continuation_lines_and_select_fields():
 
 def _deb(members: dict[str, bytes | str], compression: str = "xz") -> bytes:
     """A .deb as dpkg-deb writes it: ar of debian-binary, control.tar.xz, data.tar.<compression>.
-    A str value makes a symlink to it."""
+    A str value makes a symlink to it, ("hardlink", path) a hard link."""
     data = io.BytesIO()
     with tarfile.open(fileobj=data, mode=f"w:{compression}") as tar:
         for name, content in members.items():
             info = tarfile.TarInfo(name)
             if isinstance(content, str):
                 info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            elif isinstance(content, tuple):  # ("hardlink", target)
+                info.type, info.linkname = tarfile.LNKTYPE, content[1]
                 tar.addfile(info)
             else:
                 info.size = len(content)
@@ -89,6 +92,30 @@ def test_extract_refuses_paths_outside_the_destination(tmp_path, member):
 def test_extract_puts_absolute_paths_under_the_destination(tmp_path):
     assert extract(_deb({"/etc/evil.so": b"x"}), tmp_path, (r".*",)) == ["etc/evil.so"]
     assert (tmp_path / "etc/evil.so").read_bytes() == b"x" and not Path("/etc/evil.so").exists()
+
+
+def test_a_sysroot_keeps_absolute_links_inside_itself(tmp_path):
+    """python3.11's sitecustomize.py -> /etc/python3.11/sitecustomize.py: in a sysroot for qemu -L the
+    host kernel would resolve it to the host's file, so it becomes a relative link inside the root."""
+    deb = _deb({"./etc/python3.11/sitecustomize.py": b"# guest's", "./etc/passwd": b"guest",
+                "./usr/lib/python3.11/sitecustomize.py": "/etc/python3.11/sitecustomize.py",
+                "./usr/lib/evil.so": "/etc/passwd"})
+    kept = extract(deb, tmp_path, (r".*",), sysroot=True)
+    assert "usr/lib/python3.11/sitecustomize.py" in kept
+    link = tmp_path / "usr/lib/python3.11/sitecustomize.py"
+    assert str(link.readlink()) == "../../../etc/python3.11/sitecustomize.py" and link.read_bytes() == b"# guest's"
+    assert (tmp_path / "usr/lib/evil.so").read_bytes() == b"guest"  # the root's /etc/passwd, never the host's
+    with pytest.raises(DebFormatError, match="outside the destination"):  # without sysroot: refused, as before
+        extract(deb, tmp_path / "plain", (r".*",))
+
+
+def test_hard_links_come_along_with_their_file(tmp_path):
+    deb = _deb({"./usr/bin/perl5.36": b"\x7fELF", "./usr/bin/perl": ("hardlink", "./usr/bin/perl5.36"),
+                "./usr/share/doc/x": b"doc", "./usr/bin/doclink": ("hardlink", "./usr/share/doc/x")})
+    kept = extract(deb, tmp_path, (r"usr/bin/",))
+    assert kept == ["usr/bin/perl", "usr/bin/perl5.36"]  # doclink's file is not kept, so neither is it
+    assert (tmp_path / "usr/bin/perl").read_bytes() == b"\x7fELF"
+    assert (tmp_path / "usr/bin/perl").stat().st_ino == (tmp_path / "usr/bin/perl5.36").stat().st_ino
 
 
 def test_extract_says_what_is_wrong_with_a_damaged_deb(tmp_path):

@@ -376,6 +376,39 @@ def test_ingest_refuses_a_report_of_another_artifact(onnx_bundle, device_report,
     assert (bundle / "manifest.json").read_bytes() == before
 
 
+def test_ingest_refuses_a_report_made_under_an_emulator(onnx_bundle, tmp_path):
+    """The kit under qemu (`validate --arm64`) marks its report emulated; ingest never takes its
+    seconds for device latency (exit 2), whichever of the two marks is there."""
+    bundle = copy_bundle(onnx_bundle, tmp_path)
+    proc, report = run_device_validate(bundle, tmp_path, "--emulated", "qemu-aarch64 10.0.2, -cpu cortex-a76")
+    assert proc.returncode == 0, proc.stderr
+    assert report["device"]["emulated"]["by"] == "qemu-aarch64 10.0.2, -cpu cortex-a76"
+    latency = report["artifacts"][0]["latency"]
+    assert latency["source"] == "emulated" and "not device time" in latency["label"]
+    assert "emulated time (not device latency): p50" in proc.stderr
+    before = (bundle / "manifest.json").read_bytes()
+    only_latency = dict(report, device={k: v for k, v in report["device"].items() if k != "emulated"})
+    for data in (report, only_latency):
+        path = tmp_path / "emulated_report.json"
+        path.write_text(json.dumps(data))
+        proc = run_cli("ingest", str(bundle), str(path))
+        assert proc.returncode == 2, proc.stderr
+        assert "measured under an emulator" in proc.stderr and "not device latency" in proc.stderr
+    assert (bundle / "manifest.json").read_bytes() == before
+
+
+def test_the_kit_writes_the_raw_outputs_it_judged(onnx_bundle, tmp_path):
+    """--outputs: the artifact's outputs laid out like golden/<file>.outputs.npz (what the arm64 check
+    compares bit for bit); it needs --artifact."""
+    outputs = tmp_path / "outputs.npz"
+    proc, _ = run_device_validate(onnx_bundle, tmp_path, "--artifact", "model.onnx", "--outputs", str(outputs))
+    assert proc.returncode == 0, proc.stderr
+    mine, host = load_npz(outputs), load_npz(onnx_bundle / "golden" / "model.onnx.outputs.npz")
+    assert sorted(mine) == sorted(host) and all(mine[k].shape == host[k].shape for k in host)
+    proc, _ = run_device_validate(onnx_bundle, tmp_path, "--outputs", str(outputs))
+    assert proc.returncode == 2 and "--outputs writes one artifact's outputs" in proc.stderr
+
+
 # --- reproducibility -------------------------------------------------------------------------
 
 @pytest.mark.slow

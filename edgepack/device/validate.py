@@ -5,7 +5,7 @@ Run from inside an unzipped bundle (it needs no edgepack and no torch, except th
 ExecuTorch pip runtime itself imports torch):
 
     python device/validate.py [--artifact FILE] [--runs N] [--warmup N] [--threads N] [--gpu]
-                              [--report device_report.json] [--json]
+                              [--report device_report.json] [--json] [--outputs FILE.npz] [--emulated WHAT]
 
 Needs the Python standard library, numpy, and the runtime of each artifact to check:
 onnxruntime (.onnx), ai-edge-litert or tflite-runtime (.tflite), executorch (.pte).
@@ -24,7 +24,9 @@ For each artifact it
   5. reports how closely it agrees with the build host's own outputs of the same artifact,
   6. times it (warmup, then N runs on the first golden sample): p50/p90/min/mean ms,
 and writes device_report.json (``edgepack ingest BUNDLE device_report.json`` merges it into
-the manifest).
+the manifest). Under an emulator (``edgepack validate --arm64`` runs this file under qemu-aarch64)
+--emulated marks the report (device.emulated, latency source "emulated"): ingest refuses such a
+report as a device measurement. --outputs writes the raw outputs for a bit-exact comparison.
 
 Exit codes: 0 every checked artifact passed; 1 parity failed; 2 setup error (bad or missing
 manifest or files, checksum mismatch, no runtime installed for any artifact, unknown
@@ -677,7 +679,7 @@ def runtime_for(art, gpu):
     return "litert-gpu" if gpu and art["format"] == "tflite" else RUNTIME_FOR_FORMAT[art["format"]]
 
 
-def check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime):
+def check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime, emulated=None, outputs_path=None):
     rows, ref_rows, host, model_outputs = golden_rows(bundle, art, manifest)
     path = confined(bundle, art["file"])
     start = time.perf_counter()
@@ -704,6 +706,9 @@ def check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime):
     parity = compare(ref_rows, outputs, tolerance, model_outputs, score_outputs_of(art, model_outputs),
                      recorded_masks(bundle, manifest, art, len(ref_rows)))
     agreement = host_agreement(native, host, out_specs)
+    if outputs_path:  # the raw outputs, laid out like golden/<file>.outputs.npz, for a bit-exact comparison
+        with open(outputs_path, "wb") as handle:
+            np.savez(handle, **{spec["name"]: np.stack([s[i] for s in native]) for i, spec in enumerate(out_specs)})
     say(f"  timing {art['file']}: {warmup} warmup + {runs} runs, {threads} thread(s)")
     feeds = rows[0]
     times = []
@@ -718,6 +723,8 @@ def check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime):
         raise ArtifactRuntimeError(f"{runtime} failed while timing {art['file']}: {type(exc).__name__}: {exc}") from exc
     latency = {"source": "device", "tool": TOOL, "runtime": runtime, "runtime_version": runner.version,
                "threads": threads, "warmup": warmup, "load_ms": round(load_ms, 3), **latency_summary(times)}
+    if emulated:  # an emulator's seconds are not a device's: labelled so, and ingest refuses them
+        latency.update(source="emulated", label=f"emulated ({emulated}): not device time")
     result = {"runtime": runtime, "runtime_version": runner.version,
               "status": "passed" if parity["passed"] else "parity-failed",
               "parity": parity, "host_agreement": agreement, "latency": latency}
@@ -736,6 +743,19 @@ def _getprop(name):
     except (OSError, subprocess.SubprocessError):
         return None
     return value or None
+
+
+def cpu_features():
+    """The CPU's feature flags an arm64 kernel choice depends on (/proc/cpuinfo "Features": asimddp,
+    i8mm, sve, sme, ...); None where the file has no such line (x86 lists "flags" instead)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.split(":", 1)[0].strip() == "Features":
+                    return line.split(":", 1)[1].split()[:128]
+    except OSError:
+        pass
+    return None
 
 
 def device_info():
@@ -762,6 +782,9 @@ def device_info():
         info["android"] = {k: v for k, v in android.items() if v}
     label = " ".join(v for v in (android.get("manufacturer"), android.get("model")) if v)
     info["label"] = label or f"{platform.system()} {platform.machine()} ({cpu or 'unknown cpu'})"
+    features = cpu_features()
+    if features:
+        info["features"] = features
     return info
 
 
@@ -817,6 +840,8 @@ def run(args, say):
     unknown = [a["file"] for a in candidates if a["format"] not in RUNTIME_FOR_FORMAT]
     if unknown:
         raise SetupError(f"unknown artifact format for {unknown}", "use the kit shipped with the bundle")
+    if args.outputs and not args.artifact:
+        raise SetupError("--outputs writes one artifact's outputs", "add --artifact FILE")
     if args.gpu and not any(a["format"] == "tflite" for a in candidates):
         raise SetupError("--gpu runs .tflite artifacts on the GPU and this bundle has none", "run without --gpu")
 
@@ -827,6 +852,9 @@ def run(args, say):
                          "payload_sha256": (manifest.get("package") or {}).get("payload_sha256")},
               "device": device_info(), "settings": {"threads": threads, "warmup": warmup, "runs": runs},
               "artifacts": [], "passed": False, "exit_code": EXIT_SETUP}
+    emulated = args.emulated
+    if emulated:
+        report["device"]["emulated"] = {"by": emulated[:200], "note": "not a device: its seconds are not device latency"}
 
     available = {}
     for art in candidates:
@@ -855,7 +883,8 @@ def run(args, say):
             continue
         say(f"{art['file']} ({art['format']} {art.get('precision')}) in {runtime} {version_or_reason}")
         try:
-            entry.update(check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime))
+            entry.update(check_artifact(bundle, manifest, art, threads, warmup, runs, say, runtime, emulated,
+                                        args.outputs))
         except ArtifactRuntimeError as exc:
             entry.update(status="error", reason=str(exc))
             say(f"  ERROR: {exc}")
@@ -871,7 +900,7 @@ def run(args, say):
             say("  GPU: " + ("every op on the GPU" if entry["fully_accelerated"] else
                              "some ops run on the CPU (LiteRT's log above names them)"))
         lat = entry["latency"]
-        say(f"  latency: p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, min {lat['min_ms']:.3f} ms "
+        say(f"  {'emulated time (not device latency)' if emulated else 'latency'}: p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, min {lat['min_ms']:.3f} ms "
             f"({lat['runs']} runs, {threads} thread(s)); {'PASS' if entry['status'] == 'passed' else 'PARITY FAILED'}")
         if entry["status"] != "passed" and exit_code == EXIT_PASS:
             exit_code = EXIT_PARITY
@@ -894,6 +923,11 @@ def main(argv=None):
                         help="run .tflite files on the GPU (LiteRT's GPU accelerator) instead of the CPU interpreter")
     parser.add_argument("--report", default="device_report.json", help="where to write the report")
     parser.add_argument("--json", action="store_true", help="print the report on stdout")
+    parser.add_argument("--outputs", help="write the artifact's raw outputs (every golden sample) to this .npz; "
+                                          "needs --artifact")
+    parser.add_argument("--emulated", default=os.environ.get("EDGEPACK_EMULATED"),
+                        help="this run is under an emulator (e.g. 'qemu-aarch64 10.0.2 -cpu cortex-a76'): the report "
+                             "says so and its seconds are labelled emulated, not device latency (also EDGEPACK_EMULATED)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
 

@@ -12,9 +12,11 @@ data.tar (tarfile's "data" filter: no absolute paths, no links out of the tree).
 Dependencies are resolved from the signed indexes like apt would, with backports only where
 nothing else satisfies (apt's pin of 100 for backports). When the recipe's architecture is the
 host's, a dependency the host already has installed at a satisfying version (dpkg's status file)
-is not fetched; packages in ``host_only`` (libc6, ...) must come from the host. Versions are
-resolved by name from the index, never pinned by URL: backports replace versions, and the
-archive drops the old ones.
+is not fetched; packages in ``host_only`` (libc6, ...) must come from the host. A foreign
+architecture (an arm64 sysroot for qemu, ``sysroot=True``) takes no such shortcut: it brings its
+whole dependency closure, libc included, and its absolute symlinks are made relative inside the
+root. Versions are resolved by name from the index, never pinned by URL: backports replace
+versions, and the archive drops the old ones.
 
 A fetch is done once: the result lands in <cache>/debian/<recipe>/ with ready.json written last;
 a later fetch of the same recipe reads the stamp and touches no network. A lock serialises
@@ -110,6 +112,10 @@ class Recipe:
     host_machine: str | None = "x86_64"  # platform.machine() the binaries run on (None: any)
     host_codenames: tuple[str, ...] | None = ("bookworm",)  # /etc/os-release VERSION_CODENAME (None: any)
     default_keep: tuple[str, ...] | None = None  # None: shared libraries of the architecture
+    # A root file system for another machine (qemu -L): absolute symlinks become relative links
+    # inside the root (debian_format.extract); nothing of the host's is assumed (see resolve).
+    sysroot: bool = False
+    follow_depends: bool = True  # False: only the roots (headers for a build, say; the recipe says why)
 
     def keep_for(self, package: str) -> tuple[str, ...]:
         for want in self.roots:
@@ -121,7 +127,14 @@ class Recipe:
         return (rf"^(\./)?(usr/)?lib/{triplet}/[^/]+\.so(\.[0-9]+)*$",)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        fields = asdict(self)
+        for name, default in _LATER_FIELDS.items():  # added later: at their default, older caches stay valid
+            if fields[name] == default:
+                del fields[name]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+_LATER_FIELDS = {"sysroot": False, "follow_depends": True}
 
 
 @dataclass
@@ -197,8 +210,9 @@ def host_packages(architecture: str) -> dict[str, list[tuple[str, str]]]:
 
 # --- downloads ----------------------------------------------------------------------------
 
-def _download(url: str) -> bytes:
-    """GET url; DownloadRefused on any network error (the largest file, lavapipe's, is 11 MB)."""
+def download(url: str) -> bytes:
+    """GET url, whole, into memory (the largest are qemu-user's .deb, 63 MB, and qemu's source, 39 MB);
+    DownloadRefused on any network error."""
     try:
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
             return response.read()
@@ -209,7 +223,7 @@ def _download(url: str) -> bytes:
                               "to a Debian mirror it may reach; http_proxy is honoured)") from None
 
 
-def _sha256(data: bytes) -> str:
+def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -220,7 +234,7 @@ def verified_release(suite: Suite) -> dict[str, str]:
         raise ToolMissing(f"cannot check Debian's signatures: {'gpgv' if shutil.which('gpgv') is None else keyring} "
                           "is missing", "apt-get install gpgv debian-archive-keyring")
     url = f"{mirror_url(suite)}/dists/{suite.name}/InRelease"
-    signed = _download(url)
+    signed = download(url)
     with tempfile.TemporaryDirectory(prefix="edgepack-gpgv-") as scratch:
         src, out = Path(scratch) / "InRelease", Path(scratch) / "Release"
         src.write_bytes(signed)
@@ -253,8 +267,8 @@ def package_index(suite: Suite, architecture: str) -> list[dict[str, str]]:
     digest = verified_release(suite).get(name)
     if digest is None:
         raise IntegrityError(f"{suite.name}: the signed Release lists no {name}", "check the suite and architecture")
-    data = _download(f"{mirror_url(suite)}/dists/{suite.name}/{name}")
-    if _sha256(data) != digest:
+    data = download(f"{mirror_url(suite)}/dists/{suite.name}/{name}")
+    if sha256_bytes(data) != digest:
         raise IntegrityError(f"{suite.name} {name}: SHA256 differs from the signed Release",
                              "the mirror served a damaged or stale index; retry or use another mirror")
     stanzas = parse_stanzas(lzma.decompress(data).decode("utf-8", errors="replace"), _INDEX_FIELDS)
@@ -299,6 +313,9 @@ def resolve(recipe: Recipe, candidates: _Candidates, host: dict[str, list[tuple[
     chosen: dict[str, dict[str, str]] = {}
     notes: list[str] = []
     queue = []
+    # host_only names what the host's own libc provides to binaries of its architecture; a
+    # foreign architecture (an arm64 sysroot) must bring its own, and host_packages() is empty.
+    native = DPKG_ARCH.get(platform.machine()) == recipe.architecture
     for want in recipe.roots:
         stanza = candidates.best(want.name, ">=" if want.min_version else None, want.min_version, want.suite)
         if stanza is None:
@@ -308,7 +325,7 @@ def resolve(recipe: Recipe, candidates: _Candidates, host: dict[str, list[tuple[
                                   "the archive moved on; update edgepack, or report this with the message")
         chosen[want.name] = stanza
         queue.append(stanza)
-    while queue:
+    while queue and recipe.follow_depends:
         stanza = queue.pop(0)
         for group in parse_relations(stanza.get("Pre-Depends")) + parse_relations(stanza.get("Depends")):
             if any(any(satisfies(v, rel, want) for v, _ in host.get(name, [])) or
@@ -318,7 +335,7 @@ def resolve(recipe: Recipe, candidates: _Candidates, host: dict[str, list[tuple[
             if name in recipe.skip:
                 notes.append(f"{name} not fetched (needed by {stanza['Package']}; the recipe skips it)")
                 continue
-            if name in recipe.host_only:
+            if name in recipe.host_only and native:
                 have = ", ".join(v for v, _ in host.get(name, [])) or "none"
                 raise UnsupportedHost(f"{recipe.name}: {stanza['Package']} needs {name} {relation or ''} {wanted or ''}"
                                       f"; this host has {have}",
@@ -389,12 +406,12 @@ def _fetch_locked(recipe: Recipe, directory: Path, say: Callable[[str], None]) -
             size = int(stanza.get("Size", 0))
             host = urllib.parse.urlsplit(stanza["_url"]).netloc
             say(f"{recipe.name}: downloading {name} {stanza['Version']} ({_size(size)}) from {host}")
-            deb = _download(stanza["_url"])
-            if _sha256(deb) != stanza["SHA256"]:
+            deb = download(stanza["_url"])
+            if sha256_bytes(deb) != stanza["SHA256"]:
                 raise IntegrityError(f"{stanza['_url']}: SHA256 differs from the signed index",
                                      "the mirror served a damaged file; retry or use another mirror")
             try:
-                files = extract(deb, staging / "root", recipe.keep_for(name))
+                files = extract(deb, staging / "root", recipe.keep_for(name), sysroot=recipe.sysroot)
             except DebFormatError as exc:
                 raise IntegrityError(f"{stanza['_url']}: {exc}", "report this with the message") from None
             packages.append({"package": name, "version": stanza["Version"], "suite": stanza["_suite"],

@@ -131,8 +131,14 @@ def deb_members(data: bytes) -> dict[str, bytes]:
     return members
 
 
-def extract(deb: bytes, destination: Path, keep: tuple[str, ...]) -> list[str]:
-    """Extract the data.tar members whose path matches one of ``keep``; returns their paths."""
+def extract(deb: bytes, destination: Path, keep: tuple[str, ...], sysroot: bool = False) -> list[str]:
+    """Extract the data.tar members whose path matches one of ``keep``; returns their paths.
+
+    sysroot: the destination is a root file system for another machine (an arm64 sysroot run
+    under qemu -L), so an absolute symlink means a path in that root: it is rewritten as a
+    relative link inside the destination (python3.11's sitecustomize.py -> /etc/python3.11/...
+    would otherwise be resolved by the host kernel to the host's file). Without it, an absolute
+    link is refused like any link leaving the destination."""
     data = next((blob for name, blob in deb_members(deb).items() if name.startswith("data.tar")), None)
     if data is None:
         raise DebFormatError("the .deb has no data.tar")
@@ -141,6 +147,16 @@ def extract(deb: bytes, destination: Path, keep: tuple[str, ...]) -> list[str]:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
             members = [m for m in archive.getmembers()
                        if (m.isfile() or m.issym()) and any(p.search(m.name) for p in patterns)]
+            kept = {posixpath.normpath(m.name).lstrip("/") for m in members}
+            # a hard link comes along when the file it links to does (Debian ships a few)
+            members += [m for m in archive.getmembers() if m.islnk() and any(p.search(m.name) for p in patterns)
+                        and posixpath.normpath(m.linkname).lstrip("/") in kept]
+            if sysroot:
+                for member in members:
+                    if member.issym() and member.linkname.startswith("/"):
+                        parent = posixpath.dirname(posixpath.normpath(member.name).lstrip("/"))
+                        member.linkname = posixpath.relpath(posixpath.normpath(member.linkname).lstrip("/"),
+                                                            parent or ".")
             # the "data" filter refuses absolute paths, '..' and links pointing out of destination
             archive.extractall(destination, members=members, filter="data")
     except tarfile.FilterError as exc:

@@ -7,6 +7,9 @@ For each artifact the report measured (matched by file name and sha256), the man
 profile's budgets are checked again with the device figure (p50, or the mean when the tool
 reports only a mean). The report itself is summarised in ``device_measurements``.
 
+A report the kit wrote under an emulator (device.emulated, latency source "emulated": what
+`validate --arm64` runs under qemu) is refused (exit 2): emulated time is not device latency.
+
 A device parity failure or a budget exceeded on the device marks the artifact and the manifest
 failed and exits 1; a runtime error on the device exits 3. Ingest adds failures, it never
 clears one recorded by the build or an earlier ingest: rebuild to start again. Ingesting the
@@ -48,6 +51,12 @@ def read_report(path: Path) -> tuple[DeviceReport, str]:
     path = Path(path)
     raw = read_limited(path, MAX_REPORT_BYTES, "device report")
     data = parse_json(raw, str(path), "device report")
+    emulated = _emulated(data)
+    if emulated:
+        raise BundleError(f"{path}: measured under an emulator ({printable(emulated, 200)}), not on a device: emulated "
+                          f"time is not device latency, so it is not merged as a device measurement",
+                          "run device/validate.py on the phone itself; `edgepack validate BUNDLE --arm64` records "
+                          "emulated arm64 runs (parity, bit-identity) in the manifest without latency")
     try:
         report = DeviceReport.model_validate(data)
     except ValidationError as exc:
@@ -62,6 +71,22 @@ def read_report(path: Path) -> tuple[DeviceReport, str]:
     if report.error is not None:
         report.error = printable(report.error, 1000)
     return report, hashlib.sha256(raw).hexdigest()
+
+
+def _emulated(data: Any) -> str | None:
+    """What emulated the report's run (the kit sets device.emulated and latency source "emulated"
+    under qemu), else None."""
+    if not isinstance(data, dict):
+        return None
+    device = data.get("device") if isinstance(data.get("device"), dict) else {}
+    if device.get("emulated"):
+        marker = device["emulated"]
+        return str(marker.get("by") if isinstance(marker, dict) else marker)
+    for art in data.get("artifacts") if isinstance(data.get("artifacts"), list) else []:
+        latency = art.get("latency") if isinstance(art, dict) else None
+        if isinstance(latency, dict) and latency.get("source") == "emulated":
+            return str(latency.get("label") or "an emulator")
+    return None
 
 
 def _label(device: dict[str, Any]) -> str:

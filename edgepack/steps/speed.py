@@ -24,9 +24,12 @@ from ..runtimes.session import RuntimeSession
 from .judge import ArtifactJudge
 
 
-def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[ArtifactEntry], scratch: Path) -> None:
+def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[ArtifactEntry],
+                       scratch: Path) -> dict[str, Path]:
     """Record each quantized artifact's host latency against a float sibling of its format,
-    measured side by side in this build, and apply the profile's slower_than_float policy."""
+    measured side by side in this build, and apply the profile's slower_than_float policy.
+    Returns the fp32 baselines exported for it (format -> path in scratch; the arm64 check
+    counts their instructions)."""
     policy = judge.profile.slower_than_float
     staged, feeds = judge.staged, judge.reference.inputs[0]
     floats = {c.format: e for c, e in zip(configs, entries) if e.precision == "fp32" and e.status == "ok"}
@@ -75,6 +78,7 @@ def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[A
             entry.status, entry.files, entry.golden = "replaced-by-float", [], None
             entry.notes.append(finding + f"; not shipped, use {sibling.file} (profile: slower_than_float: keep_float)")
             judge.findings.warnings.append(entry.notes[-1])
+    return {fmt: path for fmt, path in baselines.items() if isinstance(path, Path)}
 
 
 def side_by_side(judge: ArtifactJudge, fmt: str, path: Path, float_path: Path, feeds: list[np.ndarray]) -> dict:

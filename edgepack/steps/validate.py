@@ -11,7 +11,10 @@
 5. with --gpu, each float .tflite also runs through LiteRT's GPU accelerator on lavapipe
    (steps/gpu_check.py), judged against the reference and the build host's CPU-interpreter
    outputs (golden/<file>.outputs.npz) under the thresholds the build recorded (exit 1 when it
-   fails; 2 when lavapipe cannot be set up; 3 when the accelerator or the driver fails).
+   fails; 2 when lavapipe cannot be set up; 3 when the accelerator or the driver fails);
+6. with --arm64, each artifact's device kit runs on arm64 code under qemu-aarch64, per CPU model
+   (steps/arm64_check.py): parity and bit-identity with the build host's outputs (exit 1 when it
+   fails; 2 when the emulator cannot be set up; 3 on a crash or hang under emulation).
 
 A .zip is checked before anything is extracted: absolute paths, '..' components, symlinks and
 duplicate names are refused; it is then extracted to a temp dir that is removed afterwards.
@@ -29,19 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-import numpy as np
+from pydantic import ValidationError
 
-from ..bundle import ArtifactEntry, EmulatedGpuCheck, Manifest, sha256_file
+from ..bundle import ArtifactEntry, EmulatedArm64Check, EmulatedGpuCheck, Manifest, sha256_file
 from ..errors import EXIT_OK, EXIT_PARITY_OR_BUDGET, BundleError, RuntimeCheckError, RuntimeUnavailable
 from ..export import RUNTIME_FOR_FORMAT
-from ..intake import (check_zip_against_manifest, checksummed_paths, confined, load_bundle_manifest, load_golden,
+from ..intake import (check_zip_against_manifest, checksummed_paths, confined, load_bundle_manifest,
                       read_zip_manifest)
 from ..package import MANIFEST, zip_payload_sha256
 from ..parity import ParityReport, compare
 from ..runtimes.base import TensorIO, from_native
 from ..runtimes.session import DEFAULT_TIMEOUT_S, RuntimeSession
-from ..target import GPU_CHECK_PRECISIONS
+from ..target import GPU_CHECK_PRECISIONS, Arm64CheckSettings
+from .arm64_check import check_bundle
 from .gpu_check import GpuJob, check_on_gpu
+from .golden import Golden, agreement, recorded_masks
 
 # Importable module(s) each runner needs; the first one found is enough.
 RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "executorch": ("executorch",),
@@ -91,6 +96,7 @@ class ValidationResult:
     artifacts: list[ArtifactCheck] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     gpu: list[GpuValidation] = field(default_factory=list)  # --gpu: float .tflite files on LiteRT's GPU path
+    arm64: dict[str, EmulatedArm64Check] = field(default_factory=dict)  # --arm64: the kit under qemu, per file
 
     @property
     def parity_passed(self) -> bool:
@@ -101,7 +107,8 @@ class ValidationResult:
         """0 only when every artifact re-checked here passed parity (and the GPU path, with --gpu)
         and the bundle's own build passed: a .failed bundle (a budget exceeded, say) is not made
         good by passing parity."""
-        passed = self.parity_passed and all(g.passed for g in self.gpu)
+        passed = (self.parity_passed and all(g.passed for g in self.gpu)
+                  and all(r.status != "failed" for r in self.arm64.values()))
         return EXIT_OK if passed and self.manifest.status == "passed" else EXIT_PARITY_OR_BUDGET
 
     def to_dict(self) -> dict:
@@ -110,12 +117,13 @@ class ValidationResult:
                 "parity_passed": self.parity_passed, "build_status": self.manifest.status,
                 "build_failures": list(self.manifest.failures),
                 "files_verified": self.files_verified, "artifacts": [a.to_dict() for a in self.artifacts],
-                "gpu": [g.to_dict() for g in self.gpu], "skipped": self.skipped}
+                "gpu": [g.to_dict() for g in self.gpu], "skipped": self.skipped,
+                "arm64": {f: r.model_dump(mode="json") for f, r in self.arm64.items()}}
 
 
 def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | None = None,
                     timeout_s: float = DEFAULT_TIMEOUT_S, progress: Callable[[str], None] | None = None,
-                    gpu: bool = False) -> ValidationResult:
+                    gpu: bool = False, arm64: Arm64Request | None = None) -> ValidationResult:
     """Validate a bundle directory or a bundle .zip. Raises BundleError / RuntimeCheckError /
     RuntimeUnavailable (EmulatorUnavailable for --gpu without lavapipe); a parity failure is
     reported in the result (exit_code 1), not raised. gpu: also run each float .tflite through
@@ -124,10 +132,10 @@ def validate_bundle(path: Path, *, artifact: str | None = None, threads: int | N
     if path.is_file() and zipfile.is_zipfile(path):
         with tempfile.TemporaryDirectory(prefix="edgepack-validate-") as scratch:
             root, payload = extract_bundle_zip(path, Path(scratch))
-            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload, gpu)
+            return _validate_dir(root, path, artifact, threads, timeout_s, progress, payload, gpu, arm64)
     if path.is_file():
         raise BundleError(f"{path}: neither a bundle directory nor a zip", "pass dist/<model>/<target> or its .zip")
-    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None, gpu)
+    return _validate_dir(path, path, artifact, threads, timeout_s, progress, None, gpu, arm64)
 
 
 # --- zip ---------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
     if runtime is None:
         raise BundleError(f"{art.file}: unknown format {art.format!r}", "validate with the edgepack that built it")
     _require_runtime(runtime, art.file)
-    golden = _Golden.load(root, manifest, art)
+    golden = Golden.load(root, manifest, art)
     in_specs, out_specs, output_names = golden.in_specs, golden.out_specs, golden.output_names
     feeds, ref_rows, host = golden.feeds, golden.reference, golden.host
     with RuntimeSession(runtime, confined(root, art.file), threads, timeout_s) as session:
@@ -259,72 +267,9 @@ def check_artifact(root: Path, manifest: Manifest, art: ArtifactEntry, threads: 
         version = str(session.info.get("version", ""))
     outputs = [from_native(o, out_specs) for o in native]
     parity = compare(ref_rows, outputs, art.parity.get("thresholds") or {}, output_names, golden.score_outputs(art),
-                     _recorded_masks(root, manifest, art.parity.get("outputs") or [], len(ref_rows)))
+                     recorded_masks(root, manifest, art.parity.get("outputs") or [], len(ref_rows)))
     return ArtifactCheck(file=art.file, format=art.format, precision=art.precision, runtime=runtime,
-                         runtime_version=version, parity=parity, host_agreement=_agreement(native, host, out_specs))
-
-
-def _recorded_masks(root: Path, manifest: Manifest, recorded: list[dict], samples: int) -> dict | None:
-    """The masks the build judged outputs with (``masked_by``: a model input), read from the
-    bundle's model-level golden inputs."""
-    wanted = {o["name"]: o["masked_by"] for o in recorded if isinstance(o, dict) and o.get("masked_by")}
-    if not wanted:
-        return None
-    model_inputs = load_golden(confined(root, manifest.golden.inputs),
-                               {t.name: (samples, *t.shape) for t in manifest.io.inputs})
-    masks = {}
-    for output, source in wanted.items():
-        if source not in model_inputs:
-            raise BundleError(f"{root / manifest.golden.inputs}: no input {source!r} to mask {output!r} with",
-                              "the bundle is inconsistent; rebuild it")
-        masks[output] = (source, [model_inputs[source][i] for i in range(samples)])
-    return masks
-
-
-@dataclass
-class _Golden:
-    """An artifact's golden data from the bundle, per sample."""
-
-    in_specs: list[TensorIO]
-    out_specs: list[TensorIO]
-    output_names: list[str]
-    feeds: list[list[np.ndarray]]  # golden/<file>.inputs.npz: what the artifact takes
-    reference: list[list[np.ndarray]]  # golden/reference_outputs.npz
-    host: dict[str, np.ndarray]  # golden/<file>.outputs.npz: what it returned on the build host
-
-    @classmethod
-    def load(cls, root: Path, manifest: Manifest, art: ArtifactEntry) -> "_Golden":
-        in_specs = [TensorIO(**t.model_dump()) for t in art.io.inputs]
-        out_specs = [TensorIO(**t.model_dump()) for t in art.io.outputs]
-        output_names = [t.name for t in manifest.io.outputs]
-        samples = manifest.golden.samples
-
-        def rows(specs) -> dict[str, tuple[int, ...]]:
-            return {t.name: (samples, *t.shape) for t in specs}
-
-        inputs = load_golden(confined(root, art.golden.inputs), rows(in_specs), {t.name: t.dtype for t in in_specs})
-        reference = load_golden(confined(root, manifest.golden.reference_outputs), rows(manifest.io.outputs))
-        host = load_golden(confined(root, art.golden.outputs), rows(out_specs), {t.name: t.dtype for t in out_specs})
-        for label, data, names in ((art.golden.inputs, inputs, [t.name for t in in_specs]),
-                                   (manifest.golden.reference_outputs, reference, output_names),
-                                   (art.golden.outputs, host, [t.name for t in out_specs])):
-            missing = [n for n in names if n not in data]
-            if missing:
-                raise BundleError(f"{root / label}: no array(s) {missing}", "the bundle is inconsistent; rebuild it")
-        samples = len(reference[output_names[0]])
-        feeds = [[np.ascontiguousarray(inputs[t.name][i]) for t in in_specs] for i in range(samples)]
-        ref_rows = [[reference[n][i] for n in output_names] for i in range(samples)]
-        return cls(in_specs, out_specs, output_names, feeds, ref_rows, host)
-
-    def host_rows(self) -> list[list[np.ndarray]]:
-        return [from_native([self.host[t.name][i] for t in self.out_specs], self.out_specs)
-                for i in range(len(self.reference))]
-
-    def score_outputs(self, art: ArtifactEntry) -> list[str] | None:
-        """The class-score outputs the build judged top-1 on (None: decide from the shapes)."""
-        recorded = art.parity.get("outputs") or []
-        return ([o["name"] for o in recorded if o.get("top1_agreement") is not None]
-                if len(recorded) == len(self.output_names) else None)
+                         runtime_version=version, parity=parity, host_agreement=agreement(native, host, out_specs))
 
 
 def check_on_emulated_gpu(root: Path, manifest: Manifest, art: ArtifactEntry, threads: int, timeout_s: float,
@@ -334,7 +279,7 @@ def check_on_emulated_gpu(root: Path, manifest: Manifest, art: ArtifactEntry, th
     thresholds and GPU precision the build recorded (else the artifact's own thresholds and its
     precision as the GPU's arithmetic)."""
     _require_runtime("litert", art.file)
-    golden = _Golden.load(root, manifest, art)
+    golden = Golden.load(root, manifest, art)
     recorded = art.emulated_gpu
     thresholds = (recorded.parity if recorded is not None and recorded.parity else art.parity).get("thresholds") or {}
     precision = recorded.precision if recorded is not None and recorded.precision else art.precision
@@ -346,26 +291,9 @@ def check_on_emulated_gpu(root: Path, manifest: Manifest, art: ArtifactEntry, th
     return GpuValidation(file=art.file, record=record)
 
 
-def _agreement(native: list[list[np.ndarray]], host: dict[str, np.ndarray], specs: list[TensorIO]) -> dict:
-    rows = []
-    for index, spec in enumerate(specs):
-        mine = np.stack([sample[index] for sample in native]).astype(np.float64)
-        theirs = np.asarray(host[spec.name], dtype=np.float64)
-        if mine.shape != theirs.shape:
-            rows.append({"name": spec.name, "identical": False, "detail": f"shape {mine.shape} vs {theirs.shape}"})
-            continue
-        diff = np.abs(mine - theirs)
-        finite = diff[np.isfinite(diff)]
-        # NaN/Inf differences (a damaged artifact's outputs) are counted, never put in the JSON as NaN.
-        rows.append({"name": spec.name, "identical": bool(np.array_equal(mine, theirs, equal_nan=True)),
-                     "max_abs_diff": float(finite.max()) if finite.size else (None if diff.size else 0.0),
-                     "non_finite_diffs": int(diff.size - finite.size),
-                     "mismatched_values": int(np.count_nonzero(diff)), "values": int(diff.size)})
-    return {"identical": all(r["identical"] for r in rows), "outputs": rows}
-
-
 def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int | None, timeout_s: float,
-                  progress: Callable[[str], None] | None, zip_payload: str | None, gpu: bool) -> ValidationResult:
+                  progress: Callable[[str], None] | None, zip_payload: str | None, gpu: bool,
+                  arm64: Arm64Request | None = None) -> ValidationResult:
     say = progress or (lambda message: None)
     manifest = load_bundle_manifest(root)
     count = verify_files(root, manifest)
@@ -399,4 +327,35 @@ def _validate_dir(root: Path, source: Path, artifact: str | None, threads: int |
         result.gpu.append(check_on_emulated_gpu(root, manifest, art, threads, timeout_s, say))
     if gpu:
         result.skipped += [f"{a.file}: --gpu runs float .tflite artifacts only" for a in candidates if a not in on_gpu]
+    if arm64 is not None:
+        settings = arm64.settings(manifest)
+        result.arm64 = check_bundle(root, manifest, settings, say=say, only=artifact)
+        if all(r.status == "skipped" for r in result.arm64.values()):
+            reasons = "; ".join(sorted({r.reason or "" for r in result.arm64.values()}))
+            raise BundleError(f"{source}: --arm64 has nothing to run: {reasons or 'no artifact'}",
+                              "pass --executorch for .pte files, or validate without --arm64")
     return result
+
+
+@dataclass
+class Arm64Request:
+    """`validate --arm64`: the CPU models (default: the profile's arm64_check, else A53 + A76) and
+    whether .pte files run too (ExecuTorch under emulation is opt-in)."""
+
+    cpus: list[str] | None = None
+    executorch: bool = False
+
+    def settings(self, manifest: Manifest) -> Arm64CheckSettings:
+        recorded = manifest.target.profile.get("arm64_check") or {}
+        try:
+            settings = Arm64CheckSettings.model_validate(recorded)
+        except ValidationError:  # a bundle from another edgepack: its settings are advice only
+            settings = Arm64CheckSettings()
+        runtimes = list(settings.runtimes) + (["executorch"] if self.executorch and "executorch" not in
+                                              settings.runtimes else [])
+        try:
+            return settings.model_copy(update={"cpus": Arm64CheckSettings(cpus=self.cpus or settings.cpus).cpus,
+                                               "runtimes": runtimes, "required": True, "count_instructions": False})
+        except ValidationError as exc:
+            raise BundleError(f"--cpu: {exc.errors()[0]['msg']}", "name qemu-aarch64 CPU models, e.g. "
+                              "cortex-a53,cortex-a76") from None
