@@ -198,8 +198,12 @@ class ModelRun:
             out = self.workdir / "dist"
             argv = [sys.executable, "-m", "edgepack.cli", "build", self.spec_path, "--target", t["arg"],
                     "--json", "--quiet", "--keep-going", "--out", str(out)]
-            say(f"{self.key}: edgepack build --target {target}")
-            m = run_measured(argv, cwd=ROOT, timeout_s=self.args.build_timeout)
+            say(f"{self.key}: edgepack build --target {target} (cold: an empty build cache)")
+            # Cold: a build cache of its own, empty; then the same build again, which must be all hits.
+            cache = self.workdir / f"build-cache-{target}"
+            shutil.rmtree(cache, ignore_errors=True)
+            env = {**os.environ, "EDGEPACK_BUILD_CACHE": str(cache)}
+            m = run_measured(argv, cwd=ROOT, env=env, timeout_s=self.args.build_timeout)
             row = {"model": self.key, "target": target, "threads": t["threads"], **m.to_dict()}
             row["argv"] = " ".join(a if a != t["arg"] else target for a in row["argv"][1:])
             manifest = m.json_stdout()
@@ -217,6 +221,15 @@ class ModelRun:
                 self.bundles[target] = bundle
             say(f"  {target}: {row['status']} in {m.wall_s:.1f} s, peak {m.peak_mb:.0f} MB"
                 + (f" ({row['reason'][:200]})" if row.get("reason") else ""))
+            if manifest is not None:
+                warm = run_measured(argv, cwd=ROOT, env=env, timeout_s=self.args.build_timeout)
+                again = warm.json_stdout() or {}
+                row["warm"] = {"wall_s": warm.wall_s, "peak_mb": warm.peak_mb,
+                               "cache_hit": (again.get("cache") or {}).get("hit"),
+                               "same_payload": (again.get("package") or {}).get("payload_sha256")
+                               == (manifest.get("package") or {}).get("payload_sha256")}
+                say(f"  {target}: again, warm cache: {warm.wall_s:.1f} s, hit {row['warm']['cache_hit']}, "
+                    f"same payload {row['warm']['same_payload']}")
             self.pipeline.append(row)
 
     # 3 -------------------------------------------------------------------
