@@ -72,15 +72,30 @@ def digest_arrays(samples: list[list[Any]]) -> str:
     return digest.hexdigest()
 
 
+def _plain_parts(name: str, tensor: Any) -> Any:
+    """(name, plain tensor) pairs holding a state_dict entry's data. A tensor subclass that wraps
+    others (torchao's quantized weights: an int8 embedding table is IntxUnpackedToInt8Tensor,
+    whose data and scales are inner tensors) has no bytes of its own and refuses view/reshape:
+    its inner tensors are digested instead, named under it with its class."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is None:
+        yield name, tensor
+        return
+    inner, _ = tensor.__tensor_flatten__()
+    for attr in inner:
+        yield from _plain_parts(f"{name}:{type(tensor).__name__}.{attr}", getattr(tensor, attr))
+
+
 def weights_digest(model: Any) -> str:
     """sha256 over a module's state_dict: names, shapes, dtypes and bytes, in name order."""
     import torch
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        array = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}{tuple(tensor.shape)}{array.dtype}".encode())
-        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    for key, value in sorted(model.state_dict().items()):
+        for name, tensor in _plain_parts(key, value):
+            array = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{array.dtype}".encode())
+            digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return digest.hexdigest()
 
 

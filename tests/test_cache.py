@@ -116,7 +116,8 @@ def test_a_second_identical_build_replays_every_export_byte_for_byte(tmp_path):
     assert warm["artifacts"][0]["reproducible"] == cold["artifacts"][0]["reproducible"]  # recorded when made
     assert warm["timings"][0]["step"] == "loading the spec" and warm["timings"][-1]["step"].startswith("packaging")
     # thresholds changed only: judged again from the cached export, no export runs
-    proc, strict = _build(tmp_path, "--set", "tolerances.int8.min_sqnr_db=90")
+    # (on_static_int8_failure: fail, or the failing artifact would be exported again as int8-dynamic)
+    proc, strict = _build(tmp_path, "--set", "tolerances.int8.min_sqnr_db=90", "--set", "on_static_int8_failure=fail")
     assert proc.returncode == 1 and strict["cache"]["hit"] and strict["status"] == "failed"
     proc, fresh = _build(tmp_path, "--no-cache")
     assert proc.returncode == 0 and fresh["cache"] == {"enabled": False, "hit": False, "exports": []}

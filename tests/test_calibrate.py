@@ -77,3 +77,30 @@ def test_one_calibration_per_recipe_within_a_build():
     assert again is not first
     x = samples[3][0]
     assert torch.equal(convert_pt2e(first)(x), convert_pt2e(again)(x))
+
+
+def test_shared_calibration_keys_a_model_with_int8_embedding_tables():
+    # The .pte's int8 tables (quant/weight_only.py) are torchao tensor subclasses, which refuse the
+    # reshape/view a digest of plain tensors does: every int8 .pte of a model with nn.Embedding failed
+    # at "quantize" inside a build (all-MiniLM-L6-v2 for android-arm64). Their inner tensors are keyed.
+    from edgepack.cache import weights_digest
+    from edgepack.quant.calibrate import prepare_corrected, shared_calibration
+    from edgepack.quant.weight_only import embedding_tables
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(50, 16)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.head(self.table(ids))
+
+    torch.manual_seed(0)
+    model, _ = embedding_tables(Tagger().eval(), "int8", 32)
+    other, _ = embedding_tables(Tagger().eval(), "int8", 32)
+    assert weights_digest(model) == weights_digest(model) != weights_digest(other)
+    samples = [(torch.randint(0, 50, (1, 6)),) for _ in range(4)]
+    with shared_calibration():
+        prepare_corrected(model, samples[0], samples, Recipe())
+        assert prepare_corrected(model, samples[0], samples, Recipe())[1]["calibration_shared"] is True

@@ -81,9 +81,14 @@ def test_a_static_int8_failure_ships_int8_dynamic_when_the_profile_says_so(tmp_p
     set by the loud samples and the quietest round to zero; int8-dynamic quantizes each call with
     its own range. Measured on 32 samples, cosine min / mean: static 0.00 / 0.80 in onnxruntime,
     ExecuTorch and LiteRT alike; dynamic 0.9996 (onnxruntime), 0.9999 (ExecuTorch, LiteRT)."""
-    failing = _judge(tmp_path / "default", model="scale_varying.py", samples=16)
+    failing = _judge(tmp_path / "fail", model="scale_varying.py", samples=16, on_static_int8_failure="fail")
     entry = failing.judge(OnnxArtifact(precision="int8", name="model_int8"))
-    assert entry.status == "parity-failed" and "dynamic_fallback" not in entry.export  # the default: fail
+    assert entry.status == "parity-failed" and "dynamic_fallback" not in entry.export
+    # the key's default is fail; the shipped x86-64 and android-arm64 profiles say dynamic
+    from edgepack.target import profile_model
+
+    assert profile_model().model_fields["on_static_int8_failure"].default == "fail"
+    assert {load_target(name).on_static_int8_failure for name in ("x86-64", "android-arm64")} == {"dynamic"}
 
     judge = _judge(tmp_path / "dynamic", model="scale_varying.py", samples=16, on_static_int8_failure="dynamic")
     entry = judge.judge(OnnxArtifact(precision="int8", name="model_int8"))
