@@ -1,12 +1,13 @@
 """ONNX precision conversions: the float ONNX -> fp16 / int8 static / int8 dynamic / int4 weights.
 
-Every path starts from the float export (the build's reference ONNX when its opset matches,
+Static int8 is quantized in torch by default (onnx_qdq.py: edgepack's PT2E recipe, exported as
+QDQ); ``quantizer: onnxruntime`` takes the int8 path below. Every path here starts from the float export (the build's reference ONNX when its opset matches,
 otherwise a fresh export_float_onnx) and uses onnxruntime's own tools, so what onnxruntime
 runs is exactly what its quantizer produced:
 
   fp16          onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True):
                 float16 weights and compute, float32 IO (a Cast at each edge).
-  int8          quant_pre_process (shape inference + ORT basic optimisation: BN folded into
+  int8          (quantizer: onnxruntime) quant_pre_process (shape inference + ORT basic optimisation: BN folded into
                 Conv, constants folded), then quantize_static, QDQ format, calibrated on
                 ctx.calibration (first ``calibration_samples``). onnxruntime fuses the QDQ
                 pairs into QLinearConv / QLinearMatMul / ... at load.
@@ -53,7 +54,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -379,16 +380,22 @@ def to_int4_weight(config, source: Path):
 
 # -- entry point ----------------------------------------------------------------------------
 
-def export_converted(config, ctx: ExportContext, path: Path) -> ExportResult:
-    """Convert the float ONNX to ``config.precision`` and write it to ``path``."""
+def export_converted(config, ctx: ExportContext, path: Path, torch_int8: Callable | None = None) -> ExportResult:
+    """Convert the float ONNX to ``config.precision`` and write it to ``path``; static int8 is
+    ``torch_int8(config, ctx, scratch) -> (ModelProto, recipe)`` when given (quantized in torch)."""
     import onnx
 
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgepack-onnx-") as tmp:
         scratch = Path(tmp)
-        source = float_onnx(config, ctx, scratch)
+        source = None if torch_int8 else float_onnx(config, ctx, scratch)
         if config.precision == "fp16":
             model, recipe = to_fp16(source)
+        elif torch_int8:
+            model, recipe = torch_int8(config, ctx, scratch)
+            if recipe["calibration_samples"] < config.calibration_samples:
+                notes.append(f"calibrated on {recipe['calibration_samples']} samples "
+                             f"(cap {config.calibration_samples}): the spec has no more")
         elif config.precision == "int8":
             model, recipe = to_int8_static(config, source, scratch, ctx.calibration)
             if recipe["calibration_samples"] < config.calibration_samples:
