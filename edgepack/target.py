@@ -92,7 +92,7 @@ def profile_model() -> type[BaseModel]:
             isa = device.get("int8_isa") if isinstance(device, dict) else None
             if not isinstance(isa, list) or not isinstance(data.get("artifacts"), list):
                 return data
-            has_vnni = bool(set(isa) & set(VNNI_ISA))
+            has_vnni = any(isinstance(word, str) and word in VNNI_ISA for word in isa)  # bad words: field error
             configs = {fmt: entry.config for fmt, entry in export_registry().items()}
             artifacts = []
             for artifact in data["artifacts"]:

@@ -185,6 +185,8 @@ def export_qdq(converted, example_inputs: tuple, path: Path, input_names: list[s
 def to_int8_torch(config, ctx: ExportContext, scratch: Path):
     """The static int8 QDQ ONNX made with the PT2E recipe: (ModelProto, recipe record)."""
     recipe = recipe_for(config)
+    if not ctx.calibration:
+        raise ExportError("onnx int8: no calibration samples", "give the spec real calibration inputs")
     training = ctx.model.training
     ctx.model.eval()
     try:

@@ -17,7 +17,8 @@ runs is exactly what its quantizer produced:
                 MatMul with a constant weight; Gemm nodes (2-D Linear) are rewritten to
                 MatMul + Add first so they qualify.
 
-int8 defaults (OnnxArtifact): uint8 activations, int8 per-channel weights, reduce_range, minmax.
+quantizer: onnxruntime (OnnxArtifact): uint8 activations, int8 per-channel weights, minmax;
+reduce_range from the profile's device.int8_isa (7-bit weights without VNNI), as for the torch path.
 Measured on the CI host (AMD EPYC, 2 cores, AVX2 without VNNI; shared, so absolute times are
 noisy), onnxruntime 1.32, 2 threads, interleaved runs; parity over 16 calibration + 16 held-out
 inputs. MobileNetV2 1.0 at 224 (models/mobilenet_v2.py), QDQ per-channel minmax, 64 photos:
@@ -41,7 +42,7 @@ default. Same effect on the trained digits CNN: 17.1 dB without, 41.0 dB with (u
 35.8 dB. The price is one bit of weight precision, which trained weights with outliers feel:
 the real EfficientNet-Lite0 (models/efficientnet_lite0.py) gives 8.8 dB / top-1 agreement 62%
 with reduce_range, 5.2 dB / 56% without (saturated), 14.3 dB / 84% in float emulation, and
-uint8/uint8 12.2 dB / 59% at 0.2x float speed. On a VNNI or ARM host set reduce_range: false.
+uint8/uint8 12.2 dB / 59% at 0.2x float speed. A VNNI profile (device.int8_isa) sets reduce_range: false.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The PT2E quantizers with edgepack's recipe changes: XNNPACKQuantizer (ExecuTorch),
-litert-torch's PT2EQuantizer (LiteRT) and the x86 one (XNNPACK's rules, onnxruntime's types), each with the chosen activation observer, conv/linear +
-ReLU6 clamp fusion and module names kept fp32 (quant/recipe.py says why)."""
+litert-torch's PT2EQuantizer (LiteRT) and the x86 one (XNNPACK's rules, onnxruntime's types),
+each with the chosen activation observer, conv/linear + ReLU6 clamp fusion and module names
+kept fp32 (quant/recipe.py says why)."""
 
 from __future__ import annotations
 
