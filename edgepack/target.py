@@ -96,7 +96,8 @@ def profile_model() -> type[BaseModel]:
             configs = {fmt: entry.config for fmt, entry in export_registry().items()}
             artifacts = []
             for artifact in data["artifacts"]:
-                config = configs.get(artifact.get("format")) if isinstance(artifact, dict) else None
+                fmt = artifact.get("format") if isinstance(artifact, dict) else None
+                config = configs.get(fmt) if isinstance(fmt, str) else None  # anything else: a field error
                 if (config is not None and "reduce_range" in config.model_fields and "reduce_range" not in artifact
                         and artifact.get("precision") in ("int8", "int8-dynamic")):
                     artifact = {**artifact, "reduce_range": not has_vnni}
