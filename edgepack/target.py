@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .export import registry as export_registry
 from .profile_sections import (  # noqa: F401 (re-exported: the profile's sections are part of its API)
     DEFAULT_FP32_TOLERANCE, GPU_CHECK_PRECISIONS, PRECISIONS, Arm64CheckSettings, Budgets, CpuSpec, DeviceSpec,
-    FallbackSettings, GpuCheckSettings, LatencySettings, ParitySettings, Precision, Tolerance, _Strict)
+    FallbackSettings, GpuCheckSettings, LatencySettings, ParitySettings, Precision, Tolerance, VNNI_ISA, _Strict)
 
 PROFILE_SCHEMA_VERSION = 1
 MAX_ERROR_LINES = 20  # a profile error lists at most this many problems
@@ -82,6 +82,28 @@ def profile_model() -> type[BaseModel]:
             if dupes:
                 raise ValueError(f"two artifacts write the same file {dupes}; give them distinct 'name's")
             return artifacts
+
+        @model_validator(mode="before")
+        @classmethod
+        def _weight_bits_follow_the_cpu_class(cls, data: Any) -> Any:
+            """An int8 artifact that takes reduce_range and does not set it gets the device's:
+            7-bit weights on an x86 class without VNNI (int8_isa given, no avx512_vnni/avx_vnni/
+            amx_int8), 8-bit with VNNI. The recipe follows the profile, never the build host."""
+            device = data.get("device") if isinstance(data, dict) else None
+            isa = device.get("int8_isa") if isinstance(device, dict) else None
+            if not isinstance(isa, list) or not isinstance(data.get("artifacts"), list):
+                return data
+            has_vnni = any(isinstance(word, str) and word in VNNI_ISA for word in isa)  # bad words: field error
+            configs = {fmt: entry.config for fmt, entry in export_registry().items()}
+            artifacts = []
+            for artifact in data["artifacts"]:
+                fmt = artifact.get("format") if isinstance(artifact, dict) else None
+                config = configs.get(fmt) if isinstance(fmt, str) else None  # anything else: a field error
+                if (config is not None and "reduce_range" in config.model_fields and "reduce_range" not in artifact
+                        and artifact.get("precision") in ("int8", "int8-dynamic")):
+                    artifact = {**artifact, "reduce_range": not has_vnni}
+                artifacts.append(artifact)
+            return {**data, "artifacts": artifacts}
 
         @model_validator(mode="after")
         def _tolerance_per_precision(self):

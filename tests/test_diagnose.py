@@ -53,7 +53,36 @@ def test_diagnosis_emulation_matches_the_converted_graph(hostile):
 
 
 def test_profile_recipe_is_the_artifacts_own():
-    """The diagnosis uses the recipe of the profile's int8 .pte, else its pt2e .tflite, else the default."""
+    """The diagnosis uses the recipe of the profile's int8 .pte, else its pt2e .tflite or torch-quantized
+    .onnx, else the default."""
     arm = profile_recipe(load_target("android-arm64"))
     assert arm.quantizer == "xnnpack" and arm.activation_observer == "mse" and arm.bias_correction
-    assert profile_recipe(load_target("x86-64")) == Recipe()
+    assert profile_recipe(load_target("x86-64")) == Recipe(quantizer="x86", weight_bits=8)
+    assert profile_recipe(load_target("x86-64-avx2")) == Recipe(quantizer="x86", weight_bits=7)
+    assert profile_recipe(load_target("android-gpu")) == Recipe()
+
+
+def test_x86_diagnosis_is_the_onnx_artifacts_recipe(hostile, tmp_path):
+    """x86-64's int8 .onnx is made by the PT2E recipe (x86 quantizer), so the diagnosis of that
+    recipe predicts what onnxruntime computes with the artifact."""
+    import onnxruntime as ort
+
+    from edgepack.export.base import ExportContext
+    from edgepack.export.onnx import export
+    from edgepack.quant.recipe import recipe_for
+
+    config = next(a for a in load_target("x86-64").artifacts if a.precision == "int8")
+    config = config.model_copy(update={"float_layers": ("hostile", "mix")})
+    calibration = list(hostile.calibration)
+    report = diagnose_pt2e(hostile.model, hostile.example_inputs, calibration, recipe_for(config), samples=8)
+    assert report["recipe"]["weight_bits"] == 8 and "x86" in report["recipe"]["quantizer"]
+    assert report["recipe"]["float_layers"] == ["hostile", "mix"]
+    result = export(config, ExportContext(model=hostile.model, example_inputs=hostile.example_inputs,
+                                          calibration=calibration, input_names=["image"], output_names=["logits"],
+                                          workdir=tmp_path))
+    session = ort.InferenceSession(str(result.files[0]), providers=["CPUExecutionProvider"])
+    samples = calibration[:8]
+    with torch.no_grad():
+        reference = [hostile.model(*x) for x in samples]
+    actual = [torch.from_numpy(session.run(None, {"image": x[0].numpy()})[0]) for x in samples]
+    assert sqnr(reference, actual) == pytest.approx(report["output"]["sqnr_db"], abs=1.0)

@@ -21,7 +21,7 @@ from edgepack.bundle import (ArtifactEntry, ArtifactIO, FileEntry, GoldenFiles, 
                              PackageInfo, ReferenceInfo, TargetInfo, write_manifest)
 from edgepack.intake import load_bundle_manifest
 from edgepack.errors import BundleError, ConfigError
-from edgepack.target import load_target, parse_profile
+from edgepack.target import _resolved_data, load_target, parse_profile
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -84,7 +84,7 @@ def mutations_of(draw, bases, keys=KEYS):
 # --- profiles ----------------------------------------------------------------------------------
 
 def _profile_bases() -> list[dict]:
-    shipped = [yaml.safe_load(p.read_text()) for p in sorted(TARGETS.glob("*.yaml"))]
+    shipped = [_resolved_data(p) for p in sorted(TARGETS.glob("*.yaml"))]  # extends: resolved
     every_stage = copy.deepcopy(yaml.safe_load((TARGETS / "android-arm64.yaml").read_text()))
     every_stage["stages"] = [
         {"type": "prune-unstructured", "amount": 0.3},
@@ -95,7 +95,7 @@ def _profile_bases() -> list[dict]:
         {"type": "qat", "epochs": 2, "freeze_observers_after": 1},
     ]
     every_stage["artifacts"].append({"name": "model", "format": "onnx", "precision": "int8",
-                                     "calibration_method": "entropy"})
+                                     "quantizer": "onnxruntime", "calibration_method": "entropy"})
     every_stage["budgets"] = {"max_bytes": 1_000_000, "max_latency_ms": 5}
     return shipped + [every_stage]
 

@@ -160,7 +160,8 @@ def test_int8_dynamic_form_keeps_what_applies_and_resets_static_only_settings():
     from edgepack.export.executorch import ExecuTorchArtifact
     from edgepack.export.tflite import TFLiteArtifact
 
-    onnx_config = OnnxArtifact(precision="int8", calibration_method="entropy", reduce_range=False, name="m")
+    onnx_config = OnnxArtifact(precision="int8", quantizer="onnxruntime", calibration_method="entropy",
+                               reduce_range=False, name="m")
     assert onnx_config.int8_dynamic_form() == OnnxArtifact(precision="int8-dynamic", reduce_range=False, name="m")
     pte = ExecuTorchArtifact(precision="int8", activation_observer="histogram", float_layers=("a",),
                              bias_correction=False, embeddings="int8")

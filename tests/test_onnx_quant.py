@@ -114,8 +114,9 @@ def tiny_mnv2(tmp_path_factory):
 
 def test_int8_defaults_are_the_measured_ones():
     config = OnnxArtifact(precision="int8")
-    assert (config.activation_type, config.weight_type, config.per_channel, config.reduce_range,
-            config.calibration_method, config.calibration_samples) == ("uint8", "int8", True, True, "minmax", 64)
+    assert (config.quantizer, config.activation_type, config.weight_type, config.per_channel, config.reduce_range,
+            config.calibration_method, config.calibration_samples) == ("torch", "uint8", "int8", True, True, "minmax", 64)
+    assert (config.activation_observer, config.fuse_clamp, config.bias_correction) == ("mse", True, True)
     assert OnnxArtifact(precision="int4-weight").group_size == 32
 
 
@@ -127,6 +128,11 @@ def test_int8_defaults_are_the_measured_ones():
     ({"precision": "int8", "activation_type": "int8", "weight_type": "uint8"}, "S8U8"),
     ({"precision": "int8", "calibration_samples": 0}, "calibration_samples"),
     ({"precision": "int8", "calibraton_method": "minmax"}, "unknown key"),
+    ({"precision": "int8", "calibration_method": "entropy"}, "calibration_method only applies to quantizer onnxruntime"),
+    ({"precision": "int8-dynamic", "quantizer": "onnxruntime"}, "quantizer only applies to precision int8"),
+    ({"precision": "int8", "quantizer": "onnxruntime", "float_layers": ["conv1"]},
+     "float_layers only applies to precision int8 with quantizer torch"),
+    ({"precision": "int8-dynamic", "bias_correction": False}, "bias_correction only applies to precision int8"),
     ({"precision": "int2"}, "precision"),
 ])
 def test_bad_onnx_options_fail_at_profile_load(tmp_path, artifact, message):
@@ -140,20 +146,43 @@ def test_bad_onnx_options_fail_at_profile_load(tmp_path, artifact, message):
 def test_profile_with_every_precision_round_trips(tmp_path):
     artifacts = [{"name": p.replace("-", "_"), "format": "onnx", "precision": p}
                  for p in ("fp32", "fp16", "int8", "int8-dynamic", "int4-weight")]
-    artifacts[2].update(calibration_method="percentile", per_channel=False, reduce_range=False)
+    artifacts[2].update(quantizer="onnxruntime", calibration_method="percentile", per_channel=False, reduce_range=False)
     artifacts[4].update(group_size=64)
     path = write_profile(tmp_path, "x86-64", name="every", artifacts=artifacts,
                          tolerances={p["precision"]: {"min_cosine": 0.9} for p in artifacts})
     profile = load_target(str(path))
     again = parse_profile(yaml.safe_load(dump_profile(profile)), "round-trip")
     # the same profile, read from text (where it was read from is not part of it)
-    assert again.model_dump() == profile.model_dump() and again.artifacts[4].group_size == 64
+    assert again.model_dump() == profile.model_dump() and again.sha256() == profile.sha256()
+    assert again.artifacts[4].group_size == 64 and again.artifacts[3].reduce_range is False  # VNNI class
 
 
 # -- int8 static ---------------------------------------------------------------------------
 
-def test_int8_static_digits_passes_and_keeps_accuracy(digits):
+def test_int8_static_digits_quantized_in_torch_passes_and_keeps_accuracy(digits):
     result = digits.export(precision="int8")
+    path = result.files[0]
+    parity = digits.parity(path, int8_tolerance())
+    assert parity.passed, parity.summary()
+    logits = parity.outputs[0]
+    assert logits.cosine_min > 0.999 and logits.sqnr_db > 30 and logits.top1_agreement == 1.0
+    recipe = result.details["quantization"]
+    assert recipe["method"].startswith("pt2e-ptq") and recipe["format"] == "QDQ"
+    assert (recipe["activation_type"], recipe["weight_type"], recipe["per_channel"]) == ("uint8", "int8", True)
+    assert recipe["activation_observer"] == "mse" and recipe["clamp_fusion"] and recipe["bias_correction"]
+    assert recipe["calibration_samples"] == 64 and recipe["quantized_op_counts"].get("Conv") == 2
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    activations = [types.get(n.output[0]) for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activations and set(activations) == {onnx.TensorProto.UINT8}  # the fast u8s8 kernels' input
+    assert path.stat().st_size < 0.3 * digits.float_bytes
+    float_top1 = digits.spec.evaluate(session_fn(digits.float_path))["top1"]
+    int8_top1 = digits.spec.evaluate(session_fn(path))["top1"]
+    assert abs(int8_top1 - float_top1) <= 0.01, (int8_top1, float_top1)
+
+
+def test_int8_static_digits_onnxruntime_quantizer_passes(digits):
+    result = digits.export(precision="int8", quantizer="onnxruntime")
     path = result.files[0]
     parity = digits.parity(path, int8_tolerance())
     assert parity.passed, parity.summary()
@@ -319,8 +348,8 @@ def test_int8_with_external_data_in_and_out(tmp_path):
 
 def test_int8_survives_symbolic_shape_inference_failing_on_an_l2_norm(tmp_path):
     model = Model(load_spec(str(TEST_MODELS / "l2_pooled.py")), tmp_path)
-    for precision in ("int8", "int8-dynamic"):
-        result = model.export(precision=precision)
+    for precision in ("int8", "int8-dynamic"):  # onnxruntime's quantizers run quant_pre_process
+        result = model.export(precision=precision, **({"quantizer": "onnxruntime"} if precision == "int8" else {}))
         preprocess = result.details["quantization"]["preprocess"]
         assert preprocess.startswith("quant_pre_process without symbolic shape inference (it failed: TypeError")
         report = model.parity(result.files[0], {"min_cosine": 0.99})

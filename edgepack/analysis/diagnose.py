@@ -25,7 +25,9 @@ whatever the producer's precision). On the shipped models the emulation matches 
 EfficientNet-Lite0's per-layer profile agrees with onnxruntime's QDQ model to 0.01 dB, and the
 emulated int8 output with the converted graph exactly.
 
-run_diagnosis() adds, for a profile with an int8 ONNX artifact, the onnxruntime QDQ profile
+An int8 ONNX artifact quantized in torch (the default) is made by this same recipe with the x86
+quantizer, so its diagnosis is this one. run_diagnosis() adds, for a profile whose int8 ONNX
+artifact uses onnxruntime's quantizer instead, the onnxruntime QDQ profile
 (analysis/qdq_profile.py), and writes diagnosis.json and the chart (analysis/charts.py).
 """
 
@@ -263,9 +265,11 @@ def diagnose_pt2e(model: nn.Module, example_inputs: InputTuple, calibration: Seq
 
 def profile_recipe(profile) -> Recipe:
     """The PT2E recipe of the profile's int8 .pte artifact, else of its int8 .tflite artifact
-    made by the pt2e quantizer (litert-torch's quantizer), else the default recipe."""
+    made by the pt2e quantizer (litert-torch's quantizer), else of its int8 .onnx artifact
+    quantized in torch (the x86 quantizer, weight bits of the profile's CPU class), else the
+    default recipe."""
     candidates = [c for c in profile.artifacts if c.format == "pte" and c.precision == "int8"]
-    candidates += [c for c in profile.artifacts if c.format == "tflite" and c.precision == "int8"
+    candidates += [c for c in profile.artifacts if c.format in ("tflite", "onnx") and c.precision == "int8"
                    and c.resolved_quantizer == "pt2e"]
     return recipe_for(candidates[0]) if candidates else Recipe()
 
@@ -299,7 +303,9 @@ def run_diagnosis(spec, profile, out_dir: Path, samples: int = DIAGNOSIS_SAMPLES
     report["margin_db"] = None if floor is None else round(report["output"]["sqnr_db"] - floor, 3)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_config = next((a for a in profile.artifacts if a.format == "onnx" and a.precision == "int8"), None)
+    # onnxruntime's own quantizer makes a different int8 model: profile that one along the network.
+    onnx_config = next((a for a in profile.artifacts if a.format == "onnx" and a.precision == "int8"
+                        and a.resolved_quantizer == "onnxruntime"), None)
     if onnx_config is not None:
         say("profiling the onnxruntime QDQ int8 model along the network")
         report["onnx_qdq"] = profile_onnx_recipe(model.eval(), spec, onnx_config, calibration, samples, out_dir)

@@ -3,7 +3,9 @@
 Precisions (every one starts from the float ONNX; the conversions live in onnx_quant.py):
   fp32          the float export itself.
   fp16          float16 weights and compute, float32 inputs/outputs.
-  int8          static QDQ int8, calibrated on the spec's calibration samples.
+  int8          static QDQ int8, calibrated on the spec's calibration samples: quantized in torch
+                with edgepack's PT2E recipe (onnx_qdq.py, the default) or by onnxruntime's
+                quantize_static (``quantizer: onnxruntime``, onnx_quant.py).
   int8-dynamic  int8 weights, activations quantized at run time (linear-heavy models).
   int4-weight   int4 block-wise MatMul weights (MatMulNBits), float activations.
 
@@ -17,27 +19,33 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from . import onnx_quant
+from . import onnx_qdq, onnx_quant
+from ..quant.recipe import RecipeOptions
 from .base import ArtifactConfig, ExportContext, ExportResult
 from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
 
-class OnnxArtifact(ArtifactConfig):
+class OnnxArtifact(ArtifactConfig, RecipeOptions):
     format: Literal["onnx"] = "onnx"
     precision: Literal["fp32", "fp16", "int8", "int8-dynamic", "int4-weight"] = "fp32"
     opset: int = Field(default=DEFAULT_OPSET, ge=17, le=23)
     external_data_mb: float = Field(default=1024.0, gt=0, description="weights above this go to model.onnx.data")
-    # int8 (static). Defaults measured on this project's 2-core AVX2 x86 host (no VNNI),
-    # onnxruntime 1.32, 2 threads; see onnx_quant.py for the figures.
+    # int8 (static). The torch quantizer is edgepack's PT2E recipe (activation_observer,
+    # fuse_clamp, bias_correction, float_layers; onnx_qdq.py has the measurements); onnxruntime
+    # is quantize_static (calibration_method, activation_type; onnx_quant.py).
+    quantizer: Literal["torch", "onnxruntime"] = Field(
+        default="torch", description="int8: quantize in torch with edgepack's PT2E recipe, or with onnxruntime's "
+                                     "quantize_static")
     calibration_samples: int = Field(default=64, ge=1, description="int8: cap on calibration inputs")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
-        default="minmax", description="int8: how activation ranges are chosen from the calibration outputs")
-    activation_type: Literal["uint8", "int8"] = Field(default="uint8", description="int8: activation integer type")
+        default="minmax", description="int8 with quantizer onnxruntime: how activation ranges are chosen")
+    activation_type: Literal["uint8", "int8"] = Field(
+        default="uint8", description="int8 with quantizer onnxruntime: activation integer type (torch: uint8)")
     # int8 and int8-dynamic.
     weight_type: Literal["int8", "uint8"] = Field(default="int8", description="int8/int8-dynamic: weight integer type")
     per_channel: bool = Field(default=True, description="int8/int8-dynamic: one weight scale per output channel")
-    reduce_range: bool = Field(default=True, description="int8/int8-dynamic: 7-bit weights (avoids int16 "
-                                                          "saturation in u8s8 kernels on CPUs without VNNI)")
+    reduce_range: bool = Field(default=True, description="int8/int8-dynamic: 7-bit weights (avoids int16 saturation "
+                               "in u8s8 kernels on CPUs without VNNI); a profile sets it from device.int8_isa")
     # int4-weight.
     group_size: int = Field(default=32, ge=16, le=4096, description="int4-weight: weights per scale (block size)")
 
@@ -61,9 +69,25 @@ class OnnxArtifact(ArtifactConfig):
         if self.activation_type == "int8" and self.weight_type == "uint8":
             raise ValueError("onnx int8 activations with uint8 weights (S8U8) have no onnxruntime kernels; "
                              "use weight_type int8")
+        if self.precision != "int8" and self.quantizer != defaults["quantizer"]:
+            raise ValueError(f"onnx quantizer only applies to precision int8 (got precision {self.precision})")
+        torch_int8 = self.precision == "int8" and self.quantizer == "torch"
+        for name in ("calibration_method", "activation_type", "weight_type"):
+            if torch_int8 and getattr(self, name) != defaults[name]:
+                raise ValueError(f"onnx {name} only applies to quantizer onnxruntime (the torch quantizer "
+                                 f"takes {defaults[name]}); set quantizer: onnxruntime")
+        self.check_recipe_options(torch_int8, "precision int8 with quantizer torch")
         return self
 
-    STATIC_INT8_ONLY = ("calibration_samples", "calibration_method", "activation_type")
+    STATIC_INT8_ONLY = ("calibration_samples", "calibration_method", "activation_type", "quantizer",
+                        "activation_observer", "fuse_clamp", "float_layers", "bias_correction")
+
+    @property
+    def resolved_quantizer(self) -> str | None:
+        """pt2e when edgepack's PT2E recipe makes this artifact (fallback and diagnosis apply)."""
+        if self.precision != "int8":
+            return None if self.precision == "fp32" else "onnxruntime"
+        return "pt2e" if self.quantizer == "torch" else "onnxruntime"
 
     @property
     def extension(self) -> str:
@@ -80,4 +104,6 @@ def export(config: OnnxArtifact, ctx: ExportContext) -> ExportResult:
                                   opset=config.opset, external_data_mb=config.external_data_mb)
         return ExportResult(files=files, runtime="onnxruntime",
                             details={"opset": config.opset, "external_data": len(files) > 1})
+    if config.precision == "int8" and config.quantizer == "torch":
+        return onnx_quant.export_converted(config, ctx, path, torch_int8=onnx_qdq.to_int8_torch)
     return onnx_quant.export_converted(config, ctx, path)

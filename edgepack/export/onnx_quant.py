@@ -1,12 +1,13 @@
 """ONNX precision conversions: the float ONNX -> fp16 / int8 static / int8 dynamic / int4 weights.
 
-Every path starts from the float export (the build's reference ONNX when its opset matches,
+Static int8 is quantized in torch by default (onnx_qdq.py: edgepack's PT2E recipe, exported as
+QDQ); ``quantizer: onnxruntime`` takes the int8 path below. Every path here starts from the float export (the build's reference ONNX when its opset matches,
 otherwise a fresh export_float_onnx) and uses onnxruntime's own tools, so what onnxruntime
 runs is exactly what its quantizer produced:
 
   fp16          onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True):
                 float16 weights and compute, float32 IO (a Cast at each edge).
-  int8          quant_pre_process (shape inference + ORT basic optimisation: BN folded into
+  int8          (quantizer: onnxruntime) quant_pre_process (shape inference + ORT basic optimisation: BN folded into
                 Conv, constants folded), then quantize_static, QDQ format, calibrated on
                 ctx.calibration (first ``calibration_samples``). onnxruntime fuses the QDQ
                 pairs into QLinearConv / QLinearMatMul / ... at load.
@@ -16,7 +17,8 @@ runs is exactly what its quantizer produced:
                 MatMul with a constant weight; Gemm nodes (2-D Linear) are rewritten to
                 MatMul + Add first so they qualify.
 
-int8 defaults (OnnxArtifact): uint8 activations, int8 per-channel weights, reduce_range, minmax.
+quantizer: onnxruntime (OnnxArtifact): uint8 activations, int8 per-channel weights, minmax;
+reduce_range from the profile's device.int8_isa (7-bit weights without VNNI), as for the torch path.
 Measured on the CI host (AMD EPYC, 2 cores, AVX2 without VNNI; shared, so absolute times are
 noisy), onnxruntime 1.32, 2 threads, interleaved runs; parity over 16 calibration + 16 held-out
 inputs. MobileNetV2 1.0 at 224 (models/mobilenet_v2.py), QDQ per-channel minmax, 64 photos:
@@ -40,7 +42,7 @@ default. Same effect on the trained digits CNN: 17.1 dB without, 41.0 dB with (u
 35.8 dB. The price is one bit of weight precision, which trained weights with outliers feel:
 the real EfficientNet-Lite0 (models/efficientnet_lite0.py) gives 8.8 dB / top-1 agreement 62%
 with reduce_range, 5.2 dB / 56% without (saturated), 14.3 dB / 84% in float emulation, and
-uint8/uint8 12.2 dB / 59% at 0.2x float speed. On a VNNI or ARM host set reduce_range: false.
+uint8/uint8 12.2 dB / 59% at 0.2x float speed. A VNNI profile (device.int8_isa) sets reduce_range: false.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -379,16 +381,22 @@ def to_int4_weight(config, source: Path):
 
 # -- entry point ----------------------------------------------------------------------------
 
-def export_converted(config, ctx: ExportContext, path: Path) -> ExportResult:
-    """Convert the float ONNX to ``config.precision`` and write it to ``path``."""
+def export_converted(config, ctx: ExportContext, path: Path, torch_int8: Callable | None = None) -> ExportResult:
+    """Convert the float ONNX to ``config.precision`` and write it to ``path``; static int8 is
+    ``torch_int8(config, ctx, scratch) -> (ModelProto, recipe)`` when given (quantized in torch)."""
     import onnx
 
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgepack-onnx-") as tmp:
         scratch = Path(tmp)
-        source = float_onnx(config, ctx, scratch)
+        source = None if torch_int8 else float_onnx(config, ctx, scratch)
         if config.precision == "fp16":
             model, recipe = to_fp16(source)
+        elif torch_int8:
+            model, recipe = torch_int8(config, ctx, scratch)
+            if recipe["calibration_samples"] < config.calibration_samples:
+                notes.append(f"calibrated on {recipe['calibration_samples']} samples "
+                             f"(cap {config.calibration_samples}): the spec has no more")
         elif config.precision == "int8":
             model, recipe = to_int8_static(config, source, scratch, ctx.calibration)
             if recipe["calibration_samples"] < config.calibration_samples:

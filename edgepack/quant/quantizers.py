@@ -1,6 +1,7 @@
-"""The PT2E quantizers with edgepack's recipe changes: XNNPACKQuantizer (ExecuTorch) and
-litert-torch's PT2EQuantizer (LiteRT), each with the chosen activation observer, conv/linear +
-ReLU6 clamp fusion and module names kept fp32 (quant/recipe.py says why)."""
+"""The PT2E quantizers with edgepack's recipe changes: XNNPACKQuantizer (ExecuTorch),
+litert-torch's PT2EQuantizer (LiteRT) and the x86 one (XNNPACK's rules, onnxruntime's types),
+each with the chosen activation observer, conv/linear + ReLU6 clamp fusion and module names
+kept fp32 (quant/recipe.py says why)."""
 
 from __future__ import annotations
 
@@ -231,7 +232,55 @@ def mark_float_layers(model: torch.fx.GraphModule, float_layers: Sequence[str]) 
     return marked
 
 
+def x86_quantization_config(*, per_channel: bool, activation_observer: str = DEFAULT_ACTIVATION_OBSERVER,
+                            weight_bits: int = 8) -> Any:
+    """The types onnxruntime's fast x86 int8 kernels (u8s8) take: uint8 affine per-tensor
+    activations, int8 symmetric weights per output channel (or per tensor), float bias.
+    ``weight_bits`` 7 narrows the weights to [-63, 63] (reduce_range, CPUs without VNNI).
+
+    Measured on EfficientNet-Lite0 (16 held-out views, Xeon with AVX-512 VNNI, onnxruntime,
+    2 threads): logits cosine min 0.995, SQNR 20.6 dB, top-1 16/16, 1.94x fp32 speed; int8
+    activations are as accurate but no faster than fp32 (0.98x), and 7-bit weights cost 4 dB."""
+    try:
+        from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+    except ImportError as exc:
+        raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
+    stock = _xnnpack_module().get_symmetric_quantization_config(is_per_channel=per_channel)
+    observer_class, arguments = observer_classes()[activation_observer]
+    act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                           is_dynamic=False, observer_or_fake_quant_ctr=observer_class.with_args(eps=2 ** -12,
+                                                                                                 **arguments))
+    weight = stock.weight
+    if weight_bits != 8:
+        limit = (1 << (weight_bits - 1)) - 1
+        weight = dataclasses.replace(weight, quant_min=-limit, quant_max=limit)
+    return QuantizationConfig(act, act, weight, stock.bias, False)
+
+
+def x86_quantizer(recipe: Recipe) -> Any:
+    """The clamp-fusing XNNPACKQuantizer (same annotation rules and float_layers filter) with
+    x86_quantization_config: the QDQ ONNX that onnxruntime runs on x86 (export/onnx_qdq.py)."""
+    if recipe.dynamic:
+        raise ValueError("the x86 quantizer is static int8 only (onnx int8-dynamic is onnxruntime's quantize_dynamic)")
+    quantizer = _quantizer_class()(fuse_clamp=recipe.fuse_clamp)
+    quantizer.set_global(x86_quantization_config(per_channel=recipe.per_channel,
+                                                 activation_observer=recipe.activation_observer,
+                                                 weight_bits=recipe.weight_bits))
+    if recipe.float_layers:
+        if not hasattr(quantizer, "set_filter_function"):
+            raise RuntimeUnavailable("keeping layers in fp32 (float_layers) needs ExecuTorch's XNNPACKQuantizer",
+                                     INSTALL_HINT)
+        from torchao.quantization.pt2e.quantizer import get_module_name_filter
+
+        filters = [get_module_name_filter(name) for name in recipe.float_layers]
+        quantizer.set_filter_function(lambda node: not any(f(node) for f in filters))
+    return quantizer
+
+
 def make_quantizer(recipe: Recipe) -> Any:
+    """The recipe's quantizer, configured: the one place a Recipe becomes a PT2E quantizer."""
+    if recipe.quantizer == "x86":
+        return x86_quantizer(recipe)
     if recipe.quantizer == "litert":
         return litert_quantizer(per_channel=recipe.per_channel, dynamic=recipe.dynamic,
                                 activation_observer=recipe.activation_observer, fuse_clamp=recipe.fuse_clamp,

@@ -76,12 +76,19 @@ DEFAULT_RECIPE_REASON = (
     "activation ranges, empirical bias correction; on EfficientNet-Lite0 (16 held-out views) this "
     "takes the .pte from 7/16 top-1 agreement, logit cosine 0.84 (stock XNNPACK recipe) to 16/16, "
     "0.997, and the .tflite from 6/16, 0.82 to 16/16, 0.997")
+# The same recipe for the x86 QDQ ONNX (export/onnx_qdq.py has the measurements).
+DEFAULT_ONNX_RECIPE_REASON = (
+    "measured default (export/onnx_qdq.py): the .pte/.tflite recipe with onnxruntime's x86 types (uint8 "
+    "activations, int8 per-channel weights); on EfficientNet-Lite0 (16 held-out views, AVX-512 VNNI host) this "
+    "takes logit cosine min from 0.774 (onnxruntime quantize_static, reduce_range) to 0.995, SQNR 8.1 -> 20.6 dB, "
+    "at the same speed")
 DEFAULT_BIAS_CORRECTION = True
 # Samples the bias correction runs in lockstep (float and int8 graph, all at once): memory
 # grows with it (EfficientNet-Lite0: ~15 MB per sample at the widest layer).
 BIAS_CORRECTION_MAX_SAMPLES = 32
-# Whose PT2E quantizer annotates each format's graph.
-QUANTIZER_FOR_FORMAT = {"pte": "xnnpack", "tflite": "litert"}
+# Whose PT2E quantizer annotates each format's graph ("x86": XNNPACK's annotation rules with
+# onnxruntime's x86 int8 types, for the QDQ ONNX; quantizers.py x86_quantizer).
+QUANTIZER_FOR_FORMAT = {"pte": "xnnpack", "tflite": "litert", "onnx": "x86"}
 # The options that change the numerics of the static recipe (granularity applies more widely).
 RECIPE_OPTIONS = ("activation_observer", "fuse_clamp", "float_layers", "bias_correction")
 
@@ -97,27 +104,29 @@ class Recipe:
     float_layers: tuple[str, ...] = ()
     calibration_samples: int = 64
     bias_correction: bool = DEFAULT_BIAS_CORRECTION
-    # Whose quantizer annotates the graph: XNNPACKQuantizer (ExecuTorch) or litert-torch's
-    # PT2EQuantizer (LiteRT); the recipe changes above apply to both.
-    quantizer: Literal["xnnpack", "litert"] = "xnnpack"
+    # Whose quantizer annotates the graph: XNNPACKQuantizer (ExecuTorch), litert-torch's
+    # PT2EQuantizer (LiteRT), or the x86 one (XNNPACK's rules, uint8 activations, for onnxruntime);
+    # the recipe changes above apply to all three.
+    quantizer: Literal["xnnpack", "litert", "x86"] = "xnnpack"
+    # 8, or 7 ([-63, 63], onnxruntime's reduce_range): x86 CPUs without VNNI add pairs of u8 x s8
+    # products in int16 with saturation (VPMADDUBSW); 7-bit weights keep the pair sums in range.
+    weight_bits: Literal[7, 8] = 8
 
     def __post_init__(self) -> None:
         if self.activation_observer not in ACTIVATION_OBSERVERS:
             raise ValueError(f"activation_observer {self.activation_observer!r}: "
                              f"expected one of {', '.join(ACTIVATION_OBSERVERS)}")
+        if self.weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits {self.weight_bits}: expected 7 or 8")
 
 
-class Int8Options(BaseModel):
-    """The int8 recipe options of an artifact config (.pte and .tflite share them).
-
-    Defaults are the measured recipe (module docstring); each format's config says when they
-    apply (``check_recipe_options``)."""
+class RecipeOptions(BaseModel):
+    """The PT2E recipe changes an artifact config may set (.pte, .tflite and the torch-quantized
+    .onnx share them). Defaults are the measured recipe (module docstring); each format's config
+    says when they apply (``check_recipe_options``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    granularity: Literal["per-channel", "per-tensor"] = Field(
-        default="per-channel", description="int8 weight scales: one per output channel, or one per tensor")
-    calibration_samples: int = Field(default=64, ge=1, description="int8: calibration inputs used (the first N)")
     activation_observer: ObserverName = Field(
         default="mse", description="int8: how activation ranges are chosen from the calibration data (mse "
                                    "measured best, quant/recipe.py; histogram = the stock quantizers' choice)")
@@ -145,20 +154,41 @@ class Int8Options(BaseModel):
             raise ValueError(f"{fmt} float_layers lists a module twice")
 
 
+class Int8Options(RecipeOptions):
+    """The int8 recipe options of a .pte or .tflite artifact config: the recipe changes, plus
+    weight granularity and the calibration sample cap (the .onnx config has its own names)."""
+
+    granularity: Literal["per-channel", "per-tensor"] = Field(
+        default="per-channel", description="int8 weight scales: one per output channel, or one per tensor")
+    calibration_samples: int = Field(default=64, ge=1, description="int8: calibration inputs used (the first N)")
+
+
 def recipe_for(config: Any) -> Recipe:
-    """The Recipe of a .pte or .tflite artifact config: the only config -> recipe mapping."""
-    return Recipe(per_channel=config.granularity == "per-channel", dynamic=config.precision == "int8-dynamic",
+    """The Recipe of a .pte, .tflite or (torch-quantized) .onnx artifact config: the only
+    config -> recipe mapping. The .onnx config's weight bits follow its reduce_range, which the
+    target profile sets from the device's CPU class (target.py)."""
+    if config.format == "onnx":
+        per_channel, weight_bits = config.per_channel, 7 if config.reduce_range else 8
+    else:
+        per_channel, weight_bits = config.granularity == "per-channel", 8
+    return Recipe(per_channel=per_channel, dynamic=config.precision == "int8-dynamic",
                   activation_observer=config.activation_observer, fuse_clamp=config.fuse_clamp,
                   float_layers=tuple(config.float_layers), calibration_samples=config.calibration_samples,
-                  bias_correction=config.bias_correction, quantizer=QUANTIZER_FOR_FORMAT[config.format])
+                  bias_correction=config.bias_correction, quantizer=QUANTIZER_FOR_FORMAT[config.format],
+                  weight_bits=weight_bits)
 
 
 def recipe_reason(config: Any) -> str:
     """Why this int8 recipe, for the manifest: the measured default, or the profile's choice."""
     if config.precision == "int8-dynamic":
         return "int8-dynamic: activations quantized at run time, no calibration"
-    changed = config.changed_options(("activation_observer", "fuse_clamp", "bias_correction", "granularity"))
-    reason = DEFAULT_RECIPE_REASON if not changed else f"set in the profile: {', '.join(changed)}"
+    changed = config.changed_options(tuple(name for name in ("activation_observer", "fuse_clamp", "bias_correction",
+                                                             "granularity") if name in type(config).model_fields))
+    default = DEFAULT_ONNX_RECIPE_REASON if config.format == "onnx" else DEFAULT_RECIPE_REASON
+    reason = default if not changed else f"set in the profile: {', '.join(changed)}"
+    if config.format == "onnx":
+        reason += ("; 7-bit weights (reduce_range, for CPUs without VNNI)" if config.reduce_range
+                   else "; 8-bit weights (no reduce_range: CPUs with VNNI)")
     if config.float_layers:
         reason += f"; {len(config.float_layers)} layer(s) kept fp32 (float_layers)"
     return reason
@@ -208,4 +238,10 @@ def recipe_record(recipe: Recipe, used: int, reason: str | None = None) -> dict:
     record["bias_correction"] = bool(recipe.bias_correction and not recipe.dynamic)
     if recipe.quantizer == "litert":
         record["quantizer"] = "litert_torch PT2EQuantizer.get_symmetric_quantization_config"
+    elif recipe.quantizer == "x86":
+        record["quantizer"] = "XNNPACKQuantizer annotation, onnxruntime x86 int8 types (quant/quantizers.py)"
+        record["activations"] = "uint8 affine per-tensor, static (calibrated)"
+        record["weight_bits"] = recipe.weight_bits
+    if recipe.weight_bits == 7:
+        record["weights"] = "int8 symmetric [-63, 63] (7-bit: reduce_range, x86 without VNNI)"
     return record
