@@ -143,9 +143,9 @@ def test_minilm_names_a_missing_weights_package(monkeypatch, minilm):
 
 @pytest.mark.slow
 def test_minilm_builds_for_x86_with_the_shipped_profile(tmp_path):
-    """Static int8 breaks this transformer (QDQ ONNX cosine min 0.22); x86-64's on_static_int8_failure:
-    dynamic ships the int8-dynamic ONNX instead, and it tracks float on held-out sentences (measured:
-    cosine min 0.984, 17.9 dB, mean embedding cosine 0.992, 0.25x the float bytes). ~90 s."""
+    """Static int8 breaks this transformer (QDQ ONNX cosine min 0.22 with onnxruntime's quantizer,
+    0.78 with the shared torch recipe); x86-64's on_static_int8_failure: dynamic ships the
+    int8-dynamic ONNX instead, and it tracks float on held-out sentences. ~90 s."""
     proc = run_cli("build", str(MODELS / "minilm_sentence.py"), "--target", "x86-64", "--out", str(tmp_path),
                    "--json", "--quiet", "--no-zip", "--no-repro-check", "--set", "latency.runs=20",
                    "--set", "latency.comparison_rounds=2")
@@ -153,7 +153,8 @@ def test_minilm_builds_for_x86_with_the_shipped_profile(tmp_path):
     fp32, int8 = json.loads(proc.stdout)["artifacts"]
     assert fp32["accuracy"]["embedding_cosine_min"] > 0.9999
     assert int8["precision"] == "int8-dynamic" and int8["size"]["ratio_to_float"] < 0.3
-    assert int8["export"]["dynamic_fallback"]["tried"][0]["parity"]["cosine_min"] < 0.5  # static: broken
+    static = int8["export"]["dynamic_fallback"]["tried"][0]
+    assert static["status"] == "parity-failed" and static["parity"]["cosine_min"] < 0.9  # static: broken
     assert int8["accuracy"]["embedding_cosine_mean"] > 0.99 and int8["parity"]["outputs"][0]["cosine_min"] > 0.98
 
 
