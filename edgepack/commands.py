@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .cache import BuildCache
 from .errors import EdgepackError
+from .measure import process_age_seconds
 from .tables import (arm64_table, bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest,
                      validation_table)
 from .terminal import BuildProgress, Terminal, previous_timings
@@ -30,6 +31,7 @@ def cmd_build(args, term: Terminal) -> int:
     profiles = [load_target(target, settings=args.set) for target in targets]
     for profile in profiles:
         check_installed(profile)  # before loading the spec: a missing extra is named at once
+    startup_seconds = process_age_seconds()  # the build's wall time starts with the process
     started = time.perf_counter()
     spec = load_spec(args.spec)
     spec_seconds = time.perf_counter() - started
@@ -39,7 +41,9 @@ def cmd_build(args, term: Terminal) -> int:
     for target, profile in zip(targets, profiles):
         if len(profiles) > 1 and not args.quiet:
             term.err.print(f"[bold]{spec.name} for {profile.name}[/] ({len(results) + 1}/{len(profiles)})")
-        results.append(_build_one(args, term, spec, target, profile, spec_seconds if not results else None))
+        first = not results
+        results.append(_build_one(args, term, spec, target, profile, spec_seconds if first else None,
+                                  startup_seconds if first else None))
     term.bundle_dir = results[0].bundle_dir if len(results) == 1 else \
         results[0].bundle_dir.with_name("+".join(r.manifest.target.name for r in results))
     if args.json:
@@ -48,7 +52,8 @@ def cmd_build(args, term: Terminal) -> int:
     return max(r.exit_code for r in results)
 
 
-def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: float | None):
+def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: float | None,
+               startup_seconds: float | None = None):
     from .pipeline import BuildOptions, build, bundle_path
 
     dest = bundle_path(Path(args.out), spec.name, profile.name)
@@ -63,7 +68,8 @@ def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: f
                            "skips that[/]")
     options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=progress,
                            check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug,
-                           cache=None if args.no_cache else BuildCache.from_env(), spec_seconds=spec_seconds)
+                           cache=None if args.no_cache else BuildCache.from_env(), spec_seconds=spec_seconds,
+                           startup_seconds=startup_seconds)
     try:
         result = build(spec, profile, str(target) + "".join(f" --set {s}" for s in args.set or []), options)
     finally:

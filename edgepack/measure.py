@@ -31,6 +31,20 @@ def zip_bytes(paths: list[Path]) -> int:
     return len(buffer.getvalue())
 
 
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Python's start and every import included), from
+    /proc/self/stat's start time and /proc/uptime; None where /proc is not there."""
+    import os
+
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def tree_pss_mb(root_pid: int | None = None) -> float:
     """Proportional set size (MB) of a process and all its descendants (/proc/<pid>/smaps_rollup;
     shared pages counted once across the tree). 0.0 where /proc does not say."""

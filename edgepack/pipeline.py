@@ -62,6 +62,8 @@ class BuildOptions:
     cache: BuildCache | None = None
     # Seconds the caller spent loading the spec (the first step of the manifest's timings).
     spec_seconds: float | None = None
+    # seconds from the process's start to reading the profile (the CLI: Python, imports, profiles)
+    startup_seconds: float | None = None
 
 
 @dataclass
@@ -87,8 +89,10 @@ class _Builder:
         self.profile_source = profile_source
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.findings = Findings(debug=options.debug)
-        self.timings: list[dict[str, Any]] = (
-            [] if options.spec_seconds is None else [{"step": "loading the spec", "seconds": round(options.spec_seconds, 2)}])
+        self.timings: list[dict[str, Any]] = [
+            {"step": step, "seconds": round(seconds, 2)}
+            for step, seconds in (("starting edgepack (Python, imports) and reading the profile", options.startup_seconds),
+                                  ("loading the spec", options.spec_seconds)) if seconds is not None]
         self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
         self.arm64_off = profile.arm64_check.enabled and arm64_switched_off()  # a bad value fails before any work
         self._step_started: tuple[str, float] | None = None

@@ -162,6 +162,8 @@ def test_several_targets_in_one_run_share_the_spec_and_the_reference(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifests = json.loads(proc.stdout)
     assert [m["target"]["name"] for m in manifests] == ["x86-64", "x86-64-lean"]
+    assert [t["step"] for t in manifests[0]["timings"][:2]] == [
+        "starting edgepack (Python, imports) and reading the profile", "loading the spec"]
     assert manifests[1]["timings"][0]["step"] != "loading the spec"  # loaded once, for the first
     assert proc.stderr.count("float reference: cached") == 1  # made by the first target, reused by the second
     assert (tmp_path / "dist" / "two-io" / "x86-64+x86-64-lean.log").is_file()

@@ -28,3 +28,14 @@ def test_tree_pss_counts_children_and_the_peak_holds():
         child.wait()
     assert memory.peak_mb >= alone + 250  # the child's 300 MB, touched, count for the tree
     assert memory.record()["samples"] >= 2 and "smaps_rollup" in memory.record()["method"]
+
+
+def test_process_age_counts_from_the_process_start():
+    """A build's first step is the time from the process's start (Python and imports): a child
+    that sleeps 0.5 s before asking must report at least that, and well under a minute."""
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(0.5); from edgepack.measure import process_age_seconds as a; print(a())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= age < 60
