@@ -41,34 +41,22 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _thread_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"{text!r}: give between 1 and 1024 threads")
-    return value
+def _whole_number(low: int, high: int, hint: str):
+    """An argparse type: a whole number in [low, high], else an error saying ``hint``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: {hint}")
+        return value
+    return parse
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count of at least 1")
-    return value
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"{text!r}: give between 0 and 10 retries")
-    return value
+_thread_count = _whole_number(1, 1024, "give between 1 and 1024 threads")
+_count = _whole_number(1, 1_000_000, "give a count of at least 1")
+_retries = _whole_number(0, 10, "give between 0 and 10 retries")
 
 
 def _cpu_list(text: str) -> list[str]:

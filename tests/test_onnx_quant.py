@@ -159,13 +159,19 @@ def test_profile_with_every_precision_round_trips(tmp_path):
 
 # -- int8 static ---------------------------------------------------------------------------
 
-def test_int8_static_digits_quantized_in_torch_passes_and_keeps_accuracy(digits):
-    result = digits.export(precision="int8")
+def _int8_digits_passing(digits, **config):
+    """Export digits static int8 with ``config``; it must pass int8 parity tightly. Returns (result, path)."""
+    result = digits.export(precision="int8", **config)
     path = result.files[0]
     parity = digits.parity(path, int8_tolerance())
     assert parity.passed, parity.summary()
     logits = parity.outputs[0]
     assert logits.cosine_min > 0.999 and logits.sqnr_db > 30 and logits.top1_agreement == 1.0
+    return result, path
+
+
+def test_int8_static_digits_quantized_in_torch_passes_and_keeps_accuracy(digits):
+    result, path = _int8_digits_passing(digits)
     recipe = result.details["quantization"]
     assert recipe["method"].startswith("pt2e-ptq") and recipe["format"] == "QDQ"
     assert (recipe["activation_type"], recipe["weight_type"], recipe["per_channel"]) == ("uint8", "int8", True)
@@ -182,12 +188,7 @@ def test_int8_static_digits_quantized_in_torch_passes_and_keeps_accuracy(digits)
 
 
 def test_int8_static_digits_onnxruntime_quantizer_passes(digits):
-    result = digits.export(precision="int8", quantizer="onnxruntime")
-    path = result.files[0]
-    parity = digits.parity(path, int8_tolerance())
-    assert parity.passed, parity.summary()
-    logits = parity.outputs[0]
-    assert logits.cosine_min > 0.999 and logits.sqnr_db > 30 and logits.top1_agreement == 1.0
+    result, path = _int8_digits_passing(digits, quantizer="onnxruntime")
     recipe = result.details["quantization"]
     assert recipe["method"] == "onnxruntime.quantize_static" and recipe["format"] == "QDQ"
     assert (recipe["activation_type"], recipe["weight_type"], recipe["per_channel"]) == ("uint8", "int8", True)
