@@ -61,6 +61,23 @@ def test_a_guest_crash_is_a_signal_not_a_hang(guest):
     assert done.returncode < 0 and qemu.ended_by(done.returncode).startswith("signal 11")
 
 
+# What ExecuTorch's aarch64 runtime does when it loads a .pte: reserve 1 GiB at a hint of ~2 TiB.
+# Under the instruction counter's repeatable flags (-R: guest mappings in qemu's reserved range)
+# qemu 10 aborts on a hint above that range (page_find_range_empty: Assertion `min <= max').
+HINTED_MMAP = ("import ctypes; libc = ctypes.CDLL(None); libc.mmap.restype = ctypes.c_void_p; "
+               "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, "
+               "ctypes.c_long]; p = libc.mmap(0x20a2c000000, 1 << 30, 3, 0x22 | 0x4000, -1, 0); "
+               "print('mapped' if p not in (None, ctypes.c_void_p(-1).value) else 'refused')")
+
+
+@pytest.mark.slow
+def test_a_hinted_mapping_above_128_gib_runs_under_the_repeatable_flags(guest):
+    done = qemu.run(guest.command("cortex-a76", ["-c", HINTED_MMAP], deterministic=True), env=guest.environment(),
+                    timeout_s=300, what="hinted mmap")
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout.strip() == "mapped"
+
+
 @pytest.mark.slow
 def test_pins_come_from_the_bundle_toolchain(guest):
     pins = arm64_python.runtime_pins({"numpy": "2.4.6", "ai-edge-litert": "2.3.0", "torch": "2.13.0+cpu",

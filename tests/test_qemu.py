@@ -55,7 +55,7 @@ def test_the_command_pins_the_cpu_model_and_repeatable_runs():
     emulator = qemu.Qemu(binary=qemu.Path("/q/qemu-aarch64"), version="qemu-aarch64 version 10.0.2")
     command = emulator.command("cortex-a76", qemu.Path("/root"), ["/root/usr/bin/python3.11", "-c", "pass"],
                                deterministic=True)
-    assert command == ["/q/qemu-aarch64", "-cpu", "cortex-a76", "-L", "/root", "-seed", "1", "-R", "0x2000000000",
+    assert command == ["/q/qemu-aarch64", "-cpu", "cortex-a76", "-L", "/root", "-seed", "1", "-R", "0x400000000000",
                        "/root/usr/bin/python3.11", "-c", "pass"]
     with pytest.raises(EmulatorUnavailable, match="no CPU model 'cortex-a99'"):
         emulator.command("cortex-a99", qemu.Path("/root"), [])
