@@ -7,7 +7,6 @@ or interrupted build never leaves half a bundle and never removes the last good 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -378,10 +377,10 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2). Returns False where unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
+    try:  # the symbols this process already has (libc's among them): find_library("c") runs ldconfig
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is None:
         return False
