@@ -185,6 +185,9 @@ class EmulatedArm64Run(_Strict):
     bit_identical: bool | None = None  # outputs equal the build host's (golden/<file>.outputs.npz), every value
     host_agreement: dict[str, Any] | None = None  # per output: identical, max_abs_diff, mismatched_values
     seconds: dict[str, Any] | None = None  # wall time of the emulated run, labelled: not device time
+    # with a build cache: hit (the outputs were stored by an earlier run and judged again here), key,
+    # when and on which host the run was emulated (its seconds are that run's)
+    cache: dict[str, Any] | None = None
 
 
 class EmulatedArm64Check(_Strict):
