@@ -14,6 +14,7 @@ MAX_ACCURACY_DROP_PTS = 1.0
 MAX_MOBILENET_RSS_MB = 2048.0   # parallel fleet builds on one 24 GB machine need each under 2 GB
 MAX_DIGITS_WALL_S = 30.0        # digits, a cold build (an empty build cache)
 MAX_WARM_WALL_S = 10.0          # the same build again: every export a cache hit
+MIN_TIMINGS_COVERAGE = 0.95     # the manifest's per-step timings, summed, over the build's measured wall
 MAX_BUILD_X_PT2E = 1.0          # android-arm64 cold build / the plain PT2E int8 .pte + .tflite conversions
 PT2E_PEERS = ("pte-int8-pt2e", "tflite-int8-pt2e")
 
@@ -146,6 +147,15 @@ def check_targets(result: dict) -> list[dict]:
             add(label, verdict(warm["wall_s"] <= MAX_WARM_WALL_S and bool(warm["cache_hit"]) and warm["same_payload"]),
                 f"{warm['wall_s']:.1f} s wall (cold {p['wall_s']:.1f} s), cache hit {warm['cache_hit']}, "
                 f"same payload_sha256 {warm['same_payload']}")
+
+    # 7b: the manifest's step timings account for the build's wall time, cold and warm.
+    for p in pipeline:
+        label = f"step timings cover >= {MIN_TIMINGS_COVERAGE:.0%} of wall, cold and warm: {p['model']} {p['target']}"
+        shares = [p.get("timings_coverage"), (p.get("warm") or {}).get("timings_coverage")]
+        if None in shares:
+            add(label, "SKIP", "no manifest, or a run from before coverage was recorded")
+        else:
+            add(label, verdict(min(shares) >= MIN_TIMINGS_COVERAGE), f"cold {shares[0]:.1%}, warm {shares[1]:.1%}")
 
     # 8: an android-arm64 cold build (parity, latency, the speed comparison, the reproducibility check)
     # against what a user spends on the plain PT2E int8 conversions alone (their export seconds,

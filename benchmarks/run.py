@@ -152,6 +152,12 @@ def resolve_targets(names: list[str], args, workdir: Path) -> dict[str, dict]:
 
 # --------------------------------------------------------------------------- per model
 
+def timings_coverage(manifest: dict, wall_s: float) -> float | None:
+    """The share of a build's wall time (measured around its process) its manifest's steps account for."""
+    timings = manifest.get("timings") or []
+    return round(sum(float(t.get("seconds") or 0) for t in timings) / wall_s, 3) if timings and wall_s else None
+
+
 class ModelRun:
     """Everything measured for one model: builds, baseline exports, latency block."""
 
@@ -212,7 +218,7 @@ class ModelRun:
                 row.update(status="error", reason=m.failure_reason())
             else:
                 row.update(status=manifest["status"], failures=manifest.get("failures", []),
-                           warnings=manifest.get("warnings", []))
+                           warnings=manifest.get("warnings", []), timings_coverage=timings_coverage(manifest, m.wall_s))
                 if manifest.get("failures"):
                     row["reason"] = "; ".join(f.splitlines()[0] for f in manifest["failures"])
                 self.manifests[target] = manifest
@@ -227,6 +233,7 @@ class ModelRun:
                 again = warm.json_stdout() or {}
                 row["warm"] = {"wall_s": warm.wall_s, "peak_mb": warm.peak_mb,
                                "cache_hit": (again.get("cache") or {}).get("hit"),
+                               "timings_coverage": timings_coverage(again, warm.wall_s),
                                "same_payload": (again.get("package") or {}).get("payload_sha256")
                                == (manifest.get("package") or {}).get("payload_sha256")}
                 say(f"  {target}: again, warm cache: {warm.wall_s:.1f} s, hit {row['warm']['cache_hit']}, "

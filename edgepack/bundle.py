@@ -7,7 +7,6 @@ or interrupted build never leaves half a bundle and never removes the last good 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -186,6 +185,9 @@ class EmulatedArm64Run(_Strict):
     bit_identical: bool | None = None  # outputs equal the build host's (golden/<file>.outputs.npz), every value
     host_agreement: dict[str, Any] | None = None  # per output: identical, max_abs_diff, mismatched_values
     seconds: dict[str, Any] | None = None  # wall time of the emulated run, labelled: not device time
+    # with a build cache: hit (the outputs were stored by an earlier run and judged again here), key,
+    # when and on which host the run was emulated (its seconds are that run's)
+    cache: dict[str, Any] | None = None
 
 
 class EmulatedArm64Check(_Strict):
@@ -378,10 +380,10 @@ _AT_FDCWD = -100
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2). Returns False where unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
+    try:  # the symbols this process already has (libc's among them): find_library("c") runs ldconfig
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is None:
         return False

@@ -15,6 +15,10 @@ builds wanting one key produce it once, the second waits and reads it. A key nam
 that can change the output (edgepack's own source, toolchain versions, the model's float ONNX
 bytes, the inputs, the artifact's settings); nothing else is trusted. Above the size cap the
 least recently used entries are removed after each store (``EDGEPACK_CACHE_MAX_GB``, default 10).
+
+Host measurements (latency) go through ``measured``, a runtime's outputs on fixed inputs through
+``replayed``: keyed by this host as well (its name, CPU model and count), a hit returns what was
+stored with when and where it was measured or run.
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .emulators.debian import cache_root
+from .provenance import host_info
 
 RECORD = "record.json"
 DEFAULT_MAX_GB = 10.0
@@ -121,6 +128,70 @@ def model_fingerprint(model: Any) -> dict[str, str]:
             sources.update(Path(path).read_bytes())
     return {"weights": weights_digest(model), "structure": hashlib.sha256(repr(model).encode()).hexdigest(),
             "sources": sources.hexdigest()}
+
+
+def stamp(seconds: float) -> str:
+    """A cache record's time as UTC ISO 8601, for the manifest."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def computed(cache: "BuildCache | None", kind: str, parts: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON-able result, once per key: for what is a pure function of ``parts``
+    (and edgepack's source, in every key) but costs imports or work a cached build need not pay."""
+    if cache is None:
+        return compute()
+    with cache.claim(kind, cache.key({**parts, "kind": kind})) as slot:
+        if slot.entry is None:
+            slot.store([], {"result": compute()})
+    return slot.entry.record["result"]
+
+
+def _host_key() -> dict[str, Any]:
+    host = host_info()
+    return {"node": platform.node(), "cpu": host.get("cpu"), "cpu_count": host.get("cpu_count"),
+            "machine": host.get("machine")}
+
+
+def measured(cache: "BuildCache | None", kind: str, parts: dict[str, Any], measure: Callable[[], dict[str, Any]]
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(figures, cache note): ``measure()`` run once per key on this host, its JSON-able figures
+    stored; a later build with the same ``parts`` on the same host reuses them. The note (None
+    without a cache) says hit, key, when (measured_at) and where (host) they were measured."""
+    if cache is None:
+        return measure(), None
+    key = cache.key({**parts, "kind": kind, "host": _host_key()})
+    with cache.claim(kind, key) as slot:
+        if slot.entry is None:
+            slot.store([], {"figures": measure(), "host": platform.node()})
+    record = slot.entry.record
+    return record["figures"], {"hit": slot.hit, "key": key, "measured_at": stamp(record["created"]),
+                               "host": record.get("host")}
+
+
+def replayed(cache: "BuildCache | None", kind: str, parts: dict[str, Any],
+             run: Callable[[], tuple[dict[str, Any], dict[str, Any]]]
+             ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """(record, arrays, cache note) of ``run()``: a runtime's outputs on fixed inputs (arrays by
+    name, stored as an .npz) and a JSON-able record. They are a function of the artifact's bytes,
+    the runtime and this host's CPU, so with the same ``parts`` on this host they are read back
+    instead of run again; the note says hit, key, when (run_at) and where (host) they were made."""
+    import numpy as np
+
+    if cache is None:
+        return (*run(), None)
+    key = cache.key({**parts, "kind": kind, "host": _host_key()})
+    with cache.claim(kind, key) as slot:
+        if slot.entry is None:
+            record, arrays = run()
+            with tempfile.TemporaryDirectory(prefix="edgepack-replay-") as scratch:
+                path = Path(scratch) / "arrays.npz"
+                np.savez(path, **arrays)
+                slot.store([path], {"result": record, "host": platform.node()})
+    with np.load(slot.entry.files[0], allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    record = slot.entry.record
+    return record["result"], arrays, {"hit": slot.hit, "key": key, "run_at": stamp(record["created"]),
+                                      "host": record.get("host")}
 
 
 @dataclass
@@ -256,3 +327,49 @@ class BuildCache:
         if self.root.exists():
             shutil.rmtree(self.root)
         return count
+
+
+# --- what a build takes from the cache besides exports, and what its manifest says of it ------
+
+def cached_model_stats(cache: BuildCache | None, model: Any, example: tuple) -> dict[str, int]:
+    """modelstats.model_stats (parameters, bytes, MACs), cached by the model's fingerprint and the
+    example: the MAC count's first use of torch's FLOP counter imports 1-2.5 s of torch (measured
+    on the build host) that a cached build needs nowhere else."""
+    from .modelstats import model_stats
+    from .provenance import toolchain_versions
+
+    if cache is None:
+        return model_stats(model, example)
+    return computed(cache, "modelstats", {"model": model_fingerprint(model), "toolchain": toolchain_versions(),
+                                          "example": digest_arrays([[t.detach().cpu().numpy() for t in example]])},
+                    lambda: model_stats(model, example))
+
+
+def cache_summary(cache: BuildCache | None, exports: list[dict[str, Any]],
+                  latency: list[dict[str, Any]]) -> dict[str, Any]:
+    """manifest.cache. hit: every export came from the cache; latency: each host latency figure,
+    reused (hit) or measured in this build (latency_log)."""
+    if cache is None:
+        return {"enabled": False, "hit": False, "exports": []}
+    return {"enabled": True, "directory": str(cache.root), "hit": bool(exports) and all(e["hit"] for e in exports),
+            "exports": exports, "latency": latency}
+
+
+def latency_log(reference: dict[str, Any], artifacts: list) -> list[dict[str, Any]]:
+    """Per latency figure of a manifest (the float reference's, each artifact's, each comparison
+    with fp32): whether it came from the cache and when it was measured."""
+    found = [("float reference", reference.get("cache"))]
+    for art in artifacts:
+        latency = art.latency or {}
+        found += [(art.file, latency.get("cache")),
+                  (f"{art.file} vs fp32", (latency.get("float_comparison") or {}).get("cache"))]
+    return [{"what": what, "hit": note["hit"], "measured_at": note["measured_at"]} for what, note in found if note]
+
+
+def with_arm64_runs(summary: dict[str, Any], records: dict) -> dict[str, Any]:
+    """manifest.cache with ``arm64_runs``: per emulated run (file, CPU model), reused or run here."""
+    if not summary.get("enabled"):
+        return summary
+    return {**summary, "arm64_runs": [{"file": file, "cpu": run.cpu, "hit": run.cache["hit"],
+                                       "emulated_at": run.cache["emulated_at"]}
+                                      for file, record in records.items() for run in record.runs if run.cache]}

@@ -208,6 +208,30 @@ CAPTURED = {"build", "diagnose", "validate", "fleet"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. From the command line (argv None), `build` then ends the
+    process itself (see _exit_now)."""
+    code = _main(argv)
+    if argv is None and next((a for a in sys.argv[1:] if not a.startswith("-")), None) == "build":
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Flush, run the exit handlers (the runtime servers stop, temp files go), and end without
+    Python's teardown of the modules a build imported: after the manifest is written, time no
+    step can record. A process that had imported torch, ExecuTorch's exporter and litert-torch
+    took 5.5-9.0 s to exit normally and 0.05-0.15 s this way (2 shared cores, load ~18)."""
+    import atexit
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     from .commands import COMMANDS
     from .terminal import Terminal
 

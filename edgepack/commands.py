@@ -34,7 +34,8 @@ def cmd_build(args, term: Terminal) -> int:
     startup_seconds = process_age_seconds()  # the build's wall time starts with the process
     started = time.perf_counter()
     spec = load_spec(args.spec)
-    spec_seconds = time.perf_counter() - started
+    spec_loaded = time.perf_counter()
+    spec_seconds = spec_loaded - started
     for note in spec.notes:
         term.err.print(f"[yellow]note:[/] {escape(note)}")
     results = []
@@ -43,7 +44,7 @@ def cmd_build(args, term: Terminal) -> int:
             term.err.print(f"[bold]{spec.name} for {profile.name}[/] ({len(results) + 1}/{len(profiles)})")
         first = not results
         results.append(_build_one(args, term, spec, target, profile, spec_seconds if first else None,
-                                  startup_seconds if first else None))
+                                  startup_seconds if first else None, spec_loaded if first else None))
     term.bundle_dir = results[0].bundle_dir if len(results) == 1 else \
         results[0].bundle_dir.with_name("+".join(r.manifest.target.name for r in results))
     if args.json:
@@ -53,7 +54,7 @@ def cmd_build(args, term: Terminal) -> int:
 
 
 def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: float | None,
-               startup_seconds: float | None = None):
+               startup_seconds: float | None = None, clock_start: float | None = None):
     from .pipeline import BuildOptions, build, bundle_path
 
     dest = bundle_path(Path(args.out), spec.name, profile.name)
@@ -69,7 +70,7 @@ def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: f
     options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=progress,
                            check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug,
                            cache=None if args.no_cache else BuildCache.from_env(), spec_seconds=spec_seconds,
-                           startup_seconds=startup_seconds)
+                           startup_seconds=startup_seconds, clock_start=clock_start)
     try:
         result = build(spec, profile, str(target) + "".join(f" --set {s}" for s in args.set or []), options)
     finally:
@@ -83,7 +84,7 @@ def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: f
     counted = f" ({len(manifest.warnings)} warning{'s' if len(manifest.warnings) != 1 else ''})" \
         if manifest.warnings else ""
     took = f" in {progress.elapsed:.1f} s" if progress is not None else ""
-    cached = ", every export cached" if manifest.cache.get("hit") else ""
+    cached = _cached_note(manifest.cache)
     if result.exit_code:
         for message in result.messages:
             term.err.print(f"[bold red]failed:[/] {escape(message)}")
@@ -92,6 +93,21 @@ def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: f
         term.err.print(f"[green]bundle:[/] {result.bundle_dir}" + (f"  zip: {result.zip_path}" if result.zip_path else "")
                        + took + cached + counted)
     return result
+
+
+def _cached_note(cache: dict) -> str:
+    """What a build took from the build cache, for its last line: every export, and the host
+    latency and emulated arm64 runs when all of them came from it too."""
+    if not cache.get("hit"):
+        return ""
+    parts = ["every export"]
+    latency = cache.get("latency") or []
+    if latency and all(entry["hit"] for entry in latency):
+        parts.append(f"host latency (measured {min(entry['measured_at'] for entry in latency)})")
+    runs = cache.get("arm64_runs") or []
+    if runs and all(run["hit"] for run in runs):
+        parts.append(f"{len(runs)} emulated arm64 run{'s' if len(runs) != 1 else ''}")
+    return ", cached: " + ", ".join(parts)
 
 
 def cmd_diagnose(args, term: Terminal) -> int:

@@ -5,8 +5,8 @@ Order in a build (pipeline.py):
     manifest = builder.run(staged, scratch)     # writes staged/manifest.json
     install_kit(staged)                          # staged/device/{validate.py, run_android.sh, README.md}
     seal_bundle(staged)                          # manifest.package: every file's sha256 + payload_sha256
+    write_zip(staged, out / f"{model}-{target}.zip")   # pipeline.py: ZipWriter, payload before the last manifest
     commit_dir(staged, final)
-    write_zip(final, out / f"{model}-{target}.zip")
 
 manifest.json records host latency measured in each build, so two builds of the same model
 give different manifests and zips. ``payload_sha256`` covers every other file of the bundle,
@@ -15,6 +15,7 @@ so two builds whose artifacts and golden data are byte-identical give the same p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -143,13 +144,10 @@ def zip_payload_sha256(archive: zipfile.ZipFile, prefix: str = "") -> str:
     return digest.hexdigest()
 
 
-def seal_bundle(bundle_dir: Path, timings: list[dict[str, Any]] | None = None) -> Manifest:
-    """Record every payload file's sha256, the kit and payload_sha256 in manifest.package (and
-    append ``timings``, the steps that ran after the manifest was first written)."""
+def seal_bundle(bundle_dir: Path) -> Manifest:
+    """Record every payload file's sha256, the kit and payload_sha256 in manifest.package."""
     root = Path(bundle_dir)
     manifest = Manifest.model_validate_json((root / MANIFEST).read_text())
-    if timings:
-        manifest = manifest.model_copy(update={"timings": list(manifest.timings) + timings})
     names = bundle_files(root)
     files = [bundle_mod.file_entry(root / name, root) for name in names]
     kit = [name for name in names if name.startswith(KIT_DIR + "/")]
@@ -201,43 +199,82 @@ def _zip_names(root: Path) -> list[str]:
 def write_zip(bundle_dir: Path, zip_path: Path, root_name: str | None = None) -> ZipResult:
     """Write the bundle as a deterministic zip, atomically.
 
-    Entries sit under one top folder (``root_name``, default the zip's stem), sorted by path,
-    dated 1980-01-01 00:00:00, mode 0644 (0755 for *.sh), deflated at level 9, no directory
+    Entries sit under one top folder (``root_name``, default the zip's stem), listed sorted by
+    path, dated 1980-01-01 00:00:00, mode 0644 (0755 for *.sh), deflated at level 9, no directory
     entries and no extra fields, so the same bundle always gives the same bytes.
     """
-    root = Path(bundle_dir)
-    zip_path = Path(zip_path)
-    prefix = (root_name if root_name is not None else zip_path.stem).strip("/")
-    if not prefix or ".." in PurePosixPath(prefix).parts:
-        raise BundleError(f"{zip_path}: unusable top folder name {prefix!r}", "pass another zip name")
-    names = _zip_names(root)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = zip_path.parent / f".{zip_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    digest = _PayloadDigest()
+    writer = ZipWriter(bundle_dir, zip_path, root_name)
     try:
-        with open(temp, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_COMPRESSLEVEL) as archive:
-                for name in names:
-                    path = root / name
-                    size = path.stat().st_size
-                    info = zipfile.ZipInfo(f"{prefix}/{name}", date_time=ZIP_DATE_TIME)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    _set_compress_level(info, ZIP_COMPRESSLEVEL)
-                    info.create_system = 3  # unix, so the mode bits below are honoured by unzip
-                    info.external_attr = (stat.S_IFREG | _mode_for(name)) << 16
-                    info.file_size = size
-                    with archive.open(info, "w", force_zip64=size >= ZIP64_THRESHOLD) as out:
-                        for chunk in _chunks(path):
-                            out.write(chunk)
-                    if name != MANIFEST:
-                        digest.add(name, _chunks(path), size)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(temp, zip_path)
+        writer.add_payload()
+        return writer.close()
     finally:
-        temp.unlink(missing_ok=True)
-    return ZipResult(path=zip_path, bytes=zip_path.stat().st_size, sha256=bundle_mod.sha256_file(zip_path),
-                     payload_sha256=digest.hexdigest(), entries=len(names))
+        writer.abort()
+
+
+class ZipWriter:
+    """write_zip in two parts, so a build can compress its payload (nearly all of a zip's time)
+    in a timed step before its last manifest write, and add manifest.json after it:
+
+        writer = ZipWriter(bundle, zip_path); writer.add_payload()   # every file but manifest.json
+        ... write the final manifest.json ...
+        writer.close()                                               # adds it; the zip lands whole
+        writer.abort()                                               # (in a finally) no temp left
+
+    manifest.json is stored last; the central directory lists every entry sorted by path."""
+
+    def __init__(self, bundle_dir: Path, zip_path: Path, root_name: str | None = None) -> None:
+        self.root, self.zip_path = Path(bundle_dir), Path(zip_path)
+        self.prefix = (root_name if root_name is not None else self.zip_path.stem).strip("/")
+        if not self.prefix or ".." in PurePosixPath(self.prefix).parts:
+            raise BundleError(f"{zip_path}: unusable top folder name {self.prefix!r}", "pass another zip name")
+        self.zip_path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = self.zip_path.parent / f".{self.zip_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.raw = open(self.temp, "wb")
+        self.archive = zipfile.ZipFile(self.raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_COMPRESSLEVEL)
+        self.digest = _PayloadDigest()
+
+    def _add(self, name: str) -> None:
+        path = self.root / name
+        size = path.stat().st_size
+        info = zipfile.ZipInfo(f"{self.prefix}/{name}", date_time=ZIP_DATE_TIME)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        _set_compress_level(info, ZIP_COMPRESSLEVEL)
+        info.create_system = 3  # unix, so the mode bits below are honoured by unzip
+        info.external_attr = (stat.S_IFREG | _mode_for(name)) << 16
+        info.file_size = size
+        with self.archive.open(info, "w", force_zip64=size >= ZIP64_THRESHOLD) as out:
+            for chunk in _chunks(path):
+                out.write(chunk)
+        if name != MANIFEST:
+            self.digest.add(name, _chunks(path), size)
+
+    def add_payload(self) -> None:
+        """Every file the manifest vouches for (checked against its sha256), manifest.json aside."""
+        for name in _zip_names(self.root):
+            if name != MANIFEST:
+                self._add(name)
+
+    def close(self) -> ZipResult:
+        """Add manifest.json as it is now, sort the listing, and put the zip in place."""
+        self._add(MANIFEST)
+        self.archive.filelist.sort(key=lambda info: info.filename)  # the central directory, by path
+        self.archive.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
+        self.raw.close()
+        os.replace(self.temp, self.zip_path)
+        entries = len(self.archive.filelist)
+        return ZipResult(path=self.zip_path, bytes=self.zip_path.stat().st_size,
+                         sha256=bundle_mod.sha256_file(self.zip_path), payload_sha256=self.digest.hexdigest(),
+                         entries=entries)
+
+    def abort(self) -> None:
+        """Remove the temp file if the zip was not put in place (harmless after close)."""
+        if not self.raw.closed:
+            with contextlib.suppress(Exception):
+                self.archive.close()
+            self.raw.close()
+        self.temp.unlink(missing_ok=True)
 
 
 def _set_compress_level(info: zipfile.ZipInfo, level: int) -> None:

@@ -24,7 +24,8 @@ import torch
 from . import bundle as bundle_mod
 from . import package
 from .bundle import ArtifactIO, GoldenInfo, Manifest, ModelInfo, ReferenceInfo, TargetInfo, stack_samples
-from .cache import BuildCache, digest_arrays, digest_files, model_fingerprint
+from .cache import (BuildCache, cache_summary, cached_model_stats, digest_arrays, digest_files, latency_log,
+                    model_fingerprint, with_arm64_runs)
 from .compress import run_stages
 from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
                      RuntimeCheckError, UntraceableModel)
@@ -32,15 +33,14 @@ from .export import RUNTIME_FOR_FORMAT
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
 from .measure import PeakTreePss, latency_summary
-from .modelstats import model_stats
 from .parity import compare
 from .quant.calibrate import shared_calibration
 from .provenance import edgepack_version, host_info, host_matches, toolchain_versions
 from .runtimes import forkserver
-from .runtimes.session import RuntimeSession
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
 from .stage import StageContext, torch_outputs_fn
-from .steps.judge import ArtifactJudge, Findings, Reference, metrics
+from .steps.judge import ArtifactJudge, Findings, Reference
+from .steps.runs import metrics, run_reference, torch_outputs as run_torch
 from .steps.arm64_check import check_bundle, switched_off as arm64_switched_off
 from .steps.speed import compare_with_float
 
@@ -64,6 +64,9 @@ class BuildOptions:
     spec_seconds: float | None = None
     # seconds from the process's start to reading the profile (the CLI: Python, imports, profiles)
     startup_seconds: float | None = None
+    # time.perf_counter() when the caller's timed steps ended (the spec loaded): the build's first
+    # step starts there, so no time falls between the steps of the manifest's timings
+    clock_start: float | None = None
 
 
 @dataclass
@@ -90,28 +93,29 @@ class _Builder:
         self.threads = min(profile.device.threads, os.cpu_count() or 1)
         self.findings = Findings(debug=options.debug)
         self.timings: list[dict[str, Any]] = [
-            {"step": step, "seconds": round(seconds, 2)}
+            {"step": step, "seconds": round(seconds, 3)}
             for step, seconds in (("starting edgepack (Python, imports) and reading the profile", options.startup_seconds),
                                   ("loading the spec", options.spec_seconds)) if seconds is not None]
         self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
         self.arm64_off = profile.arm64_check.enabled and arm64_switched_off()  # a bad value fails before any work
-        self._step_started: tuple[str, float] | None = None
+        self._step_started: tuple[str, float] | None = ("preparing the build (cache, staging directory)",
+                                                         options.clock_start or time.perf_counter())
         self.score_outputs = list(spec.score_outputs) if spec.score_outputs is not None else None
         # evaluate is user code: whatever it raises becomes a SpecError naming it.
         self.evaluate = guarded_evaluate(spec.evaluate, spec.source or spec.name) if spec.evaluate else None
 
     def say(self, message: str) -> None:
         check_interrupted()
-        self._lap(message)
+        self.lap(message)
         if self.options.progress:
             self.options.progress(message)
 
-    def _lap(self, next_step: str | None) -> None:
+    def lap(self, next_step: str | None) -> None:
         """Close the step in progress (its wall time goes to the manifest's timings)."""
         now = time.perf_counter()
         if self._step_started is not None:
             name, started = self._step_started
-            self.timings.append({"step": name, "seconds": round(now - started, 2)})
+            self.timings.append({"step": name, "seconds": round(now - started, 3)})
         self._step_started = (next_step, now) if next_step is not None else None
 
     def _reference(self, model, example, directory: Path, input_names, output_names) -> list[Path]:
@@ -124,6 +128,7 @@ class _Builder:
                          "example": digest_arrays([as_numpy(example)]), "toolchain": toolchain_versions()})
         with cache.claim("reference", key) as slot:
             if slot.entry is None:
+                forkserver.prestart("onnxruntime", self.threads)  # its import overlaps the export
                 files = export_float_onnx(model, example, directory / "reference.onnx", input_names, output_names)
                 slot.store(files, {})
                 return files
@@ -170,9 +175,10 @@ class _Builder:
     def _run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
         self.say("reading the spec's calibration and held-out samples")
-        for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
-                                                         if not a.device_only]):
-            forkserver.prestart(runtime, self.threads)
+        if self.options.cache is None:  # with a cache, each server starts when an export misses (judge.py)
+            for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
+                                                             if not a.device_only]):
+                forkserver.prestart(runtime, self.threads)
         torch.manual_seed(0)
         np.random.seed(0)
         example = spec.example_inputs
@@ -212,11 +218,10 @@ class _Builder:
             self.findings.warnings.append(
                 "parity ran on calibration samples only: the spec gives no held-out samples, so the parity "
                 "figures show how the artifact does on the data it was calibrated on; add `holdout` to the spec")
-        with RuntimeSession("onnxruntime", ref_files[0], self.threads, self.options.runtime_timeout_s) as ref:
-            reference = [ref.run(x) for x in parity_inputs]
-            ref_bench = ref.bench(parity_inputs[0], profile.latency.warmup, profile.latency.runs)
-            ref_version = ref.info.get("version", "")
-        torch_outputs = [[o.numpy() for o in torch_outputs_fn(model)(s)] for s in parity_samples]
+        self.say("running the float reference on the parity set and comparing it with torch")
+        reference, ref_version, ref_bench, ref_cache = run_reference(
+            self.options.cache, ref_files, parity_inputs, self.threads, self.options.runtime_timeout_s, profile.latency)
+        torch_outputs = run_torch(self.options.cache, model, parity_samples, parity_inputs)
         fp32_tol = profile.tolerance_for("fp32").model_dump()
         torch_parity = compare(reference, torch_outputs, fp32_tol, output_names, self.score_outputs, masks)
         if not torch_parity.passed:
@@ -246,7 +251,8 @@ class _Builder:
                               findings=self.findings, say=self.say, threads=self.threads,
                               timeout_s=self.options.runtime_timeout_s, keep_going=self.options.keep_going,
                               check_reproducible=self.options.check_reproducible, evaluate=self.evaluate,
-                              score_outputs=self.score_outputs, cache=self.options.cache, cache_parts=cache_parts)
+                              score_outputs=self.score_outputs, cache=self.options.cache, cache_parts=cache_parts,
+                              evaluate_key=spec.source_sha256 or None)
         artifacts = []
         for index, config in enumerate(profile.artifacts):
             self.step(f"artifact:{config.file_name}")
@@ -260,10 +266,12 @@ class _Builder:
         self.step("float-comparison")
         self.float_baselines = compare_with_float(judge, list(profile.artifacts), artifacts, scratch)
 
-        self._lap(None)
-        base_stats = model_stats(spec.model, example)
+        self.lap("assembling the manifest (model statistics, host, toolchain)")
+        base_stats = cached_model_stats(self.options.cache, spec.model, example)
         ref_lat = latency_summary(ref_bench["times_ms"])
         ref_lat.update({"threads": self.threads, "warmup": profile.latency.warmup})
+        if ref_cache is not None:
+            ref_lat["cache"] = ref_cache
         manifest = Manifest(
             status="passed" if not self.findings.failures else "failed",
             failures=self.findings.failures,
@@ -288,7 +296,7 @@ class _Builder:
             toolchain=toolchain_versions(),
             host=_host(profile),
             timings=self.timings,
-            cache=_cache_summary(self.options.cache, judge.cache_log),
+            cache=cache_summary(self.options.cache, judge.cache_log, latency_log(ref_lat, artifacts)),
         )
         return manifest
 
@@ -299,16 +307,13 @@ class _Builder:
         settings = self.profile.arm64_check
         if not settings.enabled:
             return manifest
-        before = len(self.timings)
         try:
             records = check_bundle(staged, manifest, settings, say=self.say, floats=self.float_baselines,
                                    progress=self.options.progress or (lambda message: None), passed_only=True,
-                                   off=self.arm64_off)
+                                   off=self.arm64_off, cache=self.options.cache)
         except RuntimeCheckError as exc:
             self.findings.fail(f"on emulated arm64: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
             records = {}
-        self._lap(None)
-        arm64_timings = self.timings[before:]
         artifacts = []
         for art in manifest.artifacts:
             record = records.get(art.file) if art.file else None
@@ -324,10 +329,16 @@ class _Builder:
                     ("opt-in", "its build status", "switched off")):  # asked for, or recorded elsewhere
                 self.findings.warnings.append(f"{art.file}: arm64 check skipped: {record.reason}")
             artifacts.append(art.model_copy(update=update))
-        manifest = manifest.model_copy(update={
+        return manifest.model_copy(update={
             "artifacts": artifacts, "failures": list(self.findings.failures), "warnings": list(self.findings.warnings),
             "status": "passed" if not self.findings.failures else "failed",
-            "timings": list(manifest.timings) + arm64_timings})
+            "cache": with_arm64_runs(manifest.cache, records)})
+
+    def finish(self, staged: Path, manifest: Manifest) -> Manifest:
+        """Close the last step and write the manifest with every step's wall time. What follows
+        (this write, the zip's manifest entry, the rename into place, the exit) is not in it."""
+        self.lap(None)
+        manifest = manifest.model_copy(update={"timings": list(self.timings)})
         package.write_manifest_atomic(staged, manifest)
         return manifest
 
@@ -335,13 +346,6 @@ class _Builder:
 def _host(profile) -> dict[str, Any]:
     host = host_info()
     return {**host, "matches_target": host_matches(profile.device, host)}
-
-
-def _cache_summary(cache: BuildCache | None, log: list[dict[str, Any]]) -> dict[str, Any]:
-    if cache is None:
-        return {"enabled": False, "hit": False, "exports": []}
-    return {"enabled": True, "directory": str(cache.root), "hit": bool(log) and all(e["hit"] for e in log),
-            "exports": log}
 
 
 def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
@@ -381,7 +385,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
     except OSError as exc:
         raise EdgepackError(f"{dest.parent}: cannot write the bundle there: {exc.strerror or exc}",
                             "choose a writable --out directory") from exc
-    zip_staged = None
+    zip_staged = zipper = zip_path = None
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-") as scratch:
             try:
@@ -389,27 +393,33 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
             except OSError as exc:
                 raise _scratch_full(exc, Path(scratch), dest.parent) or exc
             builder.step("package")
-            started = time.perf_counter()
+            builder.lap("packaging: device kit, checksums")
             package.install_kit(staged)
-            manifest = package.seal_bundle(staged, [{"step": "packaging: device kit, checksums",
-                                                     "seconds": round(time.perf_counter() - started, 2)}])
+            manifest = package.seal_bundle(staged)
             # still inside the scratch directory: the instruction counts read its fp32 baselines
             builder.step("arm64")
             manifest = builder.check_on_arm64(staged, manifest)
-        final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
-        zip_path = None
+            builder.lap("removing scratch files")
         if options.write_zip and manifest.status == "passed":
-            # Zipped from the staged copy (a concurrent build cannot swap the directory mid-zip) to a
-            # temp name, and put in place only once the directory is: both land, or neither.
+            # From the staged copy (no concurrent build swaps it mid-zip), in place only once the directory
+            # is; the payload is compressed before the last manifest write, so the timings include it.
+            builder.lap("writing the zip (deflate level 9)")
             zip_path = Path(options.out_dir) / f"{spec.name}-{profile.name}.zip"
             zip_staged = zip_path.with_name(f".{zip_path.name}.tmp-{os.getpid()}-{staged.name[-8:]}")
-            package.write_zip(staged, zip_staged, root_name=zip_path.stem)
+            zipper = package.ZipWriter(staged, zip_staged, root_name=zip_path.stem)
+            zipper.add_payload()
+        manifest = builder.finish(staged, manifest)
+        final = dest if manifest.status == "passed" else dest.with_name(dest.name + ".failed")
+        if zipper is not None:
+            zipper.close()
         builder.step("commit")
         bundle_mod.commit_dir(staged, final)
         if zip_staged is not None:
             os.replace(zip_staged, zip_path)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
+        if zipper is not None:
+            zipper.abort()
         if zip_staged is not None:
             zip_staged.unlink(missing_ok=True)
         if not model_dir_existed:

@@ -45,9 +45,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEPACK_CACHE", Path.home() / ".cache" / "edgepack"))
 
 
+SPLIT = ("x_train", "y_train", "x_test", "y_test")
+
+
 @lru_cache(maxsize=1)
 def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test); x is float32 [N, 1, 24, 24] in [0, 1]."""
+    """(x_train, y_train, x_test, y_test); x is float32 [N, 1, 24, 24] in [0, 1]. Made from
+    scikit-learn's digits on first use and cached as safetensors beside the weights: importing
+    scikit-learn (and scipy) took 1-2 s of every build's spec loading on the build host."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / f"digits_split-seed{SEED}-holdout{HOLDOUT_FRACTION}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return tuple(stored[name] for name in SPLIT)
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -57,7 +68,12 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))
     n_test = int(len(labels) * HOLDOUT_FRACTION)
     test, train = order[:n_test], order[n_test:]
-    return images[train].contiguous(), labels[train], images[test].contiguous(), labels[test]
+    split = (images[train].contiguous(), labels[train], images[test].contiguous(), labels[test])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(dict(zip(SPLIT, split)), str(tmp))
+    os.replace(tmp, path)
+    return split
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = EPOCHS, seed: int = SEED,

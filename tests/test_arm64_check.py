@@ -23,18 +23,24 @@ from edgepack.target import Arm64CheckSettings, parse_profile
 UNREACHABLE = "http://127.0.0.1:9"
 
 
+def _build_digits(tmp, out: str, *extra: str):
+    proc = run_cli("build", "models/digits_cnn.py", "--target", str(tmp / "arm64-check.yaml"), "--out", str(tmp / out),
+                   "--json", "--quiet", "--no-repro-check", *extra,
+                   env={"EDGEPACK_ARM64_CHECK": "on", "EDGEPACK_BUILD_CACHE": str(tmp / "cache")})  # conftest: off, off
+    return proc, json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """`edgepack build models/digits_cnn.py --target android-arm64` (16 golden samples), zip included."""
+    """`edgepack build models/digits_cnn.py --target android-arm64` (16 golden samples), zip included,
+    with a build cache of its own (tmp/cache)."""
     tmp = tmp_path_factory.mktemp("digits-arm64")
     data = yaml.safe_load((TARGETS / "android-arm64.yaml").read_text())
     data.update(name="arm64-check", parity={"calibration_samples": 8, "holdout_samples": 8})
-    profile = tmp / "arm64-check.yaml"
-    profile.write_text(yaml.safe_dump(data, sort_keys=False))
-    proc = run_cli("build", "models/digits_cnn.py", "--target", str(profile), "--out", str(tmp / "dist"), "--json",
-                   "--quiet", "--no-repro-check", env={"EDGEPACK_ARM64_CHECK": "on"})  # conftest's default is off
+    (tmp / "arm64-check.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    proc, manifest = _build_digits(tmp, "dist")
     assert proc.returncode == 0, proc.stderr
-    return tmp / "dist" / "digits-cnn" / "arm64-check", json.loads(proc.stdout)
+    return tmp / "dist" / "digits-cnn" / "arm64-check", manifest
 
 
 def test_the_build_validates_the_tflite_on_two_emulated_cpu_models(digits):
@@ -61,6 +67,42 @@ def test_the_build_validates_the_tflite_on_two_emulated_cpu_models(digits):
     pte = by_file["model.pte"]["emulated_arm64"]
     assert pte["status"] == "skipped" and pte["reason"].startswith("opt-in: ExecuTorch under emulation")
     assert not any("arm64" in w for w in manifest["warnings"])  # an opt-in left out is not a warning
+
+
+def test_a_rebuild_judges_the_cached_emulated_runs_again(digits):
+    """The same build again: no qemu run (each run's outputs come from the build cache and are judged
+    again), latency reused, the payload byte-identical; tolerances changed: the cached outputs are
+    judged by the new thresholds, not the old verdict reused."""
+    bundle, cold = digits
+    tmp = bundle.parent.parent.parent
+    proc, warm = _build_digits(tmp, "dist-warm")
+    assert proc.returncode == 0, proc.stderr
+    assert warm["package"]["payload_sha256"] == cold["package"]["payload_sha256"]
+    assert warm["cache"]["hit"] and all(e["hit"] for e in warm["cache"]["latency"])
+    assert [(r["cpu"], r["hit"]) for r in warm["cache"]["arm64_runs"]] == [("cortex-a53", True), ("cortex-a76", True)]
+    assert [(r["cpu"], r["hit"]) for r in cold["cache"]["arm64_runs"]] == [("cortex-a53", False), ("cortex-a76", False)]
+    warm_runs = {a["file"]: a for a in warm["artifacts"]}["model.tflite"]["emulated_arm64"]["runs"]
+    cold_runs = {a["file"]: a for a in cold["artifacts"]}["model.tflite"]["emulated_arm64"]["runs"]
+    for run, before in zip(warm_runs, cold_runs):
+        assert run["status"] == "passed" and run["bit_identical"] and run["cache"]["hit"]
+        assert run["cache"]["emulated_at"] == before["cache"]["emulated_at"] and run["seconds"] == before["seconds"]
+        assert run["parity"] == before["parity"] and run["features"] == before["features"]
+    assert not any("running model.tflite under qemu" in t["step"] for t in warm["timings"])
+    assert any("cached emulated run" in t["step"] for t in warm["timings"])
+
+    # stricter thresholds on the recorded artifact: the same cached outputs, judged again, now fail
+    manifest = load_bundle_manifest(bundle)
+    strict = manifest.model_copy(update={"artifacts": [
+        a.model_copy(update={"parity": {**a.parity, "thresholds": {**a.parity["thresholds"], "min_sqnr_db": 90.0}}})
+        if a.file == "model.tflite" else a for a in manifest.artifacts]})
+    from edgepack.cache import BuildCache
+
+    records = check_bundle(bundle, strict, Arm64CheckSettings(), say=lambda m: None, only="model.tflite",
+                           cache=BuildCache(tmp / "cache"))
+    runs = records["model.tflite"].runs
+    assert records["model.tflite"].status == "failed" and all(r.cache["hit"] for r in runs)
+    assert all(r.parity["thresholds"]["min_sqnr_db"] == 90.0 and not r.parity["passed"] for r in runs)
+    assert all(r.bit_identical for r in runs)  # the outputs are the same; only the verdict changed
 
 
 def test_validate_arm64_rechecks_from_the_bundle_and_its_zip(digits):

@@ -174,12 +174,22 @@ class ForkServer:
 
     def stop(self, kill: bool = False) -> None:
         """End the server (closing its socket makes it kill and reap any worker it still has)."""
+        if self.begin_stop(kill):
+            self.end_stop()
+
+    def begin_stop(self, kill: bool = False) -> bool:
+        """Ask the server to end, without waiting; False when it is not this process's to stop. A
+        server still importing its runtime has forked nothing: it is killed instead of waited for
+        (ExecuTorch's import would otherwise hold the build's exit for seconds)."""
         if self.stopped or self.owner != os.getpid():  # a forked copy of our process does not own it
-            return
+            return False
         self.stopped = True
         self._control.close()
-        if kill:
+        if kill or not self.ready:
             self.process.kill()
+        return True
+
+    def end_stop(self) -> None:
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -256,9 +266,11 @@ def fork_server_pids() -> list[int]:
 
 
 def stop_fork_servers() -> None:
-    """Stop every fork server this process started (also done at exit)."""
-    for server in [*_SERVERS.values(), *_RETIRED]:
-        server.stop()
+    """Stop every fork server this process started (also done at exit): all asked at once, then
+    each waited for, so their exits overlap."""
+    stopping = [server for server in [*_SERVERS.values(), *_RETIRED] if server.begin_stop()]
+    for server in stopping:
+        server.end_stop()
     _SERVERS.clear()
     _RETIRED.clear()
 

@@ -26,6 +26,14 @@ inference. LiteRT and ExecuTorch counts repeat to the instruction; onnxruntime s
 thread at import and its window moved by up to 192 of 381,726 instructions between runs
 (``spread`` records it).
 
+With a build cache (a build's, never `validate --arm64`'s), each emulated run's raw outputs and
+the kit's report are stored under a key naming everything they are a function of: the artifact's
+bytes, its golden inputs and IO, the kit's bytes, the guest (qemu version and package, the arm64
+Python, the wheels' versions), the CPU model and the thread count. A rebuild with the same key
+runs nothing under qemu and judges the stored outputs again with this build's thresholds and
+golden data, so changed tolerances re-judge rather than reuse a verdict; the run's ``cache``
+says it was a hit, when and where it was emulated. Instruction counts are not cached.
+
 EDGEPACK_ARM64_CHECK=off (switched_off) makes a build record every artifact it would have run as
 skipped, without setting anything up: the test suite's default, so that a test building an
 Android profile for another reason pays no emulator; `validate --arm64` is an explicit request and
@@ -36,12 +44,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
 from ..bundle import ArtifactEntry, EmulatedArm64Check, EmulatedArm64Run, Manifest, sha256_file
+from ..cache import BuildCache, stamp
 from ..emulators import arm64_python, qemu, qemu_counting
 from ..errors import BundleError, ConfigError, EmulatorUnavailable, RuntimeCheckError
 from ..export import RUNTIME_FOR_FORMAT
@@ -73,13 +83,14 @@ def _runnable(art: ArtifactEntry) -> bool:
 
 def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str], None],
                  floats: dict[str, Path] | None = None, only: str | None = None,
-                 progress: Callable[[str], None] | None = None, passed_only: bool = False, off: bool = False
-                 ) -> dict[str, EmulatedArm64Check]:
+                 progress: Callable[[str], None] | None = None, passed_only: bool = False, off: bool = False,
+                 cache: BuildCache | None = None) -> dict[str, EmulatedArm64Check]:
     """settings: the profile's Arm64CheckSettings (cpus, runtimes, identical, counting, required).
     floats: format -> an fp32 sibling to count against when the bundle ships none; progress: where
     the set-up's lines go (a line per download; default: say); passed_only: leave out artifacts
     the build already failed (their failure is recorded once); off: record what would run as
-    skipped (EDGEPACK_ARM64_CHECK=off) and set nothing up."""
+    skipped (EDGEPACK_ARM64_CHECK=off) and set nothing up; cache: the build cache for the emulated
+    runs' outputs (None: run every one)."""
     records: dict[str, EmulatedArm64Check] = {}
     chosen = []
     for art in manifest.artifacts:
@@ -111,7 +122,7 @@ def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str
     with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as scratch:
         for art in chosen:
             golden = Golden.load(root, manifest, art)
-            runs = [_run_kit(guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), say)
+            runs = [_run_kit(guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), say, cache)
                     for cpu in settings.cpus]
             failed = [r for r in runs if r.status == "failed"]
             record = EmulatedArm64Check(
@@ -135,27 +146,73 @@ def _kit(root: Path) -> dict:
         same = False
     note = ("the bundle's device/validate.py (byte-identical to this edgepack's)" if same else
             "this edgepack's device/validate.py (the bundle's copy differs; a bundle's script is never run here)")
-    return {"path": mine, "same": same, "note": note}
+    return {"path": mine, "same": same, "note": note, "sha256": sha256_file(mine)}
 
 
-def _run_kit(guest, kit: dict, root: Path, manifest: Manifest, art: ArtifactEntry, golden: Golden, cpu: str,
-             settings, scratch: Path, say: Callable[[str], None]) -> EmulatedArm64Run:
+def run_key(cache: BuildCache, guest, kit: dict, root: Path, manifest: Manifest, art: ArtifactEntry, cpu: str) -> str:
+    """What one emulated run's outputs are a function of (the bytes, read from the bundle)."""
+    return cache.key({
+        "kind": "arm64-run", "cpu": cpu, "guest": guest.describe(), "kit": kit["sha256"],
+        "artifact": [[item.path, sha256_file(confined(root, item.path))] for item in art.files],
+        "inputs": sha256_file(confined(root, art.golden.inputs)), "io": art.io.model_dump(mode="json"),
+        "threads": (manifest.target.profile.get("device") or {}).get("threads")})
+
+
+def _emulate(guest, kit: dict, root: Path, art: ArtifactEntry, cpu: str, settings, scratch: Path,
+             say: Callable[[str], None]) -> tuple[Path, Path, float]:
+    """The kit under qemu for one CPU model: (its report, its raw outputs, emulated seconds).
+    A crash, a hang or a kit that could not check the artifact is a RuntimeCheckError."""
     what = f"{art.file} under qemu-aarch64 -cpu {cpu}"
     say(f"running {what} (the device kit on arm64 code; emulated)")
     report, outputs = scratch / f"{art.file}.{cpu}.json", scratch / f"{art.file}.{cpu}.npz"
     argv = [str(kit["path"]), "--bundle", str(root), "--artifact", art.file, "--runs", "1", "--warmup", "0", "--quiet",
             "--report", str(report), "--outputs", str(outputs), "--emulated", f"{guest.emulator.version}, -cpu {cpu}"]
     done = qemu.run(guest.command(cpu, argv), env=guest.environment(), timeout_s=settings.timeout_s, what=what)
-    try:
-        kit_report = json.loads(report.read_text())
-    except (OSError, ValueError):
-        kit_report = {}
+    kit_report = _read_report(report)
     entry = next(iter(kit_report.get("artifacts") or []), {})
     if done.returncode not in (0, 1) or entry.get("status") not in ("passed", "parity-failed"):
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         why = entry.get("reason") or kit_report.get("error") or tail
         raise RuntimeCheckError(f"{what}: the device kit ended with {qemu.ended_by(done.returncode)}: {why[:600]}",
                                 "run the same with --debug, or `edgepack validate BUNDLE --arm64 --cpu CPU`")
+    return report, outputs, done.seconds
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached_emulation(cache: BuildCache | None, guest, kit: dict, root: Path, manifest: Manifest,
+                      art: ArtifactEntry, cpu: str, settings, scratch: Path, say: Callable[[str], None]
+                      ) -> tuple[dict, Path, float, dict | None]:
+    """(the kit's report, its raw outputs, emulated seconds, the cache record or None): through the
+    build cache when there is one. Only a run that checked the artifact is stored."""
+    if cache is None:
+        report, outputs, seconds = _emulate(guest, kit, root, art, cpu, settings, scratch, say)
+        return _read_report(report), outputs, seconds, None
+    key = run_key(cache, guest, kit, root, manifest, art, cpu)
+    with cache.claim("arm64-run", key) as slot:
+        if slot.entry is None:
+            report, outputs, seconds = _emulate(guest, kit, root, art, cpu, settings, scratch, say)
+            slot.store([report, outputs], {"seconds": seconds, "host": platform.node(), "cpu": cpu, "file": art.file})
+        else:
+            say(f"{art.file} under qemu-aarch64 -cpu {cpu}: cached emulated run (key {key[:12]}), judged again")
+    stored = {path.suffix: path for path in slot.entry.files}  # read in place: entries are never rewritten
+    record = slot.entry.record
+    note = {"hit": slot.hit, "key": key, "emulated_at": stamp(record["created"]), "host": record.get("host")}
+    return _read_report(stored[".json"]), stored[".npz"], float(record["seconds"]), note
+
+
+def _run_kit(guest, kit: dict, root: Path, manifest: Manifest, art: ArtifactEntry, golden: Golden, cpu: str,
+             settings, scratch: Path, say: Callable[[str], None], cache: BuildCache | None = None) -> EmulatedArm64Run:
+    """One CPU model's run (or its cached outputs), judged against the bundle's golden data with
+    the artifact's recorded thresholds."""
+    kit_report, outputs, seconds, cached = _cached_emulation(cache, guest, kit, root, manifest, art, cpu, settings,
+                                                             scratch, say)
+    entry = next(iter(kit_report.get("artifacts") or []), {})
     samples = len(golden.reference)
     specs = golden.out_specs
     raw = load_golden(outputs, {t.name: (samples, *t.shape) for t in specs}, {t.name: t.dtype for t in specs})
@@ -178,7 +235,7 @@ def _run_kit(guest, kit: dict, root: Path, manifest: Manifest, art: ArtifactEntr
         kernel_family={**qemu.kernel_family(features, art.precision), "evidence": qemu.FAMILY_EVIDENCE},
         runtime=entry.get("runtime"), runtime_version=entry.get("runtime_version"), parity=parity.to_dict(),
         bit_identical=same["identical"], host_agreement=same,
-        seconds={"label": qemu.NOT_DEVICE_TIME, "wall": done.seconds})
+        seconds={"label": qemu.NOT_DEVICE_TIME, "wall": seconds}, cache=cached)
 
 
 # --- instructions per inference --------------------------------------------------------------

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from .. import bundle as bundle_mod
 from .. import package
 from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
 from ..bundle import ArtifactEntry, ArtifactIO, EmulatedGpuCheck, GoldenFiles, ReproducibilityCheck, stack_samples
-from ..cache import BuildCache
+from ..cache import BuildCache, computed, digest_files
 from ..costmodel import estimate_latency
 from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, NothingToQuantize,
                       RuntimeCheckError)
@@ -40,12 +39,11 @@ from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..export.base import ExportContext, ExportResult
 from ..measure import latency_summary, zip_bytes
 from ..parity import compare, headline
-from ..runtimes.base import from_native, to_native
-from ..runtimes.session import RuntimeSession
-from ..spec import as_numpy
+from ..runtimes import forkserver
 from ..target import GPU_CHECK_PRECISIONS
 from .gpu_check import GpuJob, check_on_gpu, fallback_warning
 from .gpu_check import summary as gpu_summary
+from .runs import run_artifact
 
 
 @dataclass
@@ -82,20 +80,6 @@ def isolated(ctx: ExportContext, **changes: Any) -> ExportContext:
     does to the module it is given (torch.export shares its parameters with the graph it
     captures), every artifact must start from the model the reference was made from."""
     return dataclasses.replace(ctx, model=copy.deepcopy(ctx.model), **changes)
-
-
-def metrics(values: dict) -> dict[str, float]:
-    return {str(k): float(v) for k, v in values.items()}
-
-
-def session_fn(session: RuntimeSession) -> Callable[[tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
-    """An artifact running in its runtime, as the spec's evaluate() calls a model."""
-    def fn(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        feeds = to_native(as_numpy(inputs), session.inputs)
-        outputs = from_native(session.run(feeds), session.outputs)
-        return tuple(torch.from_numpy(np.asarray(o)) for o in outputs)
-
-    return fn
 
 
 # on_static_int8_failure: dynamic ships the int8-dynamic form only if it is at most this much larger
@@ -135,6 +119,7 @@ class ArtifactJudge:
     score_outputs: list[str] | None = None
     cache: BuildCache | None = None
     cache_parts: dict[str, Any] = field(default_factory=dict)  # the build's inputs, for every export key
+    evaluate_key: str | None = None  # the spec file's sha256: evaluate() through an artifact is replayed only with it
     cache_log: list[dict[str, Any]] = field(default_factory=list)  # per export: file, key, hit
 
     def export(self, config: Any, ctx: ExportContext, check_reproducible: bool = False
@@ -166,6 +151,8 @@ class ArtifactJudge:
                 stored = record.get("reproducible")
                 repro = ReproducibilityCheck.model_validate(stored) if stored else check(result)
             else:
+                if not config.device_only:  # its runtime's import (10-16 s for ExecuTorch) overlaps the export
+                    forkserver.prestart(RUNTIME_FOR_FORMAT[config.format], self.threads)
                 result = export(config, isolated(ctx))
                 repro = check(result)
                 if all(Path(f).parent.resolve() == Path(ctx.workdir).resolve() for f in result.files):
@@ -342,20 +329,17 @@ class ArtifactJudge:
                 reproducible=reproducible, **base), ""
         self.say(f"validating {label} in {result.runtime}")
         try:
-            with RuntimeSession(RUNTIME_FOR_FORMAT[config.format], main, self.threads, self.timeout_s) as session:
-                native_inputs = [to_native(x, session.inputs) for x in self.reference.inputs]
-                native_outputs = [session.run(x) for x in native_inputs]
-                outputs = [from_native(o, session.outputs) for o in native_outputs]
-                bench = session.bench(native_inputs[0], profile.latency.warmup, profile.latency.runs)
-                accuracy = metrics(self.evaluate(session_fn(session))) if self.evaluate is not None else None
-                io = ArtifactIO(inputs=[t.to_dict() for t in session.inputs],
-                                outputs=[t.to_dict() for t in session.outputs])
-                load_ms, info, io_specs = session.load_ms, session.info, (session.inputs, session.outputs)
+            ran = run_artifact(self, RUNTIME_FOR_FORMAT[config.format], files)
         except RuntimeCheckError as exc:
             self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
             for path in files:
                 path.unlink(missing_ok=True)
             return ArtifactEntry(status="failed", error=exc.message, **base), ""
+        if ran.cache is not None and ran.cache["hit"]:
+            self.say(f"{config.file_name}: cached run in {result.runtime} (key {ran.cache['key'][:12]}), judged again")
+        native_inputs, native_outputs, outputs = ran.native_inputs, ran.native_outputs, ran.model_outputs
+        bench, accuracy, info, io_specs = ran.bench, ran.accuracy, ran.info, (ran.inputs, ran.outputs)
+        io = ArtifactIO(inputs=[t.to_dict() for t in ran.inputs], outputs=[t.to_dict() for t in ran.outputs])
 
         if info.get("delegation"):  # measured in the runtime: what its default delegate took
             result.details["delegation"] = info["delegation"]
@@ -380,9 +364,17 @@ class ArtifactJudge:
 
         latency = latency_summary(bench["times_ms"])
         latency.update({"source": "host", "runtime": result.runtime, "threads": self.threads,
-                        "warmup": profile.latency.warmup, "load_ms": round(load_ms, 3),
+                        "warmup": profile.latency.warmup, "load_ms": round(bench["load_ms"], 3),
                         "peak_rss_mb": round(bench["peak_rss_mb"], 1)})
-        latency["device_estimate"] = estimate_latency(self.ctx.reference_onnx, config.precision, profile.device)
+        if ran.latency_cache is not None:
+            latency["cache"] = ran.latency_cache
+        if ran.cache is not None:
+            latency["outputs_cache"] = ran.cache  # not latency, but where the outputs it ran on came from
+        # a function of the reference's bytes and the device: cached, as reading the graph imports onnx (1.3 s)
+        latency["device_estimate"] = computed(
+            self.cache, "estimate", {"reference": digest_files([Path(self.ctx.reference_onnx)]),
+                                     "precision": config.precision, "device": profile.device.model_dump(mode="json")},
+            lambda: estimate_latency(self.ctx.reference_onnx, config.precision, profile.device))
         budgets = profile.budgets.check(total_bytes, latency["p50_ms"], ratio_to_float=size["ratio_to_float"])
         if config.precision != "fp32" and size["ratio_to_float"] > 1.0:
             finding = (f"{config.file_name}: {config.precision} is {size['ratio_to_float']:.2f}x the float model's "

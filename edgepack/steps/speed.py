@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ArtifactEntry
+from ..cache import measured
 from ..errors import EXIT_PARITY_OR_BUDGET, ExportError, RuntimeCheckError
 from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..measure import latency_summary
 from ..runtimes.base import to_native
 from ..runtimes.session import RuntimeSession
 from .judge import ArtifactJudge
+from .runs import latency_key
 
 
 def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[ArtifactEntry],
@@ -47,6 +49,7 @@ def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[A
                 if isinstance(baselines[config.format], str):
                     raise ExportError(baselines[config.format])
                 float_path, source = baselines[config.format], "fp32 baseline exported for this comparison (not shipped)"
+            judge.say(f"timing {entry.file} against its fp32 sibling, side by side")
             comparison = side_by_side(judge, config.format, staged / main_path(entry), float_path, feeds)
         except (ExportError, RuntimeCheckError) as exc:
             # An auxiliary measurement: its failure never sinks an artifact that passed.
@@ -82,13 +85,23 @@ def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[A
 
 
 def side_by_side(judge: ArtifactJudge, fmt: str, path: Path, float_path: Path, feeds: list[np.ndarray]) -> dict:
+    """The comparison below, measured once per pair of files and host with a build cache (its
+    ``cache`` says when and where); --no-cache measures again."""
+    runtime = RUNTIME_FOR_FORMAT[fmt]
+    parts = latency_key(judge, [path, float_path], runtime, feeds, rounds=judge.profile.latency.comparison_rounds)
+    figures, note = measured(judge.cache, "latency-pair", parts,
+                             lambda: _measure_side_by_side(judge, runtime, path, float_path, feeds))
+    return {**figures, "cache": note} if note is not None else figures
+
+
+def _measure_side_by_side(judge: ArtifactJudge, runtime: str, path: Path, float_path: Path,
+                          feeds: list[np.ndarray]) -> dict:
     """p50 of an artifact and of its float sibling, both loaded at once (two runtime
     workers) and run in alternating rounds, so a host that slows down or speeds up during
     the build (other jobs, CPU frequency, caches) affects both alike. Measuring each right
     after its own load, minutes apart, gave MobileNetV2's int8 ONNX 1.17x over fp32 in one
     build and 1.52x in a side-by-side benchmark on the same host."""
-    settings = judge.profile.latency
-    runtime, timeout = RUNTIME_FOR_FORMAT[fmt], judge.timeout_s
+    settings, timeout = judge.profile.latency, judge.timeout_s
     times: dict[str, list[float]] = {"quantized": [], "float": []}
     with RuntimeSession(runtime, path, judge.threads, timeout) as quantized, \
             RuntimeSession(runtime, float_path, judge.threads, timeout) as floating:
