@@ -436,9 +436,9 @@ def test_int4_weight_pte_runs_the_gptq_codes(tmp_path):
     dequantized = weights["0"].dequantized()
     assert not torch.equal(dequantized, rtn_weight := _rtn(model[0].weight)), "GPTQ chose RTN's codes: no test"
     (got,) = et_runtime.load(str(result.files[0]), threads=1).run([np.eye(64, dtype=np.float32)[:8]])
-    # XNNPACK keeps the int4 group scales in bfloat16 (its blockwise int4 kernels' format)
-    scales = weights["0"].scales.to(torch.bfloat16).float().repeat_interleave(32, dim=1)
-    want = (weights["0"].codes.float() * scales)[:, :8].T + model[0].bias
+    # XNNPACK keeps the int4 group scales in bfloat16; GPTQ's scales are bfloat16-exact already
+    assert torch.equal(weights["0"].scales.to(torch.bfloat16).float(), weights["0"].scales)
+    want = dequantized[:, :8].T + model[0].bias
     np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(got - (rtn_weight[:, :8].T + model[0].bias).detach().numpy()).max() > 1e-3
 
