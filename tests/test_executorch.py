@@ -302,6 +302,7 @@ def test_corrupt_pte_raises(exported, tmp_path, damage):
     ({"precision": "int8-dynamic", "granularity": "per-tensor"}, "per-channel"),
     ({"precision": "int4-weight", "granularity": "per-tensor"}, "groupwise"),
     ({"precision": "int4-weight", "group_size": 48}, "multiple of 32"),
+    ({"precision": "int8", "weight_algorithm": "rtn"}, "weight_algorithm only applies to precision int4-weight"),
     ({"precision": "int8", "group_size": 64}, "only applies to precision int4-weight"),
     ({"precision": "int16"}, "precision"),
     ({"precision": "int8", "calibration_samples": 0}, "calibration_samples"),

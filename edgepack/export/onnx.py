@@ -67,7 +67,8 @@ class OnnxArtifact(ArtifactConfig, RecipeOptions):
             if name == "calibration_samples" and gptq:
                 continue
             if self.precision != "int8" and getattr(self, name) != defaults[name]:
-                raise ValueError(f"onnx {name} only applies to precision int8 (got precision {self.precision})")
+                also = " (and int4-weight with weight_algorithm gptq)" if name == "calibration_samples" else ""
+                raise ValueError(f"onnx {name} only applies to precision int8{also} (got precision {self.precision})")
         for name in int8_only:
             if self.precision not in ("int8", "int8-dynamic") and getattr(self, name) != defaults[name]:
                 raise ValueError(f"onnx {name} only applies to precisions int8 and int8-dynamic "
