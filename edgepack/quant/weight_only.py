@@ -6,7 +6,8 @@ IntxWeightOnlyConfig; lowering fuses dequantize + embedding into
 quantized_decomposed::embedding_byte / embedding_4bit, which run outside XNNPACK on ExecuTorch's
 quantized kernels (an app links quantized_ops_lib). int4 linears: Int8DynamicActivationIntxWeightConfig
 (int4 groupwise weights, int8 per-token dynamic activations) on every nn.Linear whose in_features
-divide group_size; other layers stay fp32. Measurements: export/executorch.py.
+divide group_size; other layers stay fp32. torchao chooses the int4 codes by round-to-nearest;
+given codes and scales (quant/gptq.py) are written over them. Measurements: export/executorch.py.
 
 A table's ``padding_idx`` is dropped in the quantized copy: it only masks that row's gradient
 (forward returns the row either way), but it makes the lookup ``aten.embedding(dq, ids, padding_idx)``,
