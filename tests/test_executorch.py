@@ -302,6 +302,7 @@ def test_corrupt_pte_raises(exported, tmp_path, damage):
     ({"precision": "int8-dynamic", "granularity": "per-tensor"}, "per-channel"),
     ({"precision": "int4-weight", "granularity": "per-tensor"}, "groupwise"),
     ({"precision": "int4-weight", "group_size": 48}, "multiple of 32"),
+    ({"precision": "int8", "weight_algorithm": "rtn"}, "weight_algorithm only applies to precision int4-weight"),
     ({"precision": "int8", "group_size": 64}, "only applies to precision int4-weight"),
     ({"precision": "int16"}, "precision"),
     ({"precision": "int8", "calibration_samples": 0}, "calibration_samples"),
@@ -415,3 +416,35 @@ def test_int8_tables_of_a_bert_shaped_encoder_lower_and_run(tmp_path):
     assert {"op": "quantized_decomposed::embedding_byte.out", "count": 1} in result.details["portable_ops"]
     got, want = _compare(model, result.files[0], samples[4:])
     assert _cosine(got[0], want[0]) > 0.999
+
+
+def test_int4_weight_pte_runs_the_gptq_codes(tmp_path):
+    """The .pte holds GPTQ's codes and scales (weight_algorithm gptq, the default), not torchao's
+    round-to-nearest ones: one-hot rows (exact in int8 per-token activations) give back the
+    columns of GPTQ's dequantized weight."""
+    from edgepack.quant.gptq import calibrated_int4
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16)).eval()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [(torch.randn(8, 64, generator=gen),) for _ in range(8)]
+    ctx = ExportContext(model=model, example_inputs=calibration[0], calibration=calibration,
+                        input_names=[], output_names=[], workdir=tmp_path)
+    result = et_export.export(et_export.ExecuTorchArtifact(precision="int4-weight", calibration_samples=6), ctx)
+    quantization = result.details["quantization"]
+    assert quantization["weight_algorithm"] == "gptq" and quantization["calibration_samples"] == 6
+    weights, _ = calibrated_int4(model, ["0"], calibration, calibration[0], 32, 6)
+    dequantized = weights["0"].dequantized()
+    assert not torch.equal(dequantized, rtn_weight := _rtn(model[0].weight)), "GPTQ chose RTN's codes: no test"
+    (got,) = et_runtime.load(str(result.files[0]), threads=1).run([np.eye(64, dtype=np.float32)[:8]])
+    # XNNPACK keeps the int4 group scales in bfloat16; GPTQ's scales are bfloat16-exact already
+    assert torch.equal(weights["0"].scales.to(torch.bfloat16).float(), weights["0"].scales)
+    want = dequantized[:, :8].T + model[0].bias
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(got - (rtn_weight[:, :8].T + model[0].bias).detach().numpy()).max() > 1e-3
+
+
+def _rtn(weight: torch.Tensor) -> torch.Tensor:
+    from edgepack.quant.gptq import rtn
+
+    return rtn(weight, 32).dequantized()

@@ -61,3 +61,24 @@ def test_padding_idx_is_dropped_from_quantized_tables_only():
         torch.testing.assert_close(quantized(ids, mask), model(ids, mask), rtol=0.0, atol=0.02)
     _, plain = embedding_tables(Tagger().eval(), "int8", 32)
     assert "padding_idx_dropped" not in plain  # nothing to say, nothing recorded
+
+
+def test_int4_linears_carry_the_given_codes():
+    """torchao's round-to-nearest codes and scales are replaced by the given ones (GPTQ's)."""
+    from edgepack.quant.gptq import Int4Weight
+
+    model = Tagger().eval()
+    gen = torch.Generator().manual_seed(0)
+    given = {name: Int4Weight(torch.randint(-8, 8, tuple(model.get_submodule(name).weight.shape), generator=gen,
+                                            dtype=torch.int8),
+                              torch.rand(model.get_submodule(name).weight.shape[0], shape_in // 32, generator=gen))
+             for name, shape_in in (("proj", 64), ("odd", 32))}
+    quantized, record = int4_linears(model, 32, given)
+    for name in ("proj", "odd"):
+        weight = quantized.get_submodule(name).weight
+        assert torch.equal(weight.qdata, given[name].codes) and torch.equal(weight.scale, given[name].scales)
+        torch.testing.assert_close(weight.dequantize(), given[name].dequantized())
+    with pytest.raises(ExportError, match="no int4 codes were chosen for the Linear odd"):
+        int4_linears(model, 32, {"proj": given["proj"]})
+    with pytest.raises(ExportError, match="do not fit"):
+        int4_linears(model, 32, {**given, "odd": given["proj"]})

@@ -14,7 +14,10 @@ Precisions:
                 quantizer version); XNNPACK only delegates it with per-channel weights.
   int4-weight   torchao Int8DynamicActivationIntxWeightConfig (int4 groupwise weights, int8
                 dynamic activations) on nn.Linear layers whose in_features divide group_size;
-                other layers stay fp32.
+                other layers stay fp32. weight_algorithm gptq (the default) replaces torchao's
+                round-to-nearest codes and scales with GPTQ's (quant/gptq.py), chosen on the first
+                calibration_samples calibration inputs from the float model (before the embedding
+                tables are quantized).
 embeddings (int8, int8-dynamic, int4-weight): nn.Embedding tables int8 (one scale per row) or
 int4 (one scale per group_size values of a row), by torchao IntxWeightOnlyConfig
 (quant/weight_only.py); lowering fuses
@@ -53,9 +56,10 @@ from torch import nn
 
 from ..errors import EdgepackError, ExportError, RuntimeUnavailable
 from ..quant.calibrate import quantize
+from ..quant.gptq import calibrated_int4
 from ..quant.qat_graph import pt2e_qat_for
 from ..quant.recipe import INSTALL_HINT, RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
-from ..quant.weight_only import embedding_tables, int4_linears
+from ..quant.weight_only import embedding_tables, int4_eligible, int4_linears
 from ..runtimes.executorch import register_quantized_kernels
 from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 # Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
@@ -71,6 +75,10 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
     backend: Literal["xnnpack", "vulkan"] = Field(
         default="xnnpack", description="xnnpack: CPU, run and checked on the build host; vulkan: mobile GPU "
                                        "(fp32/fp16), lowered ahead of time but not runnable on the build host")
+    weight_algorithm: Literal["gptq", "rtn"] = Field(
+        default="gptq", description="int4-weight: how the 4-bit weights are chosen: gptq (on the first "
+                                    "calibration_samples calibration inputs, quant/gptq.py) or rtn "
+                                    "(round-to-nearest, no calibration)")
     embeddings: Literal["fp32", "int8", "int4"] = Field(
         default="fp32", description="nn.Embedding tables: fp32, int8 (a scale per row) or int4 (a scale per "
                                     "group_size values); run outside XNNPACK by ExecuTorch's quantized kernels, "
@@ -93,6 +101,8 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
         if self.embeddings != "fp32" and (self.backend != "xnnpack" or self.precision in ("fp32", "fp16")):
             raise ValueError(f"pte embeddings {self.embeddings} applies to the XNNPACK backend's quantized "
                              f"precisions (int8, int8-dynamic, int4-weight), not {self.backend} {self.precision}")
+        if self.precision != "int4-weight" and self.weight_algorithm != "gptq":
+            raise ValueError(f"pte weight_algorithm only applies to precision int4-weight, not {self.precision}")
         if self.group_size % 32:
             raise ValueError(f"pte group_size must be a multiple of 32 (XNNPACK), got {self.group_size}")
         # Compare with the default, not model_fields_set, so a dumped config loads back.
@@ -219,7 +229,13 @@ def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
                      f"on ExecuTorch's quantized kernels (link quantized_ops_lib in the app)")
     if config.precision == "int4-weight":
         with _stage("quantize"):
-            model, quantization = int4_linears(source, config.group_size)
+            weights, chosen = None, {"weight_algorithm": "rtn", "calibration_samples": 0}
+            if config.weight_algorithm == "gptq":
+                weights, chosen = calibrated_int4(ctx.model, int4_eligible(ctx.model, config.group_size),
+                                                  ctx.calibration, example, config.group_size,
+                                                  config.calibration_samples)
+            model, quantization = int4_linears(source, config.group_size, weights)
+        quantization.update(chosen)
         quantization["embeddings"] = embeddings
         if quantization["skipped_layers"]:
             notes.append(f"{len(quantization['skipped_layers'])} Linear layer(s) kept fp32: "

@@ -7,7 +7,9 @@ Precisions (every one starts from the float ONNX; the conversions live in onnx_q
                 with edgepack's PT2E recipe (onnx_qdq.py, the default) or by onnxruntime's
                 quantize_static (``quantizer: onnxruntime``, onnx_quant.py).
   int8-dynamic  int8 weights, activations quantized at run time (linear-heavy models).
-  int4-weight   int4 block-wise MatMul weights (MatMulNBits), float activations.
+  int4-weight   int4 block-wise MatMul weights (MatMulNBits), float activations; the 4-bit values
+                chosen by GPTQ on calibration inputs (weight_algorithm, quant/gptq.py) or by
+                round-to-nearest.
 
 The float export itself (and the build's reference) is onnx_float.py; weights above
 ``external_data_mb`` go to ``model.onnx.data`` beside the model.
@@ -36,7 +38,8 @@ class OnnxArtifact(ArtifactConfig, RecipeOptions):
     quantizer: Literal["torch", "onnxruntime"] = Field(
         default="torch", description="int8: quantize in torch with edgepack's PT2E recipe, or with onnxruntime's "
                                      "quantize_static")
-    calibration_samples: int = Field(default=64, ge=1, description="int8: cap on calibration inputs")
+    calibration_samples: int = Field(default=64, ge=1, description="int8, and int4-weight with weight_algorithm "
+                                                                "gptq: cap on calibration inputs")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         default="minmax", description="int8 with quantizer onnxruntime: how activation ranges are chosen")
     activation_type: Literal["uint8", "int8"] = Field(
@@ -48,6 +51,10 @@ class OnnxArtifact(ArtifactConfig, RecipeOptions):
                                "in u8s8 kernels on CPUs without VNNI); a profile sets it from device.int8_isa")
     # int4-weight.
     group_size: int = Field(default=32, ge=16, le=4096, description="int4-weight: weights per scale (block size)")
+    weight_algorithm: Literal["gptq", "rtn"] = Field(
+        default="gptq", description="int4-weight: how the 4-bit weights are chosen: gptq (on the first "
+                                    "calibration_samples calibration inputs, quant/gptq.py) or rtn "
+                                    "(onnxruntime's round-to-nearest, no calibration)")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "OnnxArtifact":
@@ -55,15 +62,22 @@ class OnnxArtifact(ArtifactConfig, RecipeOptions):
         static_only = ("calibration_samples", "calibration_method", "activation_type")
         int8_only = ("weight_type", "per_channel", "reduce_range")
         defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        gptq = self.precision == "int4-weight" and self.weight_algorithm == "gptq"
         for name in static_only:
+            if name == "calibration_samples" and gptq:
+                continue
             if self.precision != "int8" and getattr(self, name) != defaults[name]:
-                raise ValueError(f"onnx {name} only applies to precision int8 (got precision {self.precision})")
+                also = " (and int4-weight with weight_algorithm gptq)" if name == "calibration_samples" else ""
+                raise ValueError(f"onnx {name} only applies to precision int8{also} (got precision {self.precision})")
         for name in int8_only:
             if self.precision not in ("int8", "int8-dynamic") and getattr(self, name) != defaults[name]:
                 raise ValueError(f"onnx {name} only applies to precisions int8 and int8-dynamic "
                                  f"(got precision {self.precision})")
         if self.precision != "int4-weight" and self.group_size != defaults["group_size"]:
             raise ValueError(f"onnx group_size only applies to precision int4-weight (got precision {self.precision})")
+        if self.precision != "int4-weight" and self.weight_algorithm != defaults["weight_algorithm"]:
+            raise ValueError(f"onnx weight_algorithm only applies to precision int4-weight (got precision "
+                             f"{self.precision})")
         if self.group_size & (self.group_size - 1):
             raise ValueError(f"onnx group_size must be a power of two >= 16 (MatMulNBits), got {self.group_size}")
         if self.activation_type == "int8" and self.weight_type == "uint8":

@@ -13,9 +13,11 @@ runs is exactly what its quantizer produced:
                 pairs into QLinearConv / QLinearMatMul / ... at load.
   int8-dynamic  quant_pre_process, then quantize_dynamic: int8 weights, MatMul/Conv/Gather
                 activations quantized per call (MatMulInteger, ConvInteger).
-  int4-weight   MatMulNBitsQuantizer (round-to-nearest, symmetric, block = group_size) on every
-                MatMul with a constant weight; Gemm nodes (2-D Linear) are rewritten to
-                MatMul + Add first so they qualify.
+  int4-weight   MatMulNBitsQuantizer (symmetric, block = group_size) on every MatMul with a
+                constant weight; Gemm nodes (2-D Linear) are rewritten to MatMul + Add first so
+                they qualify. weight_algorithm gptq (the default): the codes and scales of each
+                nn.Linear come from quant/gptq.py and are written over the quantizer's
+                round-to-nearest ones (onnx_int4.py); rtn keeps the quantizer's own.
 
 quantizer: onnxruntime (OnnxArtifact): uint8 activations, int8 per-channel weights, minmax;
 reduce_range from the profile's device.int8_isa (7-bit weights without VNNI), as for the torch path.
@@ -60,7 +62,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ExportError, NothingToQuantize, RuntimeUnavailable
+from ..quant.gptq import calibrated_int4
+from ..quant.weight_only import int4_eligible
 from .base import ExportContext, ExportResult
+from .onnx_int4 import carry_codes, gemm_to_matmul, matmul_weights_of
 from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
 # Ops that compute on integers (QOperator form) or on block-quantized weights.
@@ -320,46 +325,7 @@ def to_int8_dynamic(config, source: Path, scratch: Path):
     return _load(out), recipe
 
 
-def gemm_to_matmul(model) -> int:
-    """Rewrite Gemm(A, W, C) with a constant 2-D W, alpha = beta = 1, transA = 0 as MatMul(A, W') + C,
-    in place, so weight-only quantizers that handle MatMul also take Linear layers. Returns the count."""
-    from onnx import helper, numpy_helper
-
-    initializers = {init.name: init for init in model.graph.initializer}
-    made: dict[tuple[str, bool], str] = {}  # (weight, transposed) -> MatMul weight, when shared
-    rewritten, nodes = 0, []
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = initializers.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
-        if (weight is None or len(weight.dims) != 2 or attrs.get("alpha", 1.0) != 1.0
-                or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0)):
-            nodes.append(node)
-            continue
-        transposed = bool(attrs.get("transB", 0))
-        name = made.get((weight.name, transposed))
-        if name is None:  # the weight as [in, out], as MatMul wants it; the Gemm one is pruned if unused
-            name = made[(weight.name, transposed)] = f"{weight.name}_kn{'_t' if transposed else ''}"
-            array = numpy_helper.to_array(weight)
-            model.graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(array.T if transposed else array), name))
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        product = node.output[0] + "_matmul" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}_matmul"))
-        if has_bias:
-            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
-        rewritten += 1
-    if rewritten:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        used = {name for node in model.graph.node for name in node.input}
-        replaced = {weight for weight, _ in made}
-        kept = [init for init in model.graph.initializer if init.name in used or init.name not in replaced]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-    return rewritten
-
-
-def to_int4_weight(config, source: Path):
+def to_int4_weight(config, source: Path, ctx: ExportContext):
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                      MatMulNBitsQuantizer)
@@ -369,14 +335,29 @@ def to_int4_weight(config, source: Path):
     model = _load(source)
     with _step("int4-weight", "rewrite Gemm as MatMul"):
         gemms = gemm_to_matmul(model)
+    chosen: dict = {"weight_algorithm": "rtn", "calibration_samples": 0}
+    if config.weight_algorithm == "gptq":
+        names = int4_eligible(ctx.model, config.group_size)
+        weights, chosen = calibrated_int4(ctx.model, names, ctx.calibration, ctx.example_inputs,
+                                          config.group_size, config.calibration_samples)
+        linears = matmul_weights_of(model, ctx.model, names)
     algo = DefaultWeightOnlyQuantConfig(block_size=config.group_size, is_symmetric=True)
     with _step("int4-weight", f"MatMulNBitsQuantizer (block {config.group_size})"), _quiet():
         quantizer = MatMulNBitsQuantizer(model, block_size=config.group_size, is_symmetric=True, algo_config=algo)
         quantizer.process()
+    quantized = quantizer.model.model
     recipe = {"method": "onnxruntime.MatMulNBitsQuantizer", "algorithm": "RTN", "bits": 4,
               "group_size": config.group_size, "symmetric": True, "weight_type": "int4",
-              "activation_type": "float32", "gemm_rewritten_as_matmul": gemms, "calibration_samples": 0}
-    return quantizer.model.model, recipe
+              "activation_type": "float32", "gemm_rewritten_as_matmul": gemms}
+    if config.weight_algorithm == "gptq":
+        carried = carry_codes(quantized, linears, weights)
+        recipe["algorithm"] = "GPTQ (codes and scales written into MatMulNBits)"
+        recipe["codes_carried"] = len(carried)
+        left = sorted(set(names) - set(carried.values()))
+        if left:
+            recipe["rtn_layers"] = left
+    recipe.update(chosen)
+    return quantized, recipe
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -405,7 +386,7 @@ def export_converted(config, ctx: ExportContext, path: Path, torch_int8: Callabl
         elif config.precision == "int8-dynamic":
             model, recipe = to_int8_dynamic(config, source, scratch)
         elif config.precision == "int4-weight":
-            model, recipe = to_int4_weight(config, source)
+            model, recipe = to_int4_weight(config, source, ctx)
         else:  # the config's Literal makes this unreachable
             raise ExportError(f"onnx: precision {config.precision!r} has no conversion", "use fp32")
         counts = count_quantized(model, qdq=recipe.get("format") == "QDQ")

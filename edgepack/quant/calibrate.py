@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -128,7 +128,7 @@ def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration
 # reproducibility check reuses the first's calibrated graph. Calibration with MSE ranges and
 # bias correction is most of an int8 export (EfficientNet-Lite0 .pte: 216 of 257 s, measured
 # at load 9 on 2 cores), so the check costs the conversion, lowering and serialisation only.
-_SHARED: dict[tuple, tuple[torch.fx.GraphModule, dict]] | None = None
+_SHARED: dict[tuple, Any] | None = None
 
 
 @contextlib.contextmanager
@@ -143,7 +143,18 @@ def shared_calibration() -> Iterator[None]:
         _SHARED = outer
 
 
-def _inputs_digest(samples: Sequence[InputTuple]) -> str:
+def shared_result(key: tuple, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """Within ``shared_calibration``, a copy of the value computed earlier for ``key`` (and True);
+    otherwise ``compute()`` (remembered for the block when one is open) and False."""
+    if _SHARED is not None and key in _SHARED:
+        return copy.deepcopy(_SHARED[key]), True
+    value = compute()
+    if _SHARED is not None:
+        _SHARED[key] = copy.deepcopy(value)
+    return value, False
+
+
+def inputs_digest(samples: Sequence[InputTuple]) -> str:
     digest = hashlib.sha256()
     for sample in samples:
         for tensor in sample:
@@ -160,7 +171,7 @@ def prepare_corrected(model: nn.Module, example_inputs: InputTuple, calibration:
     (prepared graph ready for convert_pt2e, recipe record for the manifest)."""
     key = None
     if _SHARED is not None:
-        key = (recipe, weights_digest(model), _inputs_digest([tuple(example_inputs)] + list(calibration)))
+        key = (recipe, weights_digest(model), inputs_digest([tuple(example_inputs)] + list(calibration)))
         if key in _SHARED:
             prepared, record = _SHARED[key]
             return copy.deepcopy(prepared), {**copy.deepcopy(record), "calibration_shared": True}

@@ -6,7 +6,8 @@ IntxWeightOnlyConfig; lowering fuses dequantize + embedding into
 quantized_decomposed::embedding_byte / embedding_4bit, which run outside XNNPACK on ExecuTorch's
 quantized kernels (an app links quantized_ops_lib). int4 linears: Int8DynamicActivationIntxWeightConfig
 (int4 groupwise weights, int8 per-token dynamic activations) on every nn.Linear whose in_features
-divide group_size; other layers stay fp32. Measurements: export/executorch.py.
+divide group_size; other layers stay fp32. torchao chooses the int4 codes by round-to-nearest;
+given codes and scales (quant/gptq.py) are written over them. Measurements: export/executorch.py.
 
 A table's ``padding_idx`` is dropped in the quantized copy: it only masks that row's gradient
 (forward returns the row either way), but it makes the lookup ``aten.embedding(dq, ids, padding_idx)``,
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, RuntimeUnavailable
+from .gptq import Int4Weight
 from .recipe import INSTALL_HINT
 
 
@@ -67,8 +69,19 @@ def embedding_tables(model: nn.Module, kind: Literal["fp32", "int8", "int4"],
     }
 
 
-def int4_linears(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
-    """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_)."""
+def int4_eligible(model: nn.Module, group_size: int) -> list[str]:
+    """The nn.Linear layers whose in_features divide ``group_size`` (the ones made int4), by name."""
+    return sorted(name for name, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and m.in_features % group_size == 0)
+
+
+def int4_linears(model: nn.Module, group_size: int,
+                 weights: dict[str, Int4Weight] | None = None) -> tuple[nn.Module, dict]:
+    """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_).
+
+    torchao picks codes and scales by round-to-nearest; ``weights`` (quant/gptq.py), when given,
+    replaces them layer by layer with the codes and scales chosen there, so the .pte carries them
+    exactly (torchao's tensor keeps int8 codes, a scale per group and a zero point of 0)."""
     try:
         from torchao.quantization import quantize_
         from torchao.quantization.granularity import PerGroup
@@ -76,7 +89,7 @@ def int4_linears(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
     except ImportError as exc:
         raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    eligible = sorted(name for name, m in linears.items() if m.in_features % group_size == 0)
+    eligible = int4_eligible(model, group_size)
     if not eligible:
         raise ExportError(
             f"pte int4-weight: no nn.Linear layer has in_features divisible by group_size {group_size}",
@@ -86,6 +99,8 @@ def int4_linears(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
     quantize_(quantized,
               Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
               filter_fn=lambda module, fqn: fqn in wanted)
+    if weights is not None:
+        _carry_codes(quantized, eligible, weights, group_size)
     return quantized, {
         "method": "torchao-quantize_",
         "quantizer": "Int8DynamicActivationIntxWeightConfig",
@@ -93,8 +108,28 @@ def int4_linears(model: nn.Module, group_size: int) -> tuple[nn.Module, dict]:
         "dynamic": True,
         "weights": "int4 symmetric groupwise (nn.Linear only)",
         "activations": "int8 affine per-token, dynamic (runtime)",
+        "weight_algorithm": "rtn" if weights is None else "given codes",
         "calibration_samples": 0,
         "quantized_layers": eligible,
         "skipped_layers": sorted(set(linears) - wanted),
     }
 
+
+
+@torch.no_grad()
+def _carry_codes(quantized: nn.Module, names: list[str], weights: dict[str, Int4Weight], group_size: int) -> None:
+    """Overwrite each quantized Linear's torchao codes and scales with ``weights[name]``."""
+    for name in names:
+        given = weights.get(name)
+        if given is None:
+            raise ExportError(f"pte int4-weight: no int4 codes were chosen for the Linear {name}",
+                              "report this with the model: every int4 Linear gets codes")
+        tensor = quantized.get_submodule(name).weight
+        want = (tuple(tensor.qdata.shape), tuple(tensor.scale.shape))
+        got = (tuple(given.codes.shape), tuple(given.scales.shape))
+        if got != want or given.group_size != group_size or tensor.zero_point.any():
+            raise ExportError(f"pte int4-weight: the codes chosen for {name} (codes, scales {got}) do not fit "
+                              f"torchao's symmetric group-{group_size} weight {want}",
+                              "report this with the model (torchao's int4 layout may have changed)")
+        tensor.qdata.copy_(given.codes.to(tensor.qdata.dtype))
+        tensor.scale.copy_(given.scales.to(tensor.scale.dtype))
