@@ -54,3 +54,26 @@ def test_bias_correction_on_linears_over_a_sequence():
     # the corrected biases live in the quantized graph only: the float model is untouched (they
     # share tensors, and the correction once wrote into them, shifting every later export)
     assert all(torch.equal(tensor, original[name]) for name, tensor in model.state_dict().items())
+
+
+def test_every_way_to_get_the_float_means_gives_the_lockstep_biases_bit_for_bit():
+    """The float figures recorded while calibrating, or a float pass before the int8 lockstep (each
+    holding half the activations at once), correct the biases exactly as running float and int8
+    in lockstep does."""
+    import copy
+
+    from edgepack.quant.calibrate import _calibrated
+
+    model = SeparableNet(nn.ReLU6).eval()
+    calibration = images(6, 3)
+    recipe = Recipe(calibration_samples=6)
+    recorded, used, means = _calibrated(model, calibration[0], calibration, recipe, record_means=6)
+    assert used == 6 and means and all(len(v) == 6 for v in means.values())
+    float_first, _ = prepare_calibrated(model, calibration[0], calibration, recipe)
+    lockstep = copy.deepcopy(float_first)
+    records = [bias_correct(recorded, calibration, float_means=means), bias_correct(float_first, calibration),
+               bias_correct(lockstep, calibration, float_in_lockstep=True)]
+    assert records[0] == records[1] == records[2] and records[0]["corrected_layers"] >= 4
+    paths = [path for _, path in bias_nodes(lockstep)]
+    for graph in (recorded, float_first):
+        assert all(torch.equal(attr(graph, p), attr(lockstep, p)) for p in paths)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from edgepack.measure import PeakTreePss, latency_summary, tree_pss_mb
+from edgepack.measure import PeakTreePss, latency_summary, same_address_space, tree_pss_mb
 
 
 def test_latency_summary_percentiles():
@@ -28,6 +28,40 @@ def test_tree_pss_counts_children_and_the_peak_holds():
         child.wait()
     assert memory.peak_mb >= alone + 250  # the child's 300 MB, touched, count for the tree
     assert memory.record()["samples"] >= 2 and "smaps_rollup" in memory.record()["method"]
+
+
+def test_a_process_sharing_its_parents_memory_is_told_apart():
+    """kcmp says whether two tasks share one address space: a thread of this process does (as
+    subprocess's vfork child does until its exec, which tree_pss_mb must not count twice); a
+    child process does not."""
+    import platform
+    import threading
+
+    import pytest
+
+    if platform.machine() not in ("x86_64", "aarch64") or sys.platform != "linux":
+        pytest.skip("kcmp numbers known for Linux x86_64 and aarch64 only")
+    tid, ready, done = [], threading.Event(), threading.Event()
+
+    def worker():
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(5)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(5)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        import os
+        assert same_address_space(os.getpid(), os.getpid())
+        assert same_address_space(os.getpid(), tid[0])
+        assert not same_address_space(os.getpid(), child.pid)
+    finally:
+        done.set()
+        thread.join()
+        child.kill()
+        child.wait()
 
 
 def test_process_age_counts_from_the_process_start():

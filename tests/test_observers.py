@@ -52,3 +52,41 @@ def test_every_observer_chooses_its_own_ranges():
         assert scales and all(math.isfinite(v) and v > 0 for v in scales), observer
         chosen[observer] = tuple(round(v, 7) for v in scales)
     assert len(set(chosen.values())) == 5, chosen
+
+
+def test_mse_settle_keeps_the_searched_range_and_drops_the_kept_values():
+    """settle() (end of calibration) runs the search once and frees the values it kept: the same
+    qparams as searching at convert, also from a deep copy (the shared calibration, the bias
+    correction's probe); observing after it is refused."""
+    import copy
+
+    import pytest
+
+    cls, arguments = observer_classes()["mse"]
+    data = torch.randn(6, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 3.0 + 0.5
+    data[2, 0, 0, 0] = 40.0
+    reference, settled = cls(eps=2 ** -12, **arguments), cls(eps=2 ** -12, **arguments)
+    for sample in data:
+        reference(sample)
+        settled(sample)
+    settled.settle()
+    assert settled._kept == [] and reference._kept
+    scale, zero_point = reference.calculate_qparams()
+    for observer in (settled, copy.deepcopy(settled)):
+        got_scale, got_zero = observer.calculate_qparams()
+        assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero_point)
+    with pytest.raises(RuntimeError, match="settled"):
+        settled(data[0])
+    empty = cls(eps=2 ** -12, **arguments)  # never observed: the min/max fallback, as before
+    empty.settle()
+    assert torch.equal(empty.calculate_qparams()[0], cls(eps=2 ** -12, **arguments).calculate_qparams()[0])
+
+
+def test_calibration_settles_the_mse_observers():
+    from edgepack.quant.calibrate import prepare_calibrated
+
+    model = SeparableNet(nn.ReLU6).eval()
+    calibration = images(4, 1)
+    prepared, _ = prepare_calibrated(model, calibration[0], calibration, Recipe(calibration_samples=4))
+    observers = [m for m in prepared.modules() if hasattr(m, "settle")]
+    assert observers and all(m._settled and not m._kept and m._qparams is not None for m in observers)

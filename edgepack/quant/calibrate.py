@@ -13,7 +13,7 @@ from torch import nn
 
 from ..cache import weights_digest
 from ..errors import NothingToQuantize, RuntimeUnavailable
-from .bias_correction import bias_correct
+from .bias_correction import FloatMeanRecorder, bias_correct
 from .emulate import is_observer
 from .quantizers import make_quantizer
 from .recipe import BIAS_CORRECTION_MAX_SAMPLES, INSTALL_HINT, Recipe, check_float_layers, recipe_record
@@ -92,7 +92,6 @@ def capture(model: nn.Module, example_inputs: InputTuple) -> torch.fx.GraphModul
     return graph_module
 
 
-@torch.no_grad()
 def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple],
                        recipe: Recipe) -> tuple[torch.fx.GraphModule, int]:
     """Capture, annotate and calibrate: (prepared GraphModule with observers, samples used).
@@ -100,6 +99,15 @@ def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration
     Static quantization raises ValueError if there is no calibration data (calibrating on
     nothing would give meaningless activation ranges). Dynamic quantization ignores it.
     """
+    prepared, used, _ = _calibrated(model, example_inputs, calibration, recipe, record_means=0)
+    return prepared, used
+
+
+@torch.no_grad()
+def _calibrated(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple], recipe: Recipe,
+                record_means: int) -> tuple[torch.fx.GraphModule, int, dict[str, list[torch.Tensor]]]:
+    """prepare_calibrated, also keeping the bias correction's float figures of the first
+    ``record_means`` samples (FloatMeanRecorder: the calibration pass is that float pass)."""
     try:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     except ImportError as exc:
@@ -113,15 +121,22 @@ def prepare_calibrated(model: nn.Module, example_inputs: InputTuple, calibration
                                 "unquantizable: keep_float to ship fp32 where int8 has nothing to do")
     prepared.meta["edgepack_quantizer"] = quantizer  # litert-torch's convert wants the quantizer too
     used = 0
+    recorder = FloatMeanRecorder(prepared) if record_means and not recipe.dynamic else None
     if recipe.dynamic:
         prepared(*example_inputs)  # placeholder observers; one pass keeps convert_pt2e happy
     else:
         for batch in calibration_batches(calibration, example_inputs, recipe.calibration_samples):
-            prepared(*batch)
+            if recorder is not None and used < record_means:
+                recorder.run(*batch)
+            else:
+                prepared(*batch)
             used += 1
         if used == 0:
             raise ValueError("static int8 quantization needs calibration data and got none")
-    return prepared, used
+        for module in prepared.modules():  # ranges final: search once, drop what the search kept
+            if hasattr(module, "settle"):
+                module.settle()
+    return prepared, used, recorder.means if recorder is not None else {}
 
 
 # One calibration per recipe per build (``shared_calibration``): the second export of the
@@ -183,12 +198,14 @@ def prepare_corrected(model: nn.Module, example_inputs: InputTuple, calibration:
 
 def _prepare_corrected(model: nn.Module, example_inputs: InputTuple, calibration: Sequence[InputTuple],
                        recipe: Recipe) -> tuple[torch.fx.GraphModule, dict]:
-    prepared, used = prepare_calibrated(model, example_inputs, calibration, recipe)
+    correct = recipe.bias_correction and not recipe.dynamic
+    prepared, used, float_means = _calibrated(model, example_inputs, calibration, recipe,
+                                              record_means=BIAS_CORRECTION_MAX_SAMPLES if correct else 0)
     record = recipe_record(recipe, used)
-    if recipe.bias_correction and not recipe.dynamic:
+    if correct:
         samples = list(calibration_batches(calibration, example_inputs,
                                            min(used, BIAS_CORRECTION_MAX_SAMPLES)))
-        record["bias_correction"] = bias_correct(prepared, samples)
+        record["bias_correction"] = bias_correct(prepared, samples, float_means=float_means)
     return prepared, record
 
 

@@ -62,6 +62,9 @@ class Switch(nn.Module):
         self.axis = int(getattr(observer, "ch_axis", 0))
         self.enabled = False
         self.seen: list[torch.Tensor] = []  # [input, output] of the last call (a list: not registered)
+        # False: keep nothing (the bias correction reads values from its interpreters; kept, the
+        # last sample's activations at every observer stayed alive to the end of its pass)
+        self.keep_seen = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -70,7 +73,8 @@ class Switch(nn.Module):
             y = torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
         else:
             y = torch.fake_quantize_per_tensor_affine(x, float(self.scale), int(self.zero_point), self.qmin, self.qmax)
-        self.seen[:] = [x, y]
+        if self.keep_seen:
+            self.seen[:] = [x, y]
         return y
 
 

@@ -83,8 +83,9 @@ DEFAULT_ONNX_RECIPE_REASON = (
     "takes logit cosine min from 0.774 (onnxruntime quantize_static, reduce_range) to 0.995, SQNR 8.1 -> 20.6 dB, "
     "at the same speed")
 DEFAULT_BIAS_CORRECTION = True
-# Samples the bias correction runs in lockstep (float and int8 graph, all at once): memory
-# grows with it (EfficientNet-Lite0: ~15 MB per sample at the widest layer).
+# Samples the bias correction runs in lockstep (the int8 graph, all at once; the float figures
+# are recorded while calibrating): memory grows with it (EfficientNet-Lite0: ~15 MB per sample
+# and graph at the widest layer).
 BIAS_CORRECTION_MAX_SAMPLES = 32
 # Whose PT2E quantizer annotates each format's graph ("x86": XNNPACK's annotation rules with
 # onnxruntime's x86 int8 types, for the QDQ ONNX; quantizers.py x86_quantizer).
