@@ -68,4 +68,4 @@ def test_two_counts_agree_and_the_window_difference_is_the_inferences(tmp_path):
     fmla = (windows[2]["fmla_elem"] + windows[2]["fmla_vec"] - windows[0]["fmla_elem"] - windows[0]["fmla_vec"]) / 4
     assert fmla == 256 * 256 / 4  # 4 fp32 MACs per FMLA
     assert fmla < per_inference < 10 * fmla
-    assert counter.describe()["flags"] == "-seed 1 -R 0x2000000000"
+    assert counter.describe()["flags"] == "-seed 1 -R 0x400000000000"
