@@ -14,7 +14,8 @@ from torch import nn
 from edgepack.export.base import ExportContext
 from edgepack.export.onnx import OnnxArtifact, export, export_float_onnx
 from edgepack.export.onnx_int4 import pack, unpack
-from edgepack.quant.gptq import calibrated_int4, gptq_model
+from edgepack.quant.gptq import gptq_model
+from edgepack.quant.int4 import calibrated_int4
 from edgepack.quant.mixed import _per_token_int8, choose_int8, int8_weight, mixed_note
 
 
@@ -66,19 +67,6 @@ def test_choose_int8_takes_the_fewest_most_harmful_linears_that_reach_the_target
     same, none = choose_int8(model, int4, selection, min_cosine=0.0, min_sqnr_db=sqnr[0] - 1)
     assert none["reached"] and none["int8_layers"] == [] and all(same[n] is int4[n] for n in names)
     assert "0 Linear(s) int8" in mixed_note({**none, "selection_samples": 8})
-
-
-def test_calibrated_int4_selects_on_the_samples_gptq_did_not_use():
-    model, names = _mlp(), ["0", "2", "4"]
-    calibration = _samples(12, seed=3)
-    _, record = calibrated_int4(model, names, calibration, calibration[0], 32, 8,
-                                {"min_cosine": 1.0, "min_sqnr_db": 99.0})
-    assert record["calibration_samples"] == 8
-    assert record["mixed_int8"]["selection_samples"] == 4
-    assert record["mixed_int8"]["selection"] == "calibration samples after GPTQ's"
-    _, alone = calibrated_int4(model, names, calibration[:8], calibration[0], 32, 8,
-                               {"min_cosine": 1.0, "min_sqnr_db": 99.0})
-    assert alone["mixed_int8"]["selection_samples"] == 8 and "optimistic" in alone["mixed_int8"]["selection"]
 
 
 def test_pack_8bit_repeats_the_channel_scale_over_blocks():

@@ -56,7 +56,7 @@ from torch import nn
 
 from ..errors import EdgepackError, ExportError, RuntimeUnavailable
 from ..quant.calibrate import quantize
-from ..quant.gptq import calibrated_int4
+from ..quant.int4 import calibrated_int4
 from ..quant.mixed import mixed_note
 from ..quant.qat_graph import pt2e_qat_for
 from ..quant.recipe import INSTALL_HINT, RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason

@@ -62,7 +62,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ExportError, NothingToQuantize, RuntimeUnavailable
-from ..quant.gptq import calibrated_int4
+from ..quant.int4 import calibrated_int4
 from ..quant.mixed import mixed_note
 from ..quant.weight_only import int4_eligible
 from .base import ExportContext, ExportResult
