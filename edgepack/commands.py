@@ -59,7 +59,7 @@ def cmd_build(args, term: Terminal) -> int:
         term.bundle_dir = results[0].bundle_dir
     elif built:  # the log of the whole run goes beside the bundles, named after every target
         term.bundle_dir = bundle_path(Path(args.out), spec.name, "+".join(p.name for p in profiles))
-    # else no bundle directory may exist: the log stays where it is and its path is printed
+    # else no bundle directory may exist: the log is kept as a failed single-target build's is
     codes = [r.exit_code for r in results]
     if several and not args.quiet:
         term.err.print(f"[bold]{len(built)} of {len(results)} targets built[/]: " + ", ".join(
