@@ -110,11 +110,12 @@ def carry_codes(model, linears: dict[str, str], weights: dict[str, Int4Weight]) 
     from onnx import helper, numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
+    quantized = {f"{name}_Q4": name for name in linears}  # the quantizer's name for a packed weight
     carried = {}
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        source = next((name for name in linears if node.input[1] == f"{name}_Q4"), None)
+        source = quantized.get(node.input[1])
         if source is None:
             continue
         linear = linears[source]
