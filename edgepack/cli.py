@@ -88,12 +88,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                        help="override one profile value, e.g. --set int8.calibration_samples=64 (repeatable)")
 
-    build = command("build", "build a bundle for one target")
+    build = command("build", "build a bundle for one target or several")
     build.add_argument("spec", help="models/x.py, models/x.py:function or package.module:function")
     build.add_argument("--target", "-t", required=True, action="append",
-                       help="target name (see `edgepack targets`) or a YAML path; repeat for several targets")
+                       help="target name (see `edgepack targets`) or a YAML path; repeat for several targets "
+                            "(a target that errors does not stop the others; exit: the worst)")
     build.add_argument("--out", "-o", default="dist", help="output root (default: dist)")
-    build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+    build.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout (several "
+                                                            "targets: a list, an error object for one that raised)")
     build.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     build.add_argument("--no-repro-check", action="store_true",
                        help="skip exporting each artifact twice to check its bytes are reproducible")
@@ -294,22 +296,23 @@ def _main(argv: list[str] | None) -> int:
 def _report(term, as_json: bool, kind: str, message: str, hint: str | None, exit_code: int,
             log: Path | None = None) -> int:
     """One error, as a line (and a hint) on stderr, and under --json as an object on stdout."""
+    from .terminal import error_json
+
     if as_json:
-        term.write_json({"error": {"kind": kind, "message": message, "hint": hint, "exit_code": exit_code,
-                                   "log": str(log) if log else None}})
-    term.err.print(f"[bold red]{kind}:[/] " + _escape(message))
-    if hint:
-        term.err.print("  [dim]hint:[/] " + _escape(hint))
+        term.write_json(error_json(kind, message, hint, exit_code, log))
+    term.print_error(kind, message, hint)
     return exit_code
 
 
 def _keep_log(log: Path, term, code: int | None, args) -> None:
     """A build's log goes beside its bundle (dist/<model>/<target>.log); any other command's log is
     kept only when it failed, and its path printed."""
+    from .terminal import build_log_path
+
     bundle = getattr(term, "bundle_dir", None)
     try:
         if bundle is not None:
-            dest = Path(bundle).with_name(Path(bundle).name.removesuffix(".failed") + ".log")
+            dest = build_log_path(Path(bundle))
             shutil.move(str(log), dest)
             if code:
                 term.err.print(f"[dim]exporter and runtime output: {dest}[/]")
@@ -319,12 +322,6 @@ def _keep_log(log: Path, term, code: int | None, args) -> None:
             log.unlink()
     except OSError:
         pass
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 if __name__ == "__main__":

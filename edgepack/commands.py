@@ -14,7 +14,7 @@ from .errors import EdgepackError
 from .measure import process_age_seconds
 from .tables import (arm64_table, bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest,
                      validation_table)
-from .terminal import BuildProgress, Terminal, previous_timings
+from .terminal import BuildProgress, Terminal, build_log_path, error_json, previous_timings
 
 # `diagnose` says "nothing to keep in float" only with at least this much SQNR to spare.
 WIDE_MARGIN_DB = 3.0
@@ -22,8 +22,10 @@ WIDE_MARGIN_DB = 3.0
 
 def cmd_build(args, term: Terminal) -> int:
     """One spec for one or more targets (--target a --target b): the spec is loaded once and,
-    through the build cache, the float reference and evaluation are made once. Exit: the worst."""
-    from .pipeline import check_installed
+    through the build cache, the float reference and evaluation are made once. A target that
+    raises is recorded and the others still build (one target: the error ends the run, as any
+    command's; --debug: it always does). Exit: the worst."""
+    from .pipeline import bundle_path, check_installed
     from .spec import load_spec
     from .target import load_target
 
@@ -38,19 +40,38 @@ def cmd_build(args, term: Terminal) -> int:
     spec_seconds = spec_loaded - started
     for note in spec.notes:
         term.err.print(f"[yellow]note:[/] {escape(note)}")
-    results = []
+    several = len(profiles) > 1
+    results = []  # a BuildResult, or the EdgepackError a target raised
     for target, profile in zip(targets, profiles):
-        if len(profiles) > 1 and not args.quiet:
+        if several and not args.quiet:
             term.err.print(f"[bold]{spec.name} for {profile.name}[/] ({len(results) + 1}/{len(profiles)})")
         first = not results
-        results.append(_build_one(args, term, spec, target, profile, spec_seconds if first else None,
-                                  startup_seconds if first else None, spec_loaded if first else None))
-    term.bundle_dir = results[0].bundle_dir if len(results) == 1 else \
-        results[0].bundle_dir.with_name("+".join(r.manifest.target.name for r in results))
+        try:
+            results.append(_build_one(args, term, spec, target, profile, spec_seconds if first else None,
+                                      startup_seconds if first else None, spec_loaded if first else None))
+        except EdgepackError as exc:
+            if not several or args.debug:
+                raise
+            term.print_error(exc.kind, exc.message, exc.hint, where=f"target {profile.name}: ")
+            results.append(exc)
+    built = [r for r in results if not isinstance(r, EdgepackError)]
+    if not several:
+        term.bundle_dir = results[0].bundle_dir
+    elif built:  # the log of the whole run goes beside the bundles, named after every target
+        term.bundle_dir = bundle_path(Path(args.out), spec.name, "+".join(p.name for p in profiles))
+    # else no bundle directory may exist: the log is kept as a failed single-target build's is
+    codes = [r.exit_code for r in results]
+    if several and not args.quiet:
+        term.err.print(f"[bold]{len(built)} of {len(results)} targets built[/]: " + ", ".join(
+            f"{escape(p.name)} " + ("[green]passed[/]" if code == 0 else f"[red]exit {code}[/]")
+            for p, code in zip(profiles, codes)))
     if args.json:
-        manifests = [r.manifest.model_dump(mode="json") for r in results]
-        term.write_json(manifests[0] if len(manifests) == 1 else manifests)
-    return max(r.exit_code for r in results)
+        log = build_log_path(term.bundle_dir) if term.bundle_dir is not None else term.log_path
+        entries = [{"target": {"name": p.name}, **error_json(r.kind, r.message, r.hint, r.exit_code, log)}
+                   if isinstance(r, EdgepackError) else r.manifest.model_dump(mode="json")
+                   for p, r in zip(profiles, results)]
+        term.write_json(entries if several else entries[0])
+    return max(codes)
 
 
 def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: float | None,

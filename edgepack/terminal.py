@@ -90,6 +90,24 @@ class Terminal:
         self.raw_stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         self.raw_stdout.flush()
 
+    def print_error(self, kind: str, message: str, hint: str | None, where: str = "") -> None:
+        """An error as one line on stderr (``where`` before the message: which target, say) and its hint."""
+        self.err.print(f"[bold red]{kind}:[/] " + escape(where + message))
+        if hint:
+            self.err.print("  [dim]hint:[/] " + escape(hint))
+
+
+def error_json(kind: str, message: str, hint: str | None, exit_code: int, log: Path | None) -> dict:
+    """An error as --json prints it (README "CLI"): the whole output of a command that failed, or
+    one target's entry in a several-target build's list."""
+    return {"error": {"kind": kind, "message": message, "hint": hint, "exit_code": exit_code,
+                      "log": str(log) if log else None}}
+
+
+def build_log_path(bundle_dir: Path) -> Path:
+    """Where a build keeps what the libraries printed: beside its bundle, dist/<model>/<target>.log."""
+    return bundle_dir.with_name(bundle_dir.name.removesuffix(".failed") + ".log")
+
 
 def _fileno(stream) -> int | None:
     try:

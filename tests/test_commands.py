@@ -167,3 +167,37 @@ def test_several_targets_in_one_run_share_the_spec_and_the_reference(tmp_path):
     assert manifests[1]["timings"][0]["step"] != "loading the spec"  # loaded once, for the first
     assert proc.stderr.count("float reference: cached") == 1  # made by the first target, reused by the second
     assert (tmp_path / "dist" / "two-io" / "x86-64+x86-64-lean.log").is_file()
+
+
+def test_a_target_that_errors_does_not_stop_the_others(tmp_path):
+    # two_io.py has no train_data: prune-gradual raises a stage error (exit 3) before any export.
+    pruned = tmp_path / "x86-64-pruned.yaml"
+    pruned.write_text("extends: x86-64\nname: x86-64-pruned\nstages:\n  - {type: prune-gradual, final_sparsity: 0.5, "
+                      "epochs: 1}\nartifacts:\n  - {name: model, format: onnx, precision: fp32}\n")
+    lean = tmp_path / "x86-64-lean.yaml"
+    lean.write_text("extends: x86-64\nname: x86-64-lean\nartifacts:\n  - {name: model, format: onnx, precision: fp32}\n")
+    dist = tmp_path / "dist"
+    common = ["-o", str(dist), "--json", "--no-repro-check", "--set", "latency.runs=20"]
+    alone = run_cli("build", str(TEST_MODELS / "two_io.py"), "-t", str(pruned), *common)
+    assert alone.returncode == 3, alone.stderr
+    single = json.loads(alone.stdout)  # one target: the error object alone, as any command prints it
+    assert list(single) == ["error"] and single["error"]["kind"] == "stage error"
+    assert single["error"]["exit_code"] == 3 and "train_data" in single["error"]["message"] and single["error"]["hint"]
+
+    proc = run_cli("build", str(TEST_MODELS / "two_io.py"), "-t", str(pruned), "-t", str(lean), *common)
+    assert proc.returncode == 3, proc.stderr  # the worst of 3 and 0
+    failed, built = json.loads(proc.stdout)
+    log = dist / "two-io" / "x86-64-pruned+x86-64-lean.log"
+    assert failed == {"target": {"name": "x86-64-pruned"},
+                      "error": {**single["error"], "log": str(log)}}  # the single-target object, with the run's log
+    assert built["target"]["name"] == "x86-64-lean" and built["status"] == "passed"
+    assert (dist / "two-io" / "x86-64-lean" / "manifest.json").is_file() and log.is_file()
+    assert not (dist / "two-io" / "x86-64-pruned").exists() and not (dist / "two-io" / "x86-64-pruned.failed").exists()
+    assert "stage error: target x86-64-pruned: stage 1 (prune-gradual) failed" in proc.stderr
+    assert "1 of 2 targets built: x86-64-pruned exit 3, x86-64-lean passed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    debug = run_cli("build", str(TEST_MODELS / "two_io.py"), "-t", str(pruned), "-t", str(lean), *common, "--debug",
+                    "-o", str(tmp_path / "debug"))
+    assert debug.returncode == 3 and "Traceback" in debug.stderr  # --debug: the first error ends the run
+    assert list(json.loads(debug.stdout)) == ["error"] and not (tmp_path / "debug" / "two-io" / "x86-64-lean").exists()

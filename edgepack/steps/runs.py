@@ -67,10 +67,6 @@ def latency_parts(files: list[Path], runtime: str, threads: int, settings, feeds
             "warmup": settings.warmup, "runs": settings.runs, "feeds": digest_arrays([feeds]), **more}
 
 
-def latency_key(judge, files: list[Path], runtime: str, feeds: list[np.ndarray], **more: Any) -> dict[str, Any]:
-    return latency_parts(files, runtime, judge.threads, judge.profile.latency, feeds, **more)
-
-
 def _bench(runtime: str, path: Path, threads: int, timeout_s: float, settings, feeds: list[np.ndarray],
            session: RuntimeSession | None = None) -> dict[str, Any]:
     """times_ms, peak_rss_mb and load_ms of ``path`` (in ``session``, else in a session of its own)."""
@@ -106,57 +102,76 @@ def torch_outputs(cache, model: torch.nn.Module, samples: list[tuple], inputs: l
     return _unpack(arrays, len(samples), record["count"])
 
 
+def _replayed_and_timed(cache, latency_cache, kind: str, parts: dict[str, Any], runtime: str, files: list[Path],
+                        threads: int, timeout_s: float, settings, in_session: Callable, feeds_of: Callable):
+    """What run_reference and run_artifact share: ``in_session(session, timed)`` -> (record, arrays)
+    in a session of ``files[0]``, replayed from ``cache`` for the same ``parts`` (kind ``kind``);
+    and the latency on ``feeds_of(record)``, reused from ``latency_cache`` for the same files,
+    runtime, threads, settings and feeds. ``timed(feeds)`` measures it in that session while it
+    is open; when the outputs were replayed and the latency was not (evicted), a session of its
+    own measures it. Returns (record, arrays, outputs' cache note, latency, latency's note)."""
+    fresh: dict[str, Any] = {}
+
+    def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        with RuntimeSession(runtime, files[0], threads, timeout_s) as session:
+            def timed(feeds: list[np.ndarray]) -> None:
+                fresh["bench"] = _bench(runtime, files[0], threads, timeout_s, settings, feeds, session)
+
+            return in_session(session, timed)
+
+    record, arrays, note = replayed(cache, kind, parts, run)
+    feeds = feeds_of(record)
+    bench, latency_note = measured(latency_cache, "latency", latency_parts(files, runtime, threads, settings, feeds),
+                                   lambda: fresh.get("bench") or _bench(runtime, files[0], threads, timeout_s,
+                                                                        settings, feeds))
+    return record, arrays, note, bench, latency_note
+
+
 def run_reference(cache, files: list[Path], samples: list[list[np.ndarray]], threads: int, timeout_s: float,
                   settings) -> tuple[list[list[np.ndarray]], str, dict[str, Any], dict[str, Any] | None]:
     """The float reference ONNX in onnxruntime on the parity inputs: (outputs per sample,
     onnxruntime's version, latency figures, the latency's cache note), replayed and reused as
     run_artifact's are."""
-    fresh: dict[str, Any] = {}
+    def in_session(ref: RuntimeSession, timed: Callable) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        outputs = [ref.run(x) for x in samples]
+        timed(samples[0])
+        return {"version": ref.info.get("version", ""), "count": len(outputs[0])}, _pack(outputs)
 
-    def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        with RuntimeSession("onnxruntime", files[0], threads, timeout_s) as ref:
-            outputs = [ref.run(x) for x in samples]
-            fresh["bench"] = _bench("onnxruntime", files[0], threads, timeout_s, settings, samples[0], ref)
-            return {"version": ref.info.get("version", ""), "count": len(outputs[0])}, _pack(outputs)
-
-    record, arrays, _ = replayed(cache, "reference-run", {
-        "files": digest_files(files), "toolchain": toolchain_versions(), "threads": threads,
-        "inputs": digest_arrays(samples)}, run)
-    bench, note = measured(cache, "latency", latency_parts(files, "onnxruntime", threads, settings, samples[0]),
-                           lambda: fresh.get("bench") or _bench("onnxruntime", files[0], threads, timeout_s,
-                                                                settings, samples[0]))
+    parts = {"files": digest_files(files), "toolchain": toolchain_versions(), "threads": threads,
+             "inputs": digest_arrays(samples)}
+    record, arrays, _, bench, note = _replayed_and_timed(cache, cache, "reference-run", parts, "onnxruntime", files,
+                                                         threads, timeout_s, settings, in_session, lambda _: samples[0])
     return _unpack(arrays, len(samples), record["count"]), record["version"], bench, note
 
 
 def run_artifact(judge, runtime: str, files: list[Path]) -> RuntimeRun:
     """``files[0]`` in ``runtime`` on the judge's parity inputs, with its evaluate() and latency
     (judge: an ArtifactJudge). A crash or hang raises RuntimeCheckError (nothing is stored)."""
-    settings, samples = judge.profile.latency, judge.reference.inputs
-    fresh: dict[str, Any] = {}
+    samples = judge.reference.inputs
 
-    def run() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        with RuntimeSession(runtime, files[0], judge.threads, judge.timeout_s) as session:
-            native_inputs = [to_native(x, session.inputs) for x in samples]
-            native_outputs = [session.run(x) for x in native_inputs]
-            fresh["bench"] = _bench(runtime, files[0], judge.threads, judge.timeout_s, settings, native_inputs[0],
-                                    session)
-            accuracy = metrics(judge.evaluate(session_fn(session))) if judge.evaluate is not None else None
-            record = {"inputs": [t.to_dict() for t in session.inputs], "info": session.info, "accuracy": accuracy,
-                      "outputs": [t.to_dict() for t in session.outputs]}
+    def in_session(session: RuntimeSession, timed: Callable) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        native_inputs = [to_native(x, session.inputs) for x in samples]
+        native_outputs = [session.run(x) for x in native_inputs]
+        timed(native_inputs[0])
+        accuracy = metrics(judge.evaluate(session_fn(session))) if judge.evaluate is not None else None
+        record = {"inputs": [t.to_dict() for t in session.inputs], "info": session.info, "accuracy": accuracy,
+                  "outputs": [t.to_dict() for t in session.outputs]}
         return record, _pack(native_outputs)
+
+    def io(record: dict[str, Any], key: str) -> list[TensorIO]:
+        return [TensorIO(**t) for t in record[key]]
 
     # evaluate() is the spec's code: replayed only when the spec file it came from is in the key
     cache = judge.cache if judge.evaluate is None or judge.evaluate_key else None
-    record, arrays, note = replayed(cache, "runtime-run", {
-        "files": digest_files(files), "runtime": runtime, "toolchain": toolchain_versions(), "threads": judge.threads,
-        "inputs": digest_arrays(samples), "evaluate": judge.evaluate_key if judge.evaluate is not None else None}, run)
-    inputs, outputs = [TensorIO(**t) for t in record["inputs"]], [TensorIO(**t) for t in record["outputs"]]
+    parts = {"files": digest_files(files), "runtime": runtime, "toolchain": toolchain_versions(),
+             "threads": judge.threads, "inputs": digest_arrays(samples),
+             "evaluate": judge.evaluate_key if judge.evaluate is not None else None}
+    record, arrays, note, bench, latency_cache = _replayed_and_timed(
+        cache, judge.cache, "runtime-run", parts, runtime, files, judge.threads, judge.timeout_s,
+        judge.profile.latency, in_session, lambda record: to_native(samples[0], io(record, "inputs")))
+    inputs, outputs = io(record, "inputs"), io(record, "outputs")
     native_inputs = [to_native(x, inputs) for x in samples]
     native_outputs = _unpack(arrays, len(samples), len(outputs))
-    # outputs replayed but latency not in the cache (evicted): a session for the latency alone
-    bench, latency_cache = measured(judge.cache, "latency", latency_key(judge, files, runtime, native_inputs[0]),
-                                    lambda: fresh.get("bench") or _bench(runtime, files[0], judge.threads,
-                                                                         judge.timeout_s, settings, native_inputs[0]))
     return RuntimeRun(inputs=inputs, outputs=outputs, native_inputs=native_inputs, native_outputs=native_outputs,
                       info=record["info"], accuracy=record["accuracy"], bench=bench, cache=note,
                       latency_cache=latency_cache)

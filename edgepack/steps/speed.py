@@ -23,7 +23,7 @@ from ..measure import latency_summary
 from ..runtimes.base import to_native
 from ..runtimes.session import RuntimeSession
 from .judge import ArtifactJudge
-from .runs import latency_key
+from .runs import latency_parts
 
 
 def compare_with_float(judge: ArtifactJudge, configs: list[Any], entries: list[ArtifactEntry],
@@ -88,7 +88,8 @@ def side_by_side(judge: ArtifactJudge, fmt: str, path: Path, float_path: Path, f
     """The comparison below, measured once per pair of files and host with a build cache (its
     ``cache`` says when and where); --no-cache measures again."""
     runtime = RUNTIME_FOR_FORMAT[fmt]
-    parts = latency_key(judge, [path, float_path], runtime, feeds, rounds=judge.profile.latency.comparison_rounds)
+    parts = latency_parts([path, float_path], runtime, judge.threads, judge.profile.latency, feeds,
+                          rounds=judge.profile.latency.comparison_rounds)
     figures, note = measured(judge.cache, "latency-pair", parts,
                              lambda: _measure_side_by_side(judge, runtime, path, float_path, feeds))
     return {**figures, "cache": note} if note is not None else figures
