@@ -422,7 +422,7 @@ def test_int4_weight_pte_runs_the_gptq_codes(tmp_path):
     """The .pte holds GPTQ's codes and scales (weight_algorithm gptq, the default), not torchao's
     round-to-nearest ones: one-hot rows (exact in int8 per-token activations) give back the
     columns of GPTQ's dequantized weight."""
-    from edgepack.quant.gptq import calibrated_int4
+    from edgepack.quant.int4 import calibrated_int4
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16)).eval()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
-from edgepack.errors import ExportError
-from edgepack.quant.calibrate import shared_calibration
-from edgepack.quant.gptq import calibrated_int4, gptq, gptq_model, rtn
+from edgepack.quant.gptq import gptq, gptq_model, rtn
 
 
 def _correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
@@ -82,18 +79,3 @@ def test_gptq_model_is_sequential_deterministic_and_leaves_the_model_alone():
                 copy.get_submodule(name).weight.copy_(chosen[name].dequantized())
             errors[label] = float(((copy(held_out) - want) ** 2).sum() / (want ** 2).sum())
     assert errors["gptq"] < errors["rtn"], errors
-
-
-def test_calibrated_int4_caps_the_samples_and_is_shared_within_a_build():
-    model = _mlp()
-    samples = _samples(12, seed=5)
-    with shared_calibration():
-        weights, record = calibrated_int4(model, ["2", "0"], samples, samples[0], 32, calibration_samples=8)
-        again, shared = calibrated_int4(model, ["0", "2"], samples, samples[0], 32, calibration_samples=8)
-    assert record["weight_algorithm"] == "gptq" and record["calibration_samples"] == 8
-    assert "calibration_shared" not in record and shared["calibration_shared"] is True
-    assert torch.equal(weights["0"].codes, again["0"].codes)
-    with pytest.raises(ExportError, match="no calibration samples"):
-        calibrated_int4(model, ["0"], [], samples[0], 32, calibration_samples=8)
-    with pytest.raises(ExportError, match="weight_algorithm: rtn"):
-        calibrated_int4(model, ["0"], [(torch.zeros(4, 32),)], samples[0], 32, calibration_samples=8)

@@ -12,7 +12,8 @@ from torch import nn
 from edgepack.export.base import ExportContext
 from edgepack.export.onnx import OnnxArtifact, export, export_float_onnx
 from edgepack.export.onnx_int4 import pack, unpack
-from edgepack.quant.gptq import calibrated_int4, rtn
+from edgepack.quant.gptq import rtn
+from edgepack.quant.int4 import calibrated_int4
 
 
 class TwoLinears(nn.Module):

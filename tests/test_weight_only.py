@@ -65,11 +65,11 @@ def test_padding_idx_is_dropped_from_quantized_tables_only():
 
 def test_int4_linears_carry_the_given_codes():
     """torchao's round-to-nearest codes and scales are replaced by the given ones (GPTQ's)."""
-    from edgepack.quant.gptq import Int4Weight
+    from edgepack.quant.gptq import IntWeight
 
     model = Tagger().eval()
     gen = torch.Generator().manual_seed(0)
-    given = {name: Int4Weight(torch.randint(-8, 8, tuple(model.get_submodule(name).weight.shape), generator=gen,
+    given = {name: IntWeight(torch.randint(-8, 8, tuple(model.get_submodule(name).weight.shape), generator=gen,
                                             dtype=torch.int8),
                               torch.rand(model.get_submodule(name).weight.shape[0], shape_in // 32, generator=gen))
              for name, shape_in in (("proj", 64), ("odd", 32))}

@@ -26,6 +26,17 @@ from ..errors import UntraceableModel
 InputTuple = tuple[torch.Tensor, ...]
 
 
+class MixedInt8(BaseModel):
+    """int4-weight with weight_algorithm gptq: the target the model (weights as shipped, int8 per-token
+    activations emulated) must reach on calibration samples GPTQ did not use; the Linears whose
+    4-bit error hurts most move to int8, most harmful first, until it does (quant/mixed.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_cosine: float = Field(ge=0.0, le=1.0, description="per-sample cosine, the lowest")
+    min_sqnr_db: float = Field(description="SQNR over all samples, dB")
+
+
 class ArtifactConfig(BaseModel):
     """Common fields of one artifact to produce. Subclasses add ``format`` and options."""
 

@@ -56,12 +56,13 @@ from torch import nn
 
 from ..errors import EdgepackError, ExportError, RuntimeUnavailable
 from ..quant.calibrate import quantize
-from ..quant.gptq import calibrated_int4
+from ..quant.int4 import calibrated_int4
+from ..quant.mixed import mixed_note
 from ..quant.qat_graph import pt2e_qat_for
 from ..quant.recipe import INSTALL_HINT, RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
 from ..quant.weight_only import embedding_tables, int4_eligible, int4_linears
 from ..runtimes.executorch import register_quantized_kernels
-from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
+from .base import ArtifactConfig, ExportContext, ExportResult, MixedInt8, complex_tensors_in, data_dependent_control_flow
 # Namespaces whose ops have no portable (non-delegated) kernel in the pip runtime.
 _QUANT_NAMESPACES = ("quantized_decomposed", "torchao")
 
@@ -79,6 +80,10 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
         default="gptq", description="int4-weight: how the 4-bit weights are chosen: gptq (on the first "
                                     "calibration_samples calibration inputs, quant/gptq.py) or rtn "
                                     "(round-to-nearest, no calibration)")
+    mixed_int8: MixedInt8 | None = Field(
+        default=None, description="int4-weight with weight_algorithm gptq: {min_cosine, min_sqnr_db}; the Linears "
+                                  "whose 4-bit error hurts the model most stay int8 (a scale per output channel) until "
+                                  "it reaches this on calibration inputs GPTQ did not use (quant/mixed.py)")
     embeddings: Literal["fp32", "int8", "int4"] = Field(
         default="fp32", description="nn.Embedding tables: fp32, int8 (a scale per row) or int4 (a scale per "
                                     "group_size values); run outside XNNPACK by ExecuTorch's quantized kernels, "
@@ -86,6 +91,8 @@ class ExecuTorchArtifact(ArtifactConfig, Int8Options):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "ExecuTorchArtifact":
+        if self.mixed_int8 is not None and (self.precision != "int4-weight" or self.weight_algorithm != "gptq"):
+            raise ValueError("pte mixed_int8 only applies to precision int4-weight with weight_algorithm gptq")
         self.check_recipe_options(self.precision == "int8", f"precision int8 (static), not {self.precision}")
         if self.backend == "vulkan" and self.precision not in ("fp32", "fp16"):
             raise ValueError(f"pte backend vulkan takes precision fp32 or fp16, not {self.precision}")
@@ -233,10 +240,13 @@ def _exported_program(config: ExecuTorchArtifact, ctx: ExportContext,
             if config.weight_algorithm == "gptq":
                 weights, chosen = calibrated_int4(ctx.model, int4_eligible(ctx.model, config.group_size),
                                                   ctx.calibration, example, config.group_size,
-                                                  config.calibration_samples)
+                                                  config.calibration_samples,
+                                                  config.mixed_int8 and config.mixed_int8.model_dump())
             model, quantization = int4_linears(source, config.group_size, weights)
         quantization.update(chosen)
         quantization["embeddings"] = embeddings
+        if "mixed_int8" in quantization:
+            notes.append(mixed_note(quantization["mixed_int8"]))
         if quantization["skipped_layers"]:
             notes.append(f"{len(quantization['skipped_layers'])} Linear layer(s) kept fp32: "
                          f"in_features not divisible by group_size {config.group_size}")

@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from . import onnx_qdq, onnx_quant
 from ..quant.recipe import RecipeOptions
-from .base import ArtifactConfig, ExportContext, ExportResult
+from .base import ArtifactConfig, ExportContext, ExportResult, MixedInt8
 from .onnx_float import DEFAULT_OPSET, export_float_onnx
 
 
@@ -55,9 +55,15 @@ class OnnxArtifact(ArtifactConfig, RecipeOptions):
         default="gptq", description="int4-weight: how the 4-bit weights are chosen: gptq (on the first "
                                     "calibration_samples calibration inputs, quant/gptq.py) or rtn "
                                     "(onnxruntime's round-to-nearest, no calibration)")
+    mixed_int8: MixedInt8 | None = Field(
+        default=None, description="int4-weight with weight_algorithm gptq: {min_cosine, min_sqnr_db}; the Linears "
+                                  "whose 4-bit error hurts the model most stay int8 (a scale per output channel) until "
+                                  "it reaches this on calibration inputs GPTQ did not use (quant/mixed.py)")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "OnnxArtifact":
+        if self.mixed_int8 is not None and (self.precision != "int4-weight" or self.weight_algorithm != "gptq"):
+            raise ValueError("onnx mixed_int8 only applies to precision int4-weight with weight_algorithm gptq")
         # Compare with the defaults (not model_fields_set) so a dumped config loads back.
         static_only = ("calibration_samples", "calibration_method", "activation_type")
         int8_only = ("weight_type", "per_channel", "reduce_range")

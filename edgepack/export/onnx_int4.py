@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..quant.gptq import Int4Weight
+from ..quant.gptq import IntWeight
 
 def gemm_to_matmul(model) -> int:
     """Rewrite Gemm(A, W, C) with a constant 2-D W, alpha = beta = 1, transA = 0 as MatMul(A, W') + C,
@@ -85,9 +85,17 @@ def matmul_weights_of(model, torch_model: nn.Module, names: list[str]) -> dict[s
     return found
 
 
-def pack(weight: Int4Weight) -> tuple[np.ndarray, np.ndarray]:
-    """(B, scales) as MatMulNBits stores them (module docstring) for one Linear's codes."""
+def pack(weight: IntWeight, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, scales) as MatMulNBits stores them (module docstring) for one Linear's codes. 8-bit codes
+    (one scale per output channel) take one byte each, code + 128, the row's scale repeated over
+    its ``block_size`` blocks."""
     out, inp = weight.codes.shape
+    if weight.bits == 8:
+        block = block_size or inp
+        if inp % block:
+            raise ValueError(f"MatMulNBits blocks of {block} do not divide {inp} input channels")
+        packed = (weight.codes.to(torch.int16) + 128).to(torch.uint8).numpy().reshape(out, inp // block, block)
+        return packed, weight.scales.float().expand(out, inp // block).contiguous().numpy()
     group = weight.group_size
     if group % 2:
         raise ValueError(f"MatMulNBits packs two 4-bit values per byte: block size {group} must be even")
@@ -96,40 +104,46 @@ def pack(weight: Int4Weight) -> tuple[np.ndarray, np.ndarray]:
     return packed, weight.scales.float().numpy()
 
 
-def unpack(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def unpack(packed: np.ndarray, scales: np.ndarray, bits: int = 4) -> np.ndarray:
     """The dequantized weight [out, in] (nn.Linear layout) a MatMulNBits' B and scales hold."""
-    out, blocks, half = packed.shape
-    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(out, blocks, 2 * half).astype(np.float32)
-    return ((nibbles - 8.0) * scales.reshape(out, blocks, 1)).reshape(out, blocks * 2 * half)
+    out, blocks, width = packed.shape
+    if bits == 8:
+        return ((packed.astype(np.float32) - 128.0) * scales.reshape(out, blocks, 1)).reshape(out, blocks * width)
+    nibbles = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(out, blocks, 2 * width).astype(np.float32)
+    return ((nibbles - 8.0) * scales.reshape(out, blocks, 1)).reshape(out, blocks * 2 * width)
 
 
-def carry_codes(model, linears: dict[str, str], weights: dict[str, Int4Weight]) -> dict[str, str]:
+def carry_codes(model, linears: dict[str, str], weights: dict[str, IntWeight]) -> dict[str, str]:
     """Overwrite, in place, the B and scales of every MatMulNBits whose weight was one of
-    ``linears`` (initializer -> Linear, before quantization) with that Linear's given codes.
+    ``linears`` (initializer -> Linear, before quantization) with that Linear's given codes
+    (4-bit: the quantizer named B ``{initializer}_Q4``; 8-bit: ``{initializer}_Q8``).
     Returns MatMulNBits node -> Linear for the nodes rewritten."""
     from onnx import helper, numpy_helper
 
     initializers = {init.name: init for init in model.graph.initializer}
-    quantized = {f"{name}_Q4": name for name in linears}  # the quantizer's name for a packed weight
+    by_packed = {f"{source}_Q{weights[linear].bits}": linear for source, linear in linears.items()}
     carried = {}
     for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
+        linear = by_packed.get(node.input[1]) if node.op_type == "MatMulNBits" else None
+        if linear is None:
             continue
-        source = quantized.get(node.input[1])
-        if source is None:
-            continue
-        linear = linears[source]
+        given = weights[linear]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if len(node.input) > 3 and node.input[3]:
             raise ExportError(f"onnx int4-weight: MatMulNBits {node.name} has a zero-point input; the GPTQ codes "
                               f"are symmetric", "report this with the model, or set weight_algorithm: rtn")
         b, scales = initializers[node.input[1]], initializers[node.input[2]]
-        packed, scale_values = pack(weights[linear])
+        block = attrs.get("block_size")
+        try:
+            packed, scale_values = pack(given, block)
+        except ValueError as exc:
+            raise ExportError(f"onnx int4-weight: MatMulNBits {node.name}: {exc}",
+                              "report this with the model, or set weight_algorithm: rtn") from exc
         if (tuple(b.dims) != packed.shape or int(np.prod(scales.dims)) != scale_values.size
-                or attrs.get("block_size") != weights[linear].group_size or attrs.get("bits") != 4):
-            raise ExportError(f"onnx int4-weight: MatMulNBits {node.name} (B {list(b.dims)}, block "
-                              f"{attrs.get('block_size')}) does not fit the codes of {linear} {tuple(packed.shape)}",
-                              "report this with the model, or set weight_algorithm: rtn")
+                or (given.bits == 4 and block != given.group_size) or attrs.get("bits") != given.bits):
+            raise ExportError(f"onnx int4-weight: MatMulNBits {node.name} (B {list(b.dims)}, {attrs.get('bits')} "
+                              f"bits, block {block}) does not fit the {given.bits}-bit codes of {linear} "
+                              f"{tuple(packed.shape)}", "report this with the model, or set weight_algorithm: rtn")
         b.CopyFrom(numpy_helper.from_array(packed, b.name))
         scales.CopyFrom(numpy_helper.from_array(
             scale_values.astype(numpy_helper.to_array(scales).dtype).reshape(tuple(scales.dims)), scales.name))

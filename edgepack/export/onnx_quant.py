@@ -62,7 +62,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ExportError, NothingToQuantize, RuntimeUnavailable
-from ..quant.gptq import calibrated_int4
+from ..quant.int4 import calibrated_int4
+from ..quant.mixed import mixed_note
 from ..quant.weight_only import int4_eligible
 from .base import ExportContext, ExportResult
 from .onnx_int4 import carry_codes, gemm_to_matmul, matmul_weights_of
@@ -336,19 +337,34 @@ def to_int4_weight(config, source: Path, ctx: ExportContext):
     with _step("int4-weight", "rewrite Gemm as MatMul"):
         gemms = gemm_to_matmul(model)
     chosen: dict = {"weight_algorithm": "rtn", "calibration_samples": 0}
+    int8_nodes: list[str] = []
     if config.weight_algorithm == "gptq":
         names = int4_eligible(ctx.model, config.group_size)
         weights, chosen = calibrated_int4(ctx.model, names, ctx.calibration, ctx.example_inputs,
-                                          config.group_size, config.calibration_samples)
+                                          config.group_size, config.calibration_samples,
+                                          config.mixed_int8 and config.mixed_int8.model_dump())
         linears = matmul_weights_of(model, ctx.model, names)
+        int8_sources = {source for source, linear in linears.items() if weights[linear].bits == 8}
+        int8_nodes = sorted(node.name for node in model.graph.node
+                            if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in int8_sources)
     algo = DefaultWeightOnlyQuantConfig(block_size=config.group_size, is_symmetric=True)
     with _step("int4-weight", f"MatMulNBitsQuantizer (block {config.group_size})"), _quiet():
-        quantizer = MatMulNBitsQuantizer(model, block_size=config.group_size, is_symmetric=True, algo_config=algo)
+        quantizer = MatMulNBitsQuantizer(model, block_size=config.group_size, is_symmetric=True, algo_config=algo,
+                                         nodes_to_exclude=int8_nodes)
         quantizer.process()
     quantized = quantizer.model.model
+    if int8_nodes:  # mixed_int8: these MatMuls 8-bit (their codes, one scale per output channel, carried below)
+        algo8 = DefaultWeightOnlyQuantConfig(block_size=config.group_size, is_symmetric=True, bits=8)
+        with _step("int4-weight", f"MatMulNBitsQuantizer 8-bit for {len(int8_nodes)} MatMul(s)"), _quiet():
+            quantizer = MatMulNBitsQuantizer(quantized, block_size=config.group_size, is_symmetric=True, bits=8,
+                                             algo_config=algo8, nodes_to_include=int8_nodes)
+            quantizer.process()
+        quantized = quantizer.model.model
     recipe = {"method": "onnxruntime.MatMulNBitsQuantizer", "algorithm": "RTN", "bits": 4,
               "group_size": config.group_size, "symmetric": True, "weight_type": "int4",
               "activation_type": "float32", "gemm_rewritten_as_matmul": gemms}
+    if int8_nodes:
+        recipe["int8_matmuls"] = len(int8_nodes)
     if config.weight_algorithm == "gptq":
         carried = carry_codes(quantized, linears, weights)
         recipe["algorithm"] = "GPTQ (codes and scales written into MatMulNBits)"
@@ -387,6 +403,8 @@ def export_converted(config, ctx: ExportContext, path: Path, torch_int8: Callabl
             model, recipe = to_int8_dynamic(config, source, scratch)
         elif config.precision == "int4-weight":
             model, recipe = to_int4_weight(config, source, ctx)
+            if "mixed_int8" in recipe:
+                notes.append(mixed_note(recipe["mixed_int8"]))
         else:  # the config's Literal makes this unreachable
             raise ExportError(f"onnx: precision {config.precision!r} has no conversion", "use fp32")
         counts = count_quantized(model, qdq=recipe.get("format") == "QDQ")

@@ -24,9 +24,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..cache import weights_digest
-from ..errors import ExportError
-from .calibrate import calibration_batches, inputs_digest, shared_result
 
 InputTuple = tuple[torch.Tensor, ...]
 QMIN, QMAX = -8, 7
@@ -38,11 +35,14 @@ _DIVISORS = (7.0, 7.5, 8.0)
 
 
 @dataclass(frozen=True)
-class Int4Weight:
-    """One Linear's 4-bit weight: ``codes`` int8 [out, in] in [-8, 7], ``scales`` float32 [out, in // group]."""
+class IntWeight:
+    """One Linear's integer weight: ``codes`` int8 [out, in], ``scales`` float32 [out, in // group].
+    4 bits: codes in [-8, 7], a scale per group of input channels; 8 bits (quant/mixed.py): codes
+    in [-127, 127], one scale per output channel (scales [out, 1])."""
 
     codes: torch.Tensor
     scales: torch.Tensor
+    bits: int = 4
 
     @property
     def group_size(self) -> int:
@@ -52,13 +52,13 @@ class Int4Weight:
         return self.codes.float() * self.scales.repeat_interleave(self.group_size, dim=1)
 
 
-def rtn(weight: torch.Tensor, group_size: int) -> Int4Weight:
+def rtn(weight: torch.Tensor, group_size: int) -> IntWeight:
     """Round-to-nearest with scale amax / 7.5 per group (what torchao and onnxruntime do)."""
     out, inp = weight.shape
     groups = weight.detach().float().reshape(out, inp // group_size, group_size)
     scales = (groups.abs().amax(-1) / 7.5).clamp(min=torch.finfo(torch.float32).tiny)
     codes = (groups / scales[..., None]).round().clamp(QMIN, QMAX)
-    return Int4Weight(codes.reshape(out, inp).to(torch.int8), scales)
+    return IntWeight(codes.reshape(out, inp).to(torch.int8), scales)
 
 
 def group_scales(weight: torch.Tensor, importance: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def group_scales(weight: torch.Tensor, importance: torch.Tensor, group_size: int
 
 
 @torch.no_grad()
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damping: float = DAMPING) -> Int4Weight:
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damping: float = DAMPING) -> IntWeight:
     """GPTQ on one Linear weight [out, in] with H = E[x x^T] [in, in] of its inputs."""
     weight = weight.detach().double().clone()
     hessian = hessian.double().clone()
@@ -116,7 +116,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, damping: 
             errors[:, i] = error
         weight[:, stop:] -= errors @ inverse[start:stop, stop:]
     codes = codes[:, torch.argsort(order)]
-    return Int4Weight(codes.to(torch.int8), scales.float())
+    return IntWeight(codes.to(torch.int8), scales.float())
 
 
 class _Collected(Exception):
@@ -138,17 +138,17 @@ def _execution_order(model: nn.Module, names: Sequence[str], sample: InputTuple)
     return list(calls) + sorted(set(names) - set(calls)), {name for name, count in calls.items() if count == 1}
 
 
-def _outputs(value) -> list[torch.Tensor]:
+def flat_outputs(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _outputs(item)]
+        return [t for item in value for t in flat_outputs(item)]
     if isinstance(value, dict):
-        return [t for key in sorted(value) for t in _outputs(value[key])]
+        return [t for key in sorted(value) for t in flat_outputs(value[key])]
     raise TypeError(f"output of type {type(value).__name__}")
 
 
-def _batched(model: nn.Module, samples: Sequence[InputTuple], size: int = 64) -> list[InputTuple]:
+def batched(model: nn.Module, samples: Sequence[InputTuple], size: int = 64) -> list[InputTuple]:
     """``samples`` concatenated along the batch dimension, ``size`` at a time, when the model gives
     the same outputs for two samples batched as one at a time (checked); otherwise as they are."""
     first = samples[:2]
@@ -157,8 +157,8 @@ def _batched(model: nn.Module, samples: Sequence[InputTuple], size: int = 64) ->
     try:
         if any(a.dim() == 0 or a.shape[1:] != b.shape[1:] for s in samples for a, b in zip(s, first[0])):
             return list(samples)
-        together = _outputs(model(*[torch.cat(parts) for parts in zip(*first)]))
-        apart = [_outputs(model(*sample)) for sample in first]
+        together = flat_outputs(model(*[torch.cat(parts) for parts in zip(*first)]))
+        apart = [flat_outputs(model(*sample)) for sample in first]
         same = len(together) == len(apart[0]) and all(
             t.shape[0] == a.shape[0] + b.shape[0] and torch.allclose(t, torch.cat([a, b]), rtol=1e-4, atol=1e-5)
             for t, a, b in zip(together, *apart))
@@ -196,48 +196,21 @@ def _input_hessian(model: nn.Module, name: str, samples: Sequence[InputTuple], o
 
 @torch.no_grad()
 def gptq_model(model: nn.Module, names: Sequence[str], samples: Sequence[InputTuple],
-               group_size: int, damping: float = DAMPING) -> dict[str, Int4Weight]:
+               group_size: int, damping: float = DAMPING) -> dict[str, IntWeight]:
     """GPTQ codes and scales for the Linears ``names`` of ``model`` (left unchanged), layer by layer
     in execution order, each layer's inputs taken with the earlier layers already quantized."""
     if not samples:
         raise ValueError("GPTQ needs calibration samples")
     work = _copy_for_calibration(model, names)
     order, once = _execution_order(work, names, samples[0])
-    batches = _batched(work, samples)
-    result: dict[str, Int4Weight] = {}
+    batches = batched(work, samples)
+    result: dict[str, IntWeight] = {}
     for name in order:
         linear = work.get_submodule(name)
         quantized = gptq(linear.weight, _input_hessian(work, name, batches, name in once), group_size, damping)
         linear.weight.copy_(quantized.dequantized().to(linear.weight.dtype))
         result[name] = quantized
     return result
-
-
-def calibrated_int4(model: nn.Module, names: Sequence[str], calibration: Sequence[InputTuple],
-                    example_inputs: InputTuple, group_size: int,
-                    calibration_samples: int) -> tuple[dict[str, Int4Weight], dict]:
-    """GPTQ codes for ``names`` on the first ``calibration_samples`` calibration inputs, and the
-    record for the manifest. Within a build (quant.calibrate.shared_calibration) the .pte and the
-    .onnx, and the reproducibility check, share one run for the same weights and inputs."""
-    try:
-        samples = list(calibration_batches(calibration, example_inputs, calibration_samples))
-    except ValueError as exc:
-        raise ExportError(f"int4-weight gptq: {exc}", "give calibration inputs shaped like the example inputs, "
-                                                      "or set weight_algorithm: rtn") from exc
-    if not samples:
-        raise ExportError("int4-weight gptq: the spec gives no calibration samples",
-                          "give the spec calibration inputs, or set weight_algorithm: rtn (no calibration)")
-    names = sorted(names)
-    key = ("gptq", weights_digest(model), inputs_digest(samples), group_size, tuple(names))
-    weights, shared = shared_result(key, lambda: gptq_model(model, names, samples, group_size))
-    record = {"weight_algorithm": "gptq", "calibration_samples": len(samples), "damping": DAMPING,
-              "act_order": True, "static_groups": True,
-              "group_scales": "per group, amax*f/d (f in 0.5..1, d in 7, 7.5, 8) minimising the H-diagonal-"
-                              "weighted rounding error",
-              "layers": len(weights)}
-    if shared:
-        record["calibration_shared"] = True
-    return weights, record
 
 
 def _copy_for_calibration(model: nn.Module, names: Sequence[str]) -> nn.Module:

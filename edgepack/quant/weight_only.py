@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, RuntimeUnavailable
-from .gptq import Int4Weight
+from .gptq import IntWeight
 from .recipe import INSTALL_HINT
 
 
@@ -76,7 +76,7 @@ def int4_eligible(model: nn.Module, group_size: int) -> list[str]:
 
 
 def int4_linears(model: nn.Module, group_size: int,
-                 weights: dict[str, Int4Weight] | None = None) -> tuple[nn.Module, dict]:
+                 weights: dict[str, IntWeight] | None = None) -> tuple[nn.Module, dict]:
     """A copy of the model with eligible Linear weights int4 groupwise (torchao quantize_).
 
     torchao picks codes and scales by round-to-nearest; ``weights`` (quant/gptq.py), when given,
@@ -84,7 +84,7 @@ def int4_linears(model: nn.Module, group_size: int,
     exactly (torchao's tensor keeps int8 codes, a scale per group and a zero point of 0)."""
     try:
         from torchao.quantization import quantize_
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.granularity import PerAxis, PerGroup
         from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
     except ImportError as exc:
         raise RuntimeUnavailable(f"torchao is not installed ({exc})", INSTALL_HINT) from exc
@@ -96,9 +96,15 @@ def int4_linears(model: nn.Module, group_size: int,
             "use fp32/int8 for this model, or a group_size that divides the Linear in_features")
     quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
     wanted = set(eligible)
+    int8 = sorted(name for name in eligible if weights is not None and name in weights and weights[name].bits == 8)
+    if int8:  # mixed_int8 (quant/mixed.py): XNNPACK's dynamic int8 linear, a scale per output channel
+        quantize_(quantized, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
+                                                                   weight_granularity=PerAxis(0)),
+                  filter_fn=lambda module, fqn: fqn in set(int8))
+    int4 = sorted(wanted - set(int8))
     quantize_(quantized,
               Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
-              filter_fn=lambda module, fqn: fqn in wanted)
+              filter_fn=lambda module, fqn: fqn in set(int4))
     if weights is not None:
         _carry_codes(quantized, eligible, weights, group_size)
     return quantized, {
@@ -106,18 +112,20 @@ def int4_linears(model: nn.Module, group_size: int,
         "quantizer": "Int8DynamicActivationIntxWeightConfig",
         "granularity": f"per-group({group_size})",
         "dynamic": True,
-        "weights": "int4 symmetric groupwise (nn.Linear only)",
+        "weights": "int4 symmetric groupwise (nn.Linear only)" + (
+            f"; {len(int8)} Linear(s) int8 symmetric per-channel (mixed_int8)" if int8 else ""),
         "activations": "int8 affine per-token, dynamic (runtime)",
         "weight_algorithm": "rtn" if weights is None else "given codes",
         "calibration_samples": 0,
         "quantized_layers": eligible,
+        **({"int8_layers": int8} if int8 else {}),
         "skipped_layers": sorted(set(linears) - wanted),
     }
 
 
 
 @torch.no_grad()
-def _carry_codes(quantized: nn.Module, names: list[str], weights: dict[str, Int4Weight], group_size: int) -> None:
+def _carry_codes(quantized: nn.Module, names: list[str], weights: dict[str, IntWeight], group_size: int) -> None:
     """Overwrite each quantized Linear's torchao codes and scales with ``weights[name]``."""
     for name in names:
         given = weights.get(name)
@@ -127,9 +135,10 @@ def _carry_codes(quantized: nn.Module, names: list[str], weights: dict[str, Int4
         tensor = quantized.get_submodule(name).weight
         want = (tuple(tensor.qdata.shape), tuple(tensor.scale.shape))
         got = (tuple(given.codes.shape), tuple(given.scales.shape))
-        if got != want or given.group_size != group_size or tensor.zero_point.any():
-            raise ExportError(f"pte int4-weight: the codes chosen for {name} (codes, scales {got}) do not fit "
-                              f"torchao's symmetric group-{group_size} weight {want}",
+        group = group_size if given.bits == 4 else given.codes.shape[1]  # int8: one scale per row
+        if got != want or given.group_size != group or tensor.zero_point.any():
+            raise ExportError(f"pte int4-weight: the {given.bits}-bit codes chosen for {name} (codes, scales {got}) "
+                              f"do not fit torchao's symmetric group-{group} weight {want}",
                               "report this with the model (torchao's int4 layout may have changed)")
         tensor.qdata.copy_(given.codes.to(tensor.qdata.dtype))
         tensor.scale.copy_(given.scales.to(tensor.scale.dtype))
