@@ -64,10 +64,16 @@ def test_an_idle_server_stopped_for_another_runtime_is_started_again_by_the_next
         (first,) = forkserver.fork_server_pids()
     assert forkserver.stop_idle_servers(keep="onnxruntime") == []  # the one to keep
     assert forkserver.fork_server_pids() == [first]
-    assert forkserver.stop_idle_servers(keep="litert") == ["onnxruntime"]
-    assert forkserver.fork_server_pids() == []
-    assert not os.path.exists(f"/proc/{first}") or open(f"/proc/{first}/stat").read().split(")")[1].split()[0] == "Z"
+    stopped = forkserver.stop_idle_servers(keep="litert")
+    assert [(runtime, threads) for runtime, threads, _, _ in stopped] == [("onnxruntime", 1)]
+    assert forkserver.fork_server_pids() == [] and not os.path.exists(f"/proc/{first}")  # ended and reaped
     with RuntimeSession("onnxruntime", model, threads=1, timeout_s=120) as session:  # started again on demand
         np.testing.assert_array_equal(session.run(feed)[0], [[0.0, 2.0, 0.0, 4.0]])
         (second,) = forkserver.fork_server_pids()
     assert second != first
+    stopped = forkserver.stop_idle_servers(keep=None)
+    forkserver.start_servers(stopped)  # or ahead of the session, with the environment it had
+    (third,) = forkserver.fork_server_pids()
+    with RuntimeSession("onnxruntime", model, threads=1, timeout_s=120) as session:
+        np.testing.assert_array_equal(session.run(feed)[0], [[0.0, 2.0, 0.0, 4.0]])
+    assert forkserver.fork_server_pids() == [third] != [second]  # the session used the server started for it
