@@ -175,9 +175,9 @@ class _Builder:
     def _run(self, staged: Path, scratch: Path) -> Manifest:
         spec, profile = self.spec, self.profile
         self.say("reading the spec's calibration and held-out samples")
-        if self.options.cache is None:  # with a cache, each server starts when an export misses (judge.py)
+        if self.options.cache is None:  # the reference's and the first artifact's; judge.py starts the rest
             for runtime in dict.fromkeys(["onnxruntime"] + [RUNTIME_FOR_FORMAT[a.format] for a in profile.artifacts
-                                                             if not a.device_only]):
+                                                             if not a.device_only][:1]):
                 forkserver.prestart(runtime, self.threads)
         torch.manual_seed(0)
         np.random.seed(0)
@@ -429,8 +429,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
                 pass
         raise
     return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.findings.exit_code,
-                       messages=builder.findings.failures,
-                       zip_path=zip_path)
+                       messages=builder.findings.failures, zip_path=zip_path)
 
 
 def _scratch_full(exc: OSError, scratch: Path, out: Path) -> EdgepackError | None:

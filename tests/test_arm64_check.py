@@ -96,9 +96,12 @@ def test_a_rebuild_judges_the_cached_emulated_runs_again(digits):
         a.model_copy(update={"parity": {**a.parity, "thresholds": {**a.parity["thresholds"], "min_sqnr_db": 90.0}}})
         if a.file == "model.tflite" else a for a in manifest.artifacts]})
     from edgepack.cache import BuildCache
+    from edgepack.runtimes import forkserver
 
+    forkserver.prestart("onnxruntime", 1)
     records = check_bundle(bundle, strict, Arm64CheckSettings(), say=lambda m: None, only="model.tflite",
                            cache=BuildCache(tmp / "cache"))
+    assert forkserver.fork_server_pids() == []  # stopped: nothing runs in them under emulation
     runs = records["model.tflite"].runs
     assert records["model.tflite"].status == "failed" and all(r.cache["hit"] for r in runs)
     assert all(r.parity["thresholds"]["min_sqnr_db"] == 90.0 and not r.parity["passed"] for r in runs)

@@ -1,5 +1,6 @@
 """runtimes/forkserver.py: one warm process per runtime and thread count; a changed start-up
-variable gets a new server; stop_fork_servers ends them all."""
+variable gets a new server; stop_fork_servers ends them all; stop_idle_servers ends the idle ones
+of other runtimes and the next session starts its server again."""
 
 from __future__ import annotations
 
@@ -36,3 +37,43 @@ def test_prestart_then_reuse_then_replace_on_a_new_startup_variable(clean_server
     server.wait_ready(120)
     forkserver.stop_fork_servers()
     assert forkserver.fork_server_pids() == []
+
+
+def _tiny_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.skipif(not forkserver.use_fork_server(), reason="fork servers run on Linux only")
+def test_an_idle_server_stopped_for_another_runtime_is_started_again_by_the_next_session(clean_servers, tmp_path):
+    import numpy as np
+
+    from edgepack.runtimes.session import RuntimeSession
+
+    model = _tiny_onnx(tmp_path / "relu.onnx")
+    feed = [np.array([[-1.0, 2.0, -3.0, 4.0]], dtype=np.float32)]
+    with RuntimeSession("onnxruntime", model, threads=1, timeout_s=120) as session:
+        np.testing.assert_array_equal(session.run(feed)[0], [[0.0, 2.0, 0.0, 4.0]])
+        assert forkserver.stop_idle_servers(keep="litert") == []  # a worker is running: kept
+        (first,) = forkserver.fork_server_pids()
+    assert forkserver.stop_idle_servers(keep="onnxruntime") == []  # the one to keep
+    assert forkserver.fork_server_pids() == [first]
+    stopped = forkserver.stop_idle_servers(keep="litert")
+    assert [(runtime, threads) for runtime, threads, _, _ in stopped] == [("onnxruntime", 1)]
+    assert forkserver.fork_server_pids() == [] and not os.path.exists(f"/proc/{first}")  # ended and reaped
+    with RuntimeSession("onnxruntime", model, threads=1, timeout_s=120) as session:  # started again on demand
+        np.testing.assert_array_equal(session.run(feed)[0], [[0.0, 2.0, 0.0, 4.0]])
+        (second,) = forkserver.fork_server_pids()
+    assert second != first
+    stopped = forkserver.stop_idle_servers(keep=None)
+    forkserver.start_servers(stopped)  # or ahead of the session, with the environment it had
+    (third,) = forkserver.fork_server_pids()
+    with RuntimeSession("onnxruntime", model, threads=1, timeout_s=120) as session:
+        np.testing.assert_array_equal(session.run(feed)[0], [[0.0, 2.0, 0.0, 4.0]])
+    assert forkserver.fork_server_pids() == [third] != [second]  # the session used the server started for it

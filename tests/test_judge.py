@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
 from edgepack.errors import EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, ExportError
 from edgepack.export.base import ExportContext
@@ -245,3 +246,24 @@ def test_a_failed_float_baseline_leaves_the_artifact_and_says_why(tmp_path, monk
     assert entries[0].status == "ok"
     assert entries[0].latency["float_comparison"] == {"unavailable": "onnx: torch.onnx.export failed on op aten.fft_r2c"}
     assert "no speed comparison with float" in judge.findings.warnings[-1]
+
+
+def test_an_export_stops_the_other_runtimes_idle_servers_and_starts_them_again_after(tmp_path):
+    """What keeps an idle ExecuTorch server (~310 MB) out of a MobileNetV2 .tflite export: the
+    export's own runtime keeps its server, the others get new ones once the export is done."""
+    from edgepack.runtimes import forkserver
+
+    if not forkserver.use_fork_server():
+        pytest.skip("fork servers run on Linux only")
+    forkserver.stop_fork_servers()
+    try:
+        judge = _judge(tmp_path)  # runs the reference in onnxruntime: its server is up
+        forkserver.prestart("litert", 1)
+        before = set(forkserver.fork_server_pids())
+        judge.export(OnnxArtifact(precision="fp32", name="model"), judge.ctx)
+        after = set(forkserver.fork_server_pids())
+        assert len(before) == len(after) == 2 and len(before & after) == 1  # onnxruntime's kept, litert's new
+        judge.export(OnnxArtifact(precision="fp32", name="again"), judge.ctx, pause_runtimes=False)
+        assert set(forkserver.fork_server_pids()) == after
+    finally:
+        forkserver.stop_fork_servers()

@@ -136,7 +136,9 @@ def export_float_baseline(judge: ArtifactJudge, config: Any, scratch: Path) -> P
     workdir = scratch / f"float-baseline-{config.format}"
     workdir.mkdir(exist_ok=True)
     judge.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency")
-    return judge.export(baseline, dataclasses.replace(judge.ctx, workdir=workdir))[0].files[0]
+    # An fp32 export takes less memory than the int8 ones (no calibration); the idle servers it
+    # would stop are the ones the comparisons right after run in.
+    return judge.export(baseline, dataclasses.replace(judge.ctx, workdir=workdir), pause_runtimes=False)[0].files[0]
 
 
 def main_path(entry: ArtifactEntry) -> str:
