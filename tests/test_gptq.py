@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from int4_support import mlp
 
 from edgepack.quant.gptq import gptq, gptq_model, rtn
 
@@ -48,18 +49,13 @@ def test_rtn_is_what_the_toolchains_do():
     assert result.codes[0, 0] == 7 and result.codes[1, 0] == -8 and result.codes[0, 1] == 1
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10)).eval()
-
-
 def _samples(count: int, seed: int) -> list[tuple[torch.Tensor]]:
     x = _correlated_inputs(count * 4, 64, seed)
     return [(x[i * 4:(i + 1) * 4],) for i in range(count)]
 
 
 def test_gptq_model_is_sequential_deterministic_and_leaves_the_model_alone():
-    model = _mlp()
+    model = mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names = ["0", "2", "4"]
     first = gptq_model(model, names, _samples(16, seed=3), 32)
@@ -74,7 +70,7 @@ def test_gptq_model_is_sequential_deterministic_and_leaves_the_model_alone():
         want = model(held_out)
         errors = {}
         for label, chosen in (("rtn", {n: rtn(model.get_submodule(n).weight, 32) for n in names}), ("gptq", first)):
-            copy = _mlp()
+            copy = mlp()
             for name in names:
                 copy.get_submodule(name).weight.copy_(chosen[name].dequantized())
             errors[label] = float(((copy(held_out) - want) ** 2).sum() / (want ** 2).sum())

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+
+from int4_support import mlp, random_samples
 
 from edgepack.errors import ExportError
 from edgepack.quant.calibrate import shared_calibration
 from edgepack.quant.int4 import calibrated_int4
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10)).eval()
-
-
-def _samples(count: int, seed: int) -> list[tuple[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 64, generator=gen),) for _ in range(count)]
-
-
 def test_calibrated_int4_caps_the_samples_and_is_shared_within_a_build():
-    model = _mlp()
-    samples = _samples(12, seed=5)
+    model = mlp()
+    samples = random_samples(12, seed=5)
     with shared_calibration():
         weights, record = calibrated_int4(model, ["2", "0"], samples, samples[0], 32, calibration_samples=8)
         again, shared = calibrated_int4(model, ["0", "2"], samples, samples[0], 32, calibration_samples=8)
@@ -37,8 +28,8 @@ def test_calibrated_int4_caps_the_samples_and_is_shared_within_a_build():
 
 
 def test_calibrated_int4_selects_on_the_samples_gptq_did_not_use():
-    model, names = _mlp(), ["0", "2", "4"]
-    calibration = _samples(12, seed=3)
+    model, names = mlp(), ["0", "2", "4"]
+    calibration = random_samples(12, seed=3)
     _, record = calibrated_int4(model, names, calibration, calibration[0], 32, 8,
                                 {"min_cosine": 1.0, "min_sqnr_db": 99.0})
     assert record["calibration_samples"] == 8

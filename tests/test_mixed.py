@@ -11,22 +11,14 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from int4_support import mlp, random_samples
+
 from edgepack.export.base import ExportContext
 from edgepack.export.onnx import OnnxArtifact, export, export_float_onnx
 from edgepack.export.onnx_int4 import pack, unpack
 from edgepack.quant.gptq import gptq_model
 from edgepack.quant.int4 import calibrated_int4
 from edgepack.quant.mixed import _per_token_int8, choose_int8, int8_weight, mixed_note
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10)).eval()
-
-
-def _samples(count: int, seed: int) -> list[tuple[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 64, generator=gen),) for _ in range(count)]
 
 
 def test_int8_weight_is_symmetric_per_output_channel():
@@ -47,9 +39,9 @@ def test_per_token_int8_keeps_zero_and_each_rows_range():
 
 
 def test_choose_int8_takes_the_fewest_most_harmful_linears_that_reach_the_target():
-    model, names = _mlp(), ["0", "2", "4"]
-    int4 = gptq_model(model, names, _samples(8, seed=1), 32)
-    selection = _samples(8, seed=2)
+    model, names = mlp(), ["0", "2", "4"]
+    int4 = gptq_model(model, names, random_samples(8, seed=1), 32)
+    selection = random_samples(8, seed=2)
     # No target reachable by int4: every step is recorded, and it ends all-int8.
     everything, record = choose_int8(model, int4, selection, min_cosine=1.0, min_sqnr_db=99.0)
     assert not record["reached"] and sorted(record["int8_layers"]) == names and record["int8_weight_share"] == 1.0

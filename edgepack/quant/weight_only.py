@@ -96,15 +96,15 @@ def int4_linears(model: nn.Module, group_size: int,
             "use fp32/int8 for this model, or a group_size that divides the Linear in_features")
     quantized = copy.deepcopy(model)  # quantize_ swaps weights in place
     wanted = set(eligible)
-    int8 = sorted(name for name in eligible if weights is not None and name in weights and weights[name].bits == 8)
+    int8 = {name for name in eligible if weights is not None and name in weights and weights[name].bits == 8}
+    int4 = wanted - int8
     if int8:  # mixed_int8 (quant/mixed.py): XNNPACK's dynamic int8 linear, a scale per output channel
         quantize_(quantized, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
                                                                    weight_granularity=PerAxis(0)),
-                  filter_fn=lambda module, fqn: fqn in set(int8))
-    int4 = sorted(wanted - set(int8))
+                  filter_fn=lambda module, fqn: fqn in int8)
     quantize_(quantized,
               Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size)),
-              filter_fn=lambda module, fqn: fqn in set(int4))
+              filter_fn=lambda module, fqn: fqn in int4)
     if weights is not None:
         _carry_codes(quantized, eligible, weights, group_size)
     return quantized, {
@@ -118,7 +118,7 @@ def int4_linears(model: nn.Module, group_size: int,
         "weight_algorithm": "rtn" if weights is None else "given codes",
         "calibration_samples": 0,
         "quantized_layers": eligible,
-        **({"int8_layers": int8} if int8 else {}),
+        **({"int8_layers": sorted(int8)} if int8 else {}),
         "skipped_layers": sorted(set(linears) - wanted),
     }
 
