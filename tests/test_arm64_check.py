@@ -69,6 +69,35 @@ def test_the_build_validates_the_tflite_on_two_emulated_cpu_models(digits):
     assert not any("arm64" in w for w in manifest["warnings"])  # an opt-in left out is not a warning
 
 
+def test_the_cpu_models_run_at_once_in_their_order_as_one_step(monkeypatch):
+    """On 2 CPUs the emulated runs overlap (each keeps one host thread busy), keep the profile's
+    order, and are one line of the build's timings; on 1 CPU they run one after the other."""
+    import threading
+    import time
+
+    from edgepack.steps import arm64_check
+
+    said, started = [], {}
+
+    def run(cpu, say):
+        started[cpu] = time.perf_counter()
+        say(f"a line of {cpu}")
+        time.sleep(0.3)
+        return f"run on {cpu} in {threading.current_thread().name}"
+
+    monkeypatch.setattr(arm64_check, "usable_cpus", lambda: 2)
+    runs = arm64_check._each_cpu("model.tflite", ["cortex-a53", "cortex-a76"], said.append, run)
+    assert [r.split(" in ")[0] for r in runs] == ["run on cortex-a53", "run on cortex-a76"]
+    assert all("edgepack-arm64" in r for r in runs) and abs(started["cortex-a53"] - started["cortex-a76"]) < 0.25
+    assert said == ["running model.tflite under qemu-aarch64 -cpu cortex-a53, cortex-a76 at once (the device kit "
+                    "on arm64 code; emulated)"]
+    said.clear()
+    monkeypatch.setattr(arm64_check, "usable_cpus", lambda: 1)
+    runs = arm64_check._each_cpu("model.tflite", ["cortex-a53", "cortex-a76"], said.append, run)
+    assert said == ["a line of cortex-a53", "a line of cortex-a76"] and "MainThread" in runs[0]
+    assert started["cortex-a76"] - started["cortex-a53"] >= 0.3
+
+
 def test_a_rebuild_judges_the_cached_emulated_runs_again(digits):
     """The same build again: no qemu run (each run's outputs come from the build cache and are judged
     again), latency reused, the payload byte-identical; tolerances changed: the cached outputs are

@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -56,6 +57,7 @@ from ..emulators import arm64_python, qemu, qemu_counting
 from ..errors import BundleError, ConfigError, EmulatorUnavailable, RuntimeCheckError
 from ..export import RUNTIME_FOR_FORMAT
 from ..intake import confined, load_golden
+from ..measure import usable_cpus
 from ..parity import compare
 from ..runtimes import forkserver
 from ..runtimes.base import from_native
@@ -127,8 +129,10 @@ def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str
     with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as scratch:
         for art in chosen:
             golden = Golden.load(root, manifest, art)
-            runs = [_run_kit(guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), say, cache)
-                    for cpu in settings.cpus]
+            stored = cache is not None and all(cache.get("arm64-run", run_key(cache, guest, kit, root, manifest, art, cpu))
+                                               for cpu in settings.cpus)  # replayed: one after the other, named
+            runs = _each_cpu(art.file, list(settings.cpus), say, lambda cpu, said: _run_kit(
+                guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), said, cache), not stored)
             failed = [r for r in runs if r.status == "failed"]
             record = EmulatedArm64Check(
                 status="failed" if failed else "passed", reason="; ".join(f"{r.cpu}: {r.reason}" for r in failed) or None,
@@ -139,6 +143,18 @@ def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str
                                                      Path(scratch), say)
             records[art.file] = record
     return records
+
+
+def _each_cpu(file: str, cpus: list[str], say: Callable[[str], None], run: Callable, at_once: bool = True) -> list:
+    """``run(cpu, say)`` for every CPU model, in the order given, (``at_once``) as many at once as
+    this process has CPUs: each emulation keeps one host thread busy, so on 2 cores the cortex-a53
+    and cortex-a76 runs overlap. Run at once, they are one step (one line) of the build's timings."""
+    workers = min(len(cpus), usable_cpus()) if at_once else 1
+    if workers < 2:
+        return [run(cpu, say) for cpu in cpus]
+    say(f"running {file} under qemu-aarch64 -cpu {', '.join(cpus)} at once (the device kit on arm64 code; emulated)")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgepack-arm64") as pool:
+        return list(pool.map(lambda cpu: run(cpu, lambda message: None), cpus))
 
 
 def _kit(root: Path) -> dict:

@@ -1,0 +1,303 @@
+"""A second process beside the build that runs the exports nothing else waits for: the fp32
+baselines the speed comparison times (needed only at its end) and the reproducibility
+re-exports (needed only by the manifest), each from scratch. Both processes run torch at the
+build's thread count (2 for the Android and x86 profiles), so the lane pays where the host has
+CPUs for both: by default from 4 CPUs (measure.lane_jobs). On 2 cores it bought EfficientNet-Lite0
+android-arm64 3% (132.7 / 133.5 s against 136.3 s, alternating runs) for 1.4 GB more memory.
+
+    lane = ExportLane.start(ctx, jobs=2)      # None when --jobs 1 (the default under 4 CPUs), or the model cannot be sent
+    lane.submit("model.pte", config, workdir) # runs there: the exporter, RNGs seeded from ctx.seed
+    result = lane.result("model.pte")         # ExportResult (files under workdir), or ExportError
+    lane.close()
+
+The lane is a fresh interpreter (not a fork: the build's OpenMP threads do not survive one),
+sent the export context once (pickled; the spec file's module is loaded there under the same
+name, so the model's classes resolve). It runs with the build's thread count and a passive
+OpenMP wait policy, so two sets of threads on two cores do not spin against each other, and it
+is stopped (SIGSTOP) whenever the build runs an artifact in a runtime (measure.quiet_host), so
+no latency figure is taken while it works. A second export there starts from nothing
+(calibration included), in another process: a stronger check than repeating it in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .. import errors, package
+from ..bundle import ReproducibilityCheck
+from ..export import registry as exporter_registry
+from ..errors import EdgepackError, ExportError
+from ..export.base import ExportResult
+from ..measure import lane_jobs, register_background
+
+
+def _error_type(name: str) -> type[EdgepackError] | None:
+    """errors.<name> when it is one of edgepack's errors (an exporter's own failure, re-raised
+    here as itself, exit code included)."""
+    found = getattr(errors, name, None)
+    return found if isinstance(found, type) and issubclass(found, EdgepackError) else None
+
+
+def lane_wanted(profile: Any, check_reproducible: bool) -> bool:
+    """Whether a build of ``profile`` has exports for a lane: second exports, or fp32 baselines
+    (a quantized artifact run here with no fp32 artifact of its format beside it)."""
+    runnable = [a for a in profile.artifacts if not a.device_only]
+    baselines = {a.format for a in runnable if a.precision != "fp32"} - {
+        a.format for a in runnable if a.precision == "fp32"}
+    return bool(runnable) and (check_reproducible or bool(baselines))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _spec_modules() -> list[tuple[str, str]]:
+    """(module name, file) of every spec file load_spec imported, so that classes defined in
+    one unpickle in the lane."""
+    return [(name, module.__file__) for name, module in list(sys.modules.items())
+            if name.startswith("edgepack_spec_") and getattr(module, "__file__", None)]
+
+
+@dataclass
+class _Job:
+    name: str
+    workdir: Path
+    submitted: float
+    result: Any = None
+    done: bool = False
+
+
+class ExportLane:
+    """The second export process of one build (see the module docstring)."""
+
+    def __init__(self, process: subprocess.Popen, conn: "_Duplex") -> None:
+        self.process, self.conn = process, conn
+        self.jobs: dict[str, _Job] = {}
+        self.order: list[str] = []
+        self.unregister = register_background(process.pid)
+
+    @classmethod
+    def start(cls, ctx: Any, jobs: int | None = None) -> tuple["ExportLane | None", str]:
+        """(the lane, "") or (None, why the build exports in its own process only)."""
+        if lane_jobs(jobs) < 2:
+            return None, "one export process (--jobs 1, or fewer than 4 CPUs)"
+        if ctx.extras:
+            return None, "a stage left graphs for the exporters (they stay in the build's process)"
+        sendable = replace(ctx, train_data=None, loss=None)
+        try:
+            payload = pickle.dumps(sendable, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # whatever pickling a user's model raises
+            return None, f"the model cannot be sent to a second process ({type(exc).__name__}: {exc})"[:300]
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
+        # The build's own torch thread count: calibration's sums depend on it (EfficientNet-Lite0's int8
+        # .pte and .tflite differ in bytes between 1 and 2 threads), so a second export with another
+        # would differ for that reason alone.
+        threads = _torch_threads()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        command = [sys.executable, "-c", f"from edgepack.steps.lane import serve; serve({child_read}, {child_write})"]
+        try:
+            process = subprocess.Popen(command, pass_fds=(child_read, child_write), env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            for fd in (parent_read, child_write, child_read, parent_write):
+                os.close(fd)
+            return None, f"the second export process did not start ({exc})"
+        os.close(child_read)
+        os.close(child_write)
+        conn = _Duplex(parent_read, parent_write, background_sends=True)
+        conn.send(("context", list(sys.path), _spec_modules(), threads, payload))
+        return cls(process, conn), ""
+
+    def submit(self, name: str, config: Any, workdir: Path) -> None:
+        """Queue an export of ``config`` into ``workdir`` (created); jobs run in order."""
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        self.conn.send(("export", name, config.format, config.model_dump(mode="json"), str(workdir)))
+        self.jobs[name] = _Job(name, Path(workdir), time.perf_counter())
+        self.order.append(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.jobs
+
+    def result(self, name: str) -> ExportResult:
+        """Wait for job ``name``: its ExportResult, or the exporter's error raised here."""
+        job = self.jobs[name]
+        while not job.done:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                code = self.process.poll()
+                ended = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                raise ExportError(f"the second export process ended ({ended}) before {name} was exported",
+                                  "run with --jobs 1 to export in the build's own process")
+            done = self.jobs[message[1]]
+            done.result, done.done = message, True
+        kind, _, *rest = job.result
+        if kind == "error":
+            error_type, text, hint = rest
+            known = _error_type(error_type)
+            raise known(text, hint) if known is not None else ExportError(f"{name}: {error_type}: {text}", hint)
+        files, runtime, details, notes = rest
+        return ExportResult(files=[Path(f) for f in files], runtime=runtime, details=details, notes=notes)
+
+    def close(self) -> None:
+        """Stop the process (it may be stopped mid-job: continued first, then killed)."""
+        self.unregister()
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
+            self.process.kill()  # what it still does is nobody's: results are read before close()
+            self.process.wait()
+        self.conn.close()
+
+
+class _Duplex:
+    """Two pipe ends as one connection (multiprocessing's Connection over each). With
+    ``background_sends``, send() queues the message for a thread that writes it: a pipe holds
+    64 KB, so writing the model (megabytes) waits for the other side to read it, which a lane
+    still importing torch, or stopped while a latency is taken, does not do at once."""
+
+    def __init__(self, read_fd: int, write_fd: int, background_sends: bool = False) -> None:
+        self.reader, self.writer = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+        self.outbox: queue.Queue | None = None
+        if background_sends:
+            self.outbox = queue.Queue()
+            threading.Thread(target=self._write_queued, name="edgepack-lane-sender", daemon=True).start()
+
+    def _write_queued(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.writer.send(message)
+            except OSError:  # the lane ended: result() says so
+                return
+
+    def send(self, message: Any) -> None:
+        if self.outbox is not None:
+            self.outbox.put(message)
+        else:
+            self.writer.send(message)
+
+    def recv(self) -> Any:
+        return self.reader.recv()
+
+    def close(self) -> None:
+        if self.outbox is not None:
+            self.outbox.put(None)
+        for end in (self.reader, self.writer):
+            with contextlib.suppress(OSError):
+                end.close()
+
+
+def serve(read_fd: int, write_fd: int) -> None:
+    """The lane's loop (in the second process): take the context, then export job after job."""
+    import copy
+    import importlib.util
+    import random
+
+    import numpy as np
+    import torch
+
+    from ..export import registry
+
+    conn = _Duplex(read_fd, write_fd)
+    _, path, modules, threads, payload = conn.recv()
+    sys.path[:] = path
+    for name, file in modules:
+        module_spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        sys.path.insert(0, str(Path(file).resolve().parent))
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(Path(file).resolve().parent))
+    ctx = pickle.loads(payload)
+    torch.set_num_threads(threads)
+    exporters = registry()
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message[0] == "exit":
+            return
+        _, name, fmt, config_json, workdir = message
+        try:
+            exporter = exporters[fmt]
+            config = exporter.config.model_validate(config_json)
+            torch.manual_seed(ctx.seed)
+            np.random.seed(ctx.seed)
+            random.seed(ctx.seed)
+            result = exporter.module.export(config, replace(ctx, workdir=Path(workdir), model=copy.deepcopy(ctx.model)))
+            reply = ("ok", name, [str(f) for f in result.files], result.runtime, result.details, result.notes)
+        except EdgepackError as exc:
+            reply = ("error", name, type(exc).__name__, exc.message, exc.hint)
+        except Exception as exc:  # an exporter's unexpected failure: named, never lost
+            reply = ("error", name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "", None)
+        try:
+            conn.send(reply)
+        except (OSError, pickle.PicklingError) as exc:
+            conn.send(("error", name, "ExportError", f"the export's result could not be sent back ({exc})", None))
+
+
+# --- the reproducibility check on the lane ------------------------------------------------
+
+def defer_reproducibility(judge: Any, entry: Any) -> None:
+    """Queue the second export of a judged artifact on the lane; collect_reproducibility()
+    compares it once the build no longer waits on anything else."""
+    config = exporter_registry()[entry.format].config.model_validate(entry.config)
+    workdir = Path(tempfile.mkdtemp(prefix="edgepack-repro-"))
+    name = f"again:{entry.file}"
+    judge.lane.submit(name, config, workdir)
+    key = next((log["key"] for log in reversed(judge.cache_log) if log["file"] == entry.file), None)
+    judge.deferred.append((entry, name, workdir, key))
+
+
+def collect_reproducibility(judge: Any) -> dict[str, Any]:
+    """file -> the lane's reproducibility result for every deferred artifact still shipped,
+    stored in the build cache beside its export."""
+    found: dict[str, ReproducibilityCheck] = {}
+    for entry, name, workdir, key in judge.deferred:
+        files = [judge.staged / item.path for item in entry.files]
+        try:
+            again = judge.lane.result(name)
+            if entry.files and all(path.is_file() for path in files):
+                found[entry.file] = package.compare_exports(files, judge.staged, again.files, workdir,
+                                                            package.LANE_REPRO_METHOD)
+        except EdgepackError as exc:
+            found[entry.file] = ReproducibilityCheck(
+                reproducible=False, method=package.LANE_REPRO_METHOD, files=[item.path for item in entry.files],
+                detail=f"the second export failed: {exc.message}"[:400])
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if key is not None and entry.file in found and judge.cache is not None:
+            judge.cache.put("reproducible", key, [], {"reproducible": found[entry.file].model_dump(mode="json")})
+    judge.deferred.clear()
+    return found
+
+
+def with_reproducibility(judge: Any, manifest: Any) -> Any:
+    """``manifest`` with the lane's reproducibility results (collect_reproducibility) in its
+    artifacts; the manifest is not covered by payload_sha256, so the seal holds."""
+    found = collect_reproducibility(judge)
+    return manifest.model_copy(update={"artifacts": [
+        art.model_copy(update={"reproducible": found[art.file]}) if art.file in found else art
+        for art in manifest.artifacts]})
