@@ -79,7 +79,7 @@ def build(spec_or_model: Any, target: Any, out: str | Path = "dist", *, example_
           output_names: Sequence[str] | None = None, set: Sequence[str] | None = None,  # noqa: A002 (the CLI's word)
           keep_going: bool = False, check_reproducible: bool = True, write_zip: bool = True,
           progress: Callable[[str], None] | None = None, timeout_s: float = 300.0, cache: bool = True,
-          **overrides: Any) -> BuildResult:
+          jobs: int | None = None, **overrides: Any) -> BuildResult:
     """Build, validate and package ``spec_or_model`` for ``target`` into ``out``; see the module
     docstring. Returns the BuildResult (exit_code 0 passed, 1 parity/budget, 3 export/runtime)."""
     started = time.perf_counter()
@@ -89,7 +89,7 @@ def build(spec_or_model: Any, target: Any, out: str | Path = "dist", *, example_
     profile = _profile(target, overrides, set)
     options = BuildOptions(out_dir=Path(out), keep_going=keep_going, progress=progress,
                            runtime_timeout_s=timeout_s, check_reproducible=check_reproducible, write_zip=write_zip,
-                           cache=BuildCache.from_env() if cache else None, spec_seconds=spec_seconds)
+                           cache=BuildCache.from_env() if cache else None, spec_seconds=spec_seconds, jobs=jobs)
     return _build(spec, profile, options=options)
 
 

@@ -3,6 +3,7 @@ Every function takes the parsed arguments and the Terminal, and returns the exit
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from .cache import BuildCache
 from .errors import EdgepackError
-from .measure import process_age_seconds
+from .measure import lane_jobs, process_age_seconds
 from .tables import (arm64_table, bundles_table, diagnosis_table, fleet_table, gpu_table, print_manifest,
                      validation_table)
 from .terminal import BuildProgress, Terminal, build_log_path, error_json, previous_timings
@@ -25,14 +26,21 @@ def cmd_build(args, term: Terminal) -> int:
     through the build cache, the float reference and evaluation are made once. A target that
     raises is recorded and the others still build (one target: the error ends the run, as any
     command's; --debug: it always does). Exit: the worst."""
-    from .pipeline import bundle_path, check_installed
+    if lane_jobs(args.jobs) > 1:
+        # Before torch loads libgomp (which reads it once), unless the environment says otherwise:
+        # with the second export process on the same cores, OpenMP threads that spin while they
+        # wait starve it (EfficientNet-Lite0 android-arm64 with it: 179 s spinning, 133-135 s
+        # passive; alone on a quiet 2-core host passive cost 7%: 147-149 s against 136 s).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .export import check_installed
+    from .pipeline import bundle_path
     from .spec import load_spec
     from .target import load_target
 
     targets = list(dict.fromkeys(args.target))
     profiles = [load_target(target, settings=args.set) for target in targets]
     for profile in profiles:
-        check_installed(profile)  # before loading the spec: a missing extra is named at once
+        check_installed([a.format for a in profile.artifacts], profile.name)  # before loading the spec: a missing extra is named at once
     startup_seconds = process_age_seconds()  # the build's wall time starts with the process
     started = time.perf_counter()
     spec = load_spec(args.spec)
@@ -91,7 +99,7 @@ def _build_one(args, term: Terminal, spec, target: str, profile, spec_seconds: f
     options = BuildOptions(out_dir=Path(args.out), keep_going=args.keep_going, progress=progress,
                            check_reproducible=not args.no_repro_check, write_zip=not args.no_zip, debug=args.debug,
                            cache=None if args.no_cache else BuildCache.from_env(), spec_seconds=spec_seconds,
-                           startup_seconds=startup_seconds, clock_start=clock_start)
+                           startup_seconds=startup_seconds, clock_start=clock_start, jobs=args.jobs)
     try:
         result = build(spec, profile, str(target) + "".join(f" --set {s}" for s in args.set or []), options)
     finally:

@@ -129,3 +129,70 @@ class PeakTreePss:
     def record(self) -> dict[str, float | int | str]:
         return {"peak_tree_pss_mb": round(self.peak_mb, 1), "samples": self.samples,
                 "method": f"PSS of the build process and its children (/proc smaps_rollup), every {self.interval_s} s"}
+
+
+# --- export processes; quiet host: the build's background processes stop while a latency is taken
+
+LANE_MIN_CPUS = 4  # a second export process needs CPUs of its own: both run torch at 2 threads
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else the count)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def lane_jobs(requested: int | None) -> int:
+    """How many export processes a build uses (steps/lane.py): ``requested``, or (None: auto)
+    2 where this process may use LANE_MIN_CPUS or more CPUs, else 1."""
+    if requested is not None:
+        return max(1, requested)
+    return 2 if usable_cpus() >= LANE_MIN_CPUS else 1
+
+
+_BACKGROUND: set[int] = set()
+_quiet_depth = 0
+
+
+def register_background(pid: int):
+    """Register a process of this build that works in the background (steps/lane.py); it is
+    stopped inside quiet_host(). Returns the function that unregisters it."""
+    _BACKGROUND.add(pid)
+    return lambda: _BACKGROUND.discard(pid)
+
+
+def _signal_background(signum: int) -> None:
+    import os
+
+    for pid in list(_BACKGROUND):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            _BACKGROUND.discard(pid)
+
+
+class quiet_host:
+    """Within the block, every registered background process is stopped (SIGSTOP) and continued
+    after (SIGCONT), so what runs here (an artifact in its runtime, timed) shares the CPUs with
+    nothing the build started. Nested blocks stop them once."""
+
+    def __enter__(self) -> "quiet_host":
+        import signal
+
+        global _quiet_depth
+        _quiet_depth += 1
+        if _quiet_depth == 1:
+            _signal_background(signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        global _quiet_depth
+        _quiet_depth -= 1
+        if _quiet_depth == 0:
+            _signal_background(signal.SIGCONT)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import uuid
@@ -31,7 +33,7 @@ from typing import Any, Callable, Iterable
 
 from . import bundle as bundle_mod
 from .bundle import Manifest, PackageInfo, ReproducibilityCheck
-from .errors import BundleError
+from .errors import BundleError, EdgepackError
 
 # The kit's source files (edgepack/device/); a bundle gets validate.py and README.md always,
 # run_android.sh on an Android target, and a generated APP.md beside them.
@@ -292,6 +294,9 @@ REPRO_METHOD = ("exported a second time in the same build into a temp dir, with 
                 "from the export context, and compared byte for byte; a static int8 export reuses the "
                 "first one's calibrated graph (one calibration per recipe per build), so the second run "
                 "repeats conversion, torch.export, lowering and serialisation, not calibration")
+LANE_REPRO_METHOD = ("exported a second time from scratch (calibration included) in a separate process "
+                     "started for the build (steps/lane.py) and sent the same model and inputs, with the RNGs "
+                     "seeded from the export context, while the build went on; compared byte for byte")
 
 
 def check_reproducible(export: Callable[[Any, Any], Any], config: Any, ctx: Any,
@@ -306,8 +311,6 @@ def check_reproducible(export: Callable[[Any, Any], Any], config: Any, ctx: Any,
     import numpy as np
     import torch
 
-    first_root = Path(ctx.workdir)
-    first = {Path(p).resolve().relative_to(first_root.resolve()).as_posix(): Path(p) for p in files}
     torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         with tempfile.TemporaryDirectory(prefix="edgepack-repro-") as scratch:
@@ -316,28 +319,35 @@ def check_reproducible(export: Callable[[Any, Any], Any], config: Any, ctx: Any,
             random.seed(ctx.seed)
             again_ctx = dataclasses.replace(ctx, workdir=Path(scratch), model=copy.deepcopy(ctx.model))
             result = export(config, again_ctx)
-            second = {Path(p).resolve().relative_to(Path(scratch).resolve()).as_posix(): Path(p)
-                      for p in result.files}
-            differing, details = [], []
-            for name in sorted(set(first) | set(second)):
-                if name not in second:
-                    differing.append(name)
-                    details.append(f"{name}: not written by the second export")
-                    continue
-                if name not in first:
-                    differing.append(name)
-                    details.append(f"{name}: written only by the second export")
-                    continue
-                why = _byte_difference(first[name], second[name])
-                if why:
-                    differing.append(name)
-                    details.append(f"{name}: {why}")
+            return compare_exports(files, Path(ctx.workdir), result.files, Path(scratch), REPRO_METHOD)
     finally:
         torch.set_rng_state(torch_state)
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def compare_exports(files: list[Path], root: Path, again: list[Path], again_root: Path,
+                    method: str) -> ReproducibilityCheck:
+    """Byte-for-byte comparison of a first export (``files`` under ``root``) and a second one
+    (``again`` under ``again_root``), file by file under the same relative names."""
+    first = {Path(p).resolve().relative_to(Path(root).resolve()).as_posix(): Path(p) for p in files}
+    second = {Path(p).resolve().relative_to(Path(again_root).resolve()).as_posix(): Path(p) for p in again}
+    differing, details = [], []
+    for name in sorted(set(first) | set(second)):
+        if name not in second:
+            differing.append(name)
+            details.append(f"{name}: not written by the second export")
+            continue
+        if name not in first:
+            differing.append(name)
+            details.append(f"{name}: written only by the second export")
+            continue
+        why = _byte_difference(first[name], second[name])
+        if why:
+            differing.append(name)
+            details.append(f"{name}: {why}")
     return ReproducibilityCheck(
-        reproducible=not differing, method=REPRO_METHOD, files=sorted(first), differing=differing,
+        reproducible=not differing, method=method, files=sorted(first), differing=differing,
         detail="; ".join(details) if details else f"{len(first)} file(s) byte-identical")
 
 
@@ -351,3 +361,20 @@ def _byte_difference(a: Path, b: Path) -> str | None:
         return f"{len(data_a)} vs {len(data_b)} bytes"
     unequal = np.flatnonzero(np.frombuffer(data_a, np.uint8) != np.frombuffer(data_b, np.uint8))
     return f"{unequal.size} of {len(data_a)} bytes differ, first at offset {int(unequal[0])}"
+
+
+def scratch_full(exc: OSError, scratch: Path, out: Path) -> EdgepackError | None:
+    """An EdgepackError naming the scratch directory when a full disk there (not under --out)
+    is what failed the build; None otherwise."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    try:
+        if os.stat(scratch).st_dev == os.stat(out).st_dev:
+            return None  # one filesystem: the CLI's output error names --out, which is right
+        if shutil.disk_usage(scratch).free >= shutil.disk_usage(out).free:
+            return None
+    except OSError:
+        return None
+    return EdgepackError(f"{scratch.parent}: no space left for the build's scratch files ({exc.strerror})",
+                         "free space there or point TMPDIR at a directory with room; the previous bundle is "
+                         "untouched")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from .cache import (BuildCache, cache_summary, cached_model_stats, digest_arrays
 from .compress import run_stages
 from .errors import (check_interrupted, EXIT_EXPORT_OR_RUNTIME, EXIT_PARITY_OR_BUDGET, EdgepackError, ExportError,
                      RuntimeCheckError, UntraceableModel)
-from .export import RUNTIME_FOR_FORMAT
+from .export import RUNTIME_FOR_FORMAT, check_installed
 from .export.base import ExportContext
 from .export.onnx_float import export_float_onnx
 from .measure import PeakTreePss, latency_summary
@@ -40,9 +39,10 @@ from .runtimes import forkserver
 from .spec import MAX_CALIBRATION, ModelSpec, as_numpy, calibration_list, guarded_evaluate
 from .stage import StageContext, torch_outputs_fn
 from .steps.judge import ArtifactJudge, Findings, Reference
+from .steps.lane import ExportLane, lane_wanted, with_reproducibility
 from .steps.runs import metrics, run_reference, torch_outputs as run_torch
 from .steps.arm64_check import check_bundle, switched_off as arm64_switched_off
-from .steps.speed import compare_with_float
+from .steps.speed import compare_with_float, prefetch_float_baselines
 
 @dataclass
 class BuildOptions:
@@ -67,6 +67,10 @@ class BuildOptions:
     # time.perf_counter() when the caller's timed steps ended (the spec loaded): the build's first
     # step starts there, so no time falls between the steps of the manifest's timings
     clock_start: float | None = None
+    # Export processes: 2 runs the fp32 baselines and the reproducibility re-exports in a second
+    # process beside the build (steps/lane.py); 1 runs every export in the build's own; None: 2
+    # where this process may use two or more CPUs.
+    jobs: int | None = None
 
 
 @dataclass
@@ -97,6 +101,8 @@ class _Builder:
             for step, seconds in (("starting edgepack (Python, imports) and reading the profile", options.startup_seconds),
                                   ("loading the spec", options.spec_seconds)) if seconds is not None]
         self.float_baselines: dict[str, Path] = {}  # format -> fp32 baseline exported to time a quantized artifact
+        self.judge: ArtifactJudge | None = None
+        self.lane: ExportLane | None = None  # the second export process (steps/lane.py), if any
         self.arm64_off = profile.arm64_check.enabled and arm64_switched_off()  # a bad value fails before any work
         self._step_started: tuple[str, float] | None = ("preparing the build (cache, staging directory)",
                                                          options.clock_start or time.perf_counter())
@@ -239,7 +245,9 @@ class _Builder:
             self.say("evaluating the float model")
             accuracy.update(self._float_accuracy(model))
 
-        cache_parts = {"toolchain": toolchain_versions(), "reference": digest_files(ref_files),
+        # torch's thread count: calibration's sums, and so int8 bytes, depend on it (EfficientNet-Lite0)
+        cache_parts = {"toolchain": toolchain_versions(), "torch_threads": torch.get_num_threads(),
+                       "reference": digest_files(ref_files),
                        "inputs": digest_arrays([as_numpy(example)] + [as_numpy(s) for s in calibration]),
                        "names": [input_names, output_names], "extras": sorted(stage_ctx.extras)}
         export_ctx = ExportContext(model=model, example_inputs=example, calibration=calibration,
@@ -253,6 +261,8 @@ class _Builder:
                               check_reproducible=self.options.check_reproducible, evaluate=self.evaluate,
                               score_outputs=self.score_outputs, cache=self.options.cache, cache_parts=cache_parts,
                               evaluate_key=spec.source_sha256 or None)
+        self.judge = judge
+        self._start_lane(judge, scratch)
         artifacts = []
         for index, config in enumerate(profile.artifacts):
             self.step(f"artifact:{config.file_name}")
@@ -294,11 +304,34 @@ class _Builder:
                               samples=len(parity_inputs), calibration_samples=len(parity_samples) - len(holdout),
                               holdout_samples=len(holdout)),
             toolchain=toolchain_versions(),
-            host=_host(profile),
+            host={**host_info(), "matches_target": host_matches(profile.device, host_info())},
             timings=self.timings,
             cache=cache_summary(self.options.cache, judge.cache_log, latency_log(ref_lat, artifacts)),
         )
         return manifest
+
+    def _start_lane(self, judge: ArtifactJudge, scratch: Path) -> None:
+        """The second export process (steps/lane.py) when the build has exports for it: the fp32
+        baselines are queued at once (cached ones are not), the second exports as artifacts pass."""
+        if lane_wanted(self.profile, self.options.check_reproducible):
+            judge.lane = self.lane = ExportLane.start(judge.ctx, self.options.jobs)[0]
+            if self.lane is not None:
+                prefetch_float_baselines(judge, list(self.profile.artifacts), scratch)
+
+    def collect_reproducibility(self, manifest: Manifest) -> Manifest:
+        """The lane's reproducibility results into the manifest; then the lane stops."""
+        try:
+            if self.lane is not None and self.judge.deferred:
+                self.lap("checking the second exports (made in a second process) are byte-identical")
+                manifest = with_reproducibility(self.judge, manifest)
+        finally:
+            self.close_lane()
+        return manifest
+
+    def close_lane(self) -> None:
+        if self.lane is not None:
+            self.lane, lane = None, self.lane
+            lane.close()
 
     def check_on_arm64(self, staged: Path, manifest: Manifest) -> Manifest:
         """The sealed bundle's device kit on real arm64 code under qemu, per CPU model (profile's
@@ -343,26 +376,8 @@ class _Builder:
         return manifest
 
 
-def _host(profile) -> dict[str, Any]:
-    host = host_info()
-    return {**host, "matches_target": host_matches(profile.device, host)}
-
-
 def bundle_path(out_dir: Path, model_name: str, target_name: str) -> Path:
     return Path(out_dir) / model_name / target_name
-
-
-def check_installed(profile) -> None:
-    """Fail before any work when a format the profile asks for has no exporter installed here."""
-    from .errors import RuntimeUnavailable
-    from .export import missing_for
-
-    missing = missing_for([a.format for a in profile.artifacts])
-    if missing:
-        named = "; ".join(f".{fmt} needs {', '.join(pkgs)}" for fmt, (_, pkgs) in missing.items())
-        extras = ",".join(dict.fromkeys(extra for extra, _ in missing.values()))
-        raise RuntimeUnavailable(f"target {profile.name}: {named}, not installed here",
-                                 f"pip install 'edgepack[{extras}]', or pick a target without those formats")
 
 
 def build(spec: ModelSpec, profile, profile_source: str | None = None,
@@ -374,7 +389,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
     good bundle untouched. A build that raises leaves nothing behind.
     """
     options = options or BuildOptions()
-    check_installed(profile)
+    check_installed([a.format for a in profile.artifacts], profile.name)
     dest = bundle_path(options.out_dir, spec.name, profile.name)
     # where the profile came from, for the manifest: the file load_target read, else the object
     source = profile_source or getattr(profile, "_source", "") or f"python: TargetProfile {profile.name!r}"
@@ -391,7 +406,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
             try:
                 builder.run(staged, Path(scratch))
             except OSError as exc:
-                raise _scratch_full(exc, Path(scratch), dest.parent) or exc
+                raise package.scratch_full(exc, Path(scratch), dest.parent) or exc
             builder.step("package")
             builder.lap("packaging: device kit, checksums")
             package.install_kit(staged)
@@ -399,6 +414,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
             # still inside the scratch directory: the instruction counts read its fp32 baselines
             builder.step("arm64")
             manifest = builder.check_on_arm64(staged, manifest)
+            manifest = builder.collect_reproducibility(manifest)
             builder.lap("removing scratch files")
         if options.write_zip and manifest.status == "passed":
             # From the staged copy (no concurrent build swaps it mid-zip), in place only once the directory
@@ -417,6 +433,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
         if zip_staged is not None:
             os.replace(zip_staged, zip_path)
     except BaseException:
+        builder.close_lane()
         shutil.rmtree(staged, ignore_errors=True)
         if zipper is not None:
             zipper.abort()
@@ -430,20 +447,3 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
         raise
     return BuildResult(manifest=manifest, bundle_dir=final, exit_code=builder.findings.exit_code,
                        messages=builder.findings.failures, zip_path=zip_path)
-
-
-def _scratch_full(exc: OSError, scratch: Path, out: Path) -> EdgepackError | None:
-    """An EdgepackError naming the scratch directory when a full disk there (not under --out)
-    is what failed the build; None otherwise."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    try:
-        if os.stat(scratch).st_dev == os.stat(out).st_dev:
-            return None  # one filesystem: the CLI's output error names --out, which is right
-        if shutil.disk_usage(scratch).free >= shutil.disk_usage(out).free:
-            return None
-    except OSError:
-        return None
-    return EdgepackError(f"{scratch.parent}: no space left for the build's scratch files ({exc.strerror})",
-                         "free space there or point TMPDIR at a directory with room; the previous bundle is "
-                         "untouched")

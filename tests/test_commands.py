@@ -201,3 +201,21 @@ def test_a_target_that_errors_does_not_stop_the_others(tmp_path):
                     "-o", str(tmp_path / "debug"))
     assert debug.returncode == 3 and "Traceback" in debug.stderr  # --debug: the first error ends the run
     assert list(json.loads(debug.stdout)) == ["error"] and not (tmp_path / "debug" / "two-io" / "x86-64-lean").exists()
+
+
+def test_a_build_with_a_second_export_process_makes_openmp_wait_passively(monkeypatch, tmp_path):
+    """Set before torch loads libgomp, which reads it once; only with the second process (alone on
+    a quiet host, passive waiting cost 7%); a value in the environment stands."""
+    import os
+
+    from edgepack.cli import main
+    from edgepack.measure import lane_jobs
+
+    for jobs, before, after in (("1", None, None), ("2", None, "PASSIVE"), ("2", "ACTIVE", "ACTIVE")):
+        if before is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", before)
+        code = main(["build", str(tmp_path / "missing.py"), "-t", "x86-64", "--jobs", jobs, "--quiet"])
+        assert code == 2 and os.environ.get("OMP_WAIT_POLICY") == after
+    assert lane_jobs(1) == 1 and lane_jobs(2) == 2 and lane_jobs(None) in (1, 2)

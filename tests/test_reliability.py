@@ -701,7 +701,7 @@ def test_scratch_full_is_reported_as_scratch_not_as_out(tmp_path, monkeypatch):
     scratch directory and TMPDIR."""
     import errno
 
-    from edgepack import pipeline
+    from edgepack import package
 
     scratch = Path("/dev/shm") / f"edgepack-test-{os.getpid()}"
     scratch.mkdir()
@@ -709,11 +709,11 @@ def test_scratch_full_is_reported_as_scratch_not_as_out(tmp_path, monkeypatch):
         if os.stat(scratch).st_dev == os.stat(tmp_path).st_dev:
             pytest.skip("/dev/shm is on the same filesystem as the test's tmp dir here")
         usage = {str(scratch): 0, str(tmp_path): 10**12}
-        monkeypatch.setattr(pipeline.shutil, "disk_usage",
+        monkeypatch.setattr(package.shutil, "disk_usage",
                             lambda p: type("U", (), {"free": usage[str(p)]})())
-        error = pipeline._scratch_full(OSError(errno.ENOSPC, "No space left on device"), scratch, tmp_path)
+        error = package.scratch_full(OSError(errno.ENOSPC, "No space left on device"), scratch, tmp_path)
         assert error is not None and "scratch" in error.message and "TMPDIR" in error.hint
-        assert pipeline._scratch_full(OSError(errno.EACCES, "denied"), scratch, tmp_path) is None
+        assert package.scratch_full(OSError(errno.EACCES, "denied"), scratch, tmp_path) is None
     finally:
         scratch.rmdir()
 

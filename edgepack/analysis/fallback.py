@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..parity import headline
 from ..quant.recipe import recipe_for
 from ..target import Budgets, FallbackSettings
 from .diagnose import diagnose_pt2e
@@ -177,3 +178,17 @@ def run_fallback(config: Any, ctx: Any, build: Callable[[Any], FallbackStep], *,
                           samples=settings.diagnosis_samples)
     return fallback_search(ranking.groups, lambda layers: build(with_float_layers(config, layers)),
                            settings=settings, budgets=budgets, initial=initial, why=ranking.why)
+
+
+def try_record(entry: Any) -> dict[str, Any]:
+    """One try of an artifact, for a fallback record: what it was, what it measured, why it failed."""
+    if entry.status == "failed":
+        failures = [entry.error or "failed"]
+    elif entry.status == "budget-exceeded":
+        failures = list((entry.budgets or {}).get("failures") or [])
+    else:
+        failures = [f for output in (entry.parity or {}).get("outputs", []) for f in output.get("failures", [])]
+    return {"precision": entry.precision, "config": entry.config, "status": entry.status, "bytes": entry.bytes,
+            "ratio_to_float": (entry.size or {}).get("ratio_to_float"),
+            "latency_ms": (entry.latency or {}).get("p50_ms"), "parity": headline(entry.parity),
+            "accuracy": entry.accuracy, "failures": failures}

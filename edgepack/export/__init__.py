@@ -56,3 +56,15 @@ def missing_for(formats: list[str]) -> dict[str, tuple[str, list[str]]]:
         if absent:
             missing[fmt] = (extra, absent)
     return missing
+
+
+def check_installed(formats: list[str], target: str) -> None:
+    """Fail before any work when a format target ``target`` asks for has no exporter installed here."""
+    from ..errors import RuntimeUnavailable
+
+    missing = missing_for(formats)
+    if missing:
+        named = "; ".join(f".{fmt} needs {', '.join(pkgs)}" for fmt, (_, pkgs) in missing.items())
+        extras = ",".join(dict.fromkeys(extra for extra, _ in missing.values()))
+        raise RuntimeUnavailable(f"target {target}: {named}, not installed here",
+                                 f"pip install 'edgepack[{extras}]', or pick a target without those formats")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RuntimeCheckError
+from ..measure import quiet_host
 from .base import TensorIO
 from .forkserver import (ForkedWorker, ServerFailed, how_it_ended, kill_group, log_tail, server_for, use_fork_server,
                          wait_readable)
@@ -52,21 +53,27 @@ class RuntimeSession:
         self._stderr = None
 
     def __enter__(self) -> "RuntimeSession":
+        # While an artifact runs (and is timed), the build's background export stops (steps/lane.py).
+        self._quiet = quiet_host().__enter__()
         try:
             self.start()
         except BaseException:
             # A failed load (or Ctrl-C during it) skips __exit__: stop the worker here, or it outlives us.
             self._kill()
             self.close()
+            self._quiet.__exit__()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            # Interrupted or failed mid-request: the worker may be busy or owe us a reply, so a polite
-            # "exit" could wait the full grace period. Nothing it holds is worth keeping.
-            self._kill()
-        self.close()
+        try:
+            if exc_type is not None:
+                # Interrupted or failed mid-request: the worker may be busy or owe us a reply, so a polite
+                # "exit" could wait the full grace period. Nothing it holds is worth keeping.
+                self._kill()
+            self.close()
+        finally:
+            self._quiet.__exit__()
 
     def start(self) -> None:
         parent_read, child_write = os.pipe()

@@ -23,13 +23,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ..bundle import EmulatedGpuCheck
 from ..emulators import lavapipe
-from ..errors import EmulatorUnavailable, RuntimeCheckError
+from ..errors import EXIT_EXPORT_OR_RUNTIME, EmulatorUnavailable, RuntimeCheckError
 from ..parity import ParityReport, compare
 from ..runtimes.base import TensorIO, from_native
 from ..runtimes.litert_gpu import ACCELERATOR
@@ -145,3 +145,29 @@ def fallback_warning(file: str, record: EmulatedGpuCheck) -> str | None:
     listed = ", ".join(f"{op} ({'; '.join(why) or 'no reason given'})" for op, why in record.fallback_ops.items())
     return (f"{file}: LiteRT's GPU accelerator runs {ops.get('on_gpu')} op(s) and leaves {ops.get('on_cpu')} to the "
             f"CPU: {listed or 'ops not named in its log'}")
+
+
+def judge_on_gpu(judge: Any, label: str, job: GpuJob, precision: str, cpu_passed: bool) -> EmulatedGpuCheck:
+    """The artifact on LiteRT's GPU accelerator over lavapipe (check_on_gpu); what it
+    finds beyond a failed parity (ops left to the CPU, a skip) goes to the build's warnings."""
+    settings = judge.profile.gpu_check
+    if not cpu_passed:
+        return EmulatedGpuCheck(status="skipped", precision=settings.precision,
+                                reason="its parity in the CPU interpreter failed first")
+    judge.say(f"checking {job.path.name} on a GPU code path (LiteRT's GPU accelerator on lavapipe)")
+    try:
+        record = check_on_gpu(job, precision=settings.precision,
+                              tolerance=judge.profile.tolerance_for(settings.tolerance_key(precision)).model_dump(),
+                              threads=judge.threads, timeout_s=judge.timeout_s, required=settings.required,
+                              say=judge.say)
+    except RuntimeCheckError as exc:
+        if not judge.keep_going:
+            raise
+        judge.findings.fail(f"{label}: on LiteRT's GPU accelerator: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
+        return EmulatedGpuCheck(status="failed", precision=settings.precision, reason=f"runtime error: {exc.message}")
+    if record.status == "skipped":
+        judge.findings.warnings.append(f"{job.path.name}: {summary(record)}")
+    warning = fallback_warning(job.path.name, record)
+    if warning:
+        judge.findings.warnings.append(warning)
+    return record

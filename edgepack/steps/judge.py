@@ -15,12 +15,11 @@ code. The order of a build is pipeline.py's; this module knows one artifact at a
 
 from __future__ import annotations
 
-import traceback
-
 import copy
 import dataclasses
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,20 +28,21 @@ import numpy as np
 
 from .. import bundle as bundle_mod
 from .. import package
-from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, with_float_layers
-from ..bundle import ArtifactEntry, ArtifactIO, EmulatedGpuCheck, GoldenFiles, ReproducibilityCheck, stack_samples
+from ..analysis.fallback import FallbackStep, run_fallback, supports_fallback, try_record, with_float_layers
+from ..bundle import ArtifactEntry, ArtifactIO, GoldenFiles, ReproducibilityCheck, stack_samples
 from ..cache import BuildCache, computed, digest_files
 from ..costmodel import estimate_latency
-from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError, NothingToQuantize,
-                      RuntimeCheckError)
+from ..errors import (EXIT_EXPORT_OR_RUNTIME, EXIT_OK, EXIT_PARITY_OR_BUDGET, ExportError,
+                      NothingToQuantize, RuntimeCheckError)
 from ..export import RUNTIME_FOR_FORMAT, registry as exporter_registry
 from ..export.base import ExportContext, ExportResult
 from ..measure import latency_summary, zip_bytes
 from ..parity import compare, headline
 from ..runtimes import forkserver
 from ..target import GPU_CHECK_PRECISIONS
-from .gpu_check import GpuJob, check_on_gpu, fallback_warning
+from .gpu_check import GpuJob, judge_on_gpu
 from .gpu_check import summary as gpu_summary
+from .lane import defer_reproducibility
 from .runs import run_artifact
 
 
@@ -89,20 +89,6 @@ def isolated(ctx: ExportContext, **changes: Any) -> ExportContext:
 DYNAMIC_MAX_GROWTH = 1.25
 
 
-def _try_record(entry: ArtifactEntry) -> dict[str, Any]:
-    """One try of an artifact, for a fallback record: what it was, what it measured, why it failed."""
-    if entry.status == "failed":
-        failures = [entry.error or "failed"]
-    elif entry.status == "budget-exceeded":
-        failures = list((entry.budgets or {}).get("failures") or [])
-    else:
-        failures = [f for output in (entry.parity or {}).get("outputs", []) for f in output.get("failures", [])]
-    return {"precision": entry.precision, "config": entry.config, "status": entry.status, "bytes": entry.bytes,
-            "ratio_to_float": (entry.size or {}).get("ratio_to_float"),
-            "latency_ms": (entry.latency or {}).get("p50_ms"), "parity": headline(entry.parity),
-            "accuracy": entry.accuracy, "failures": failures}
-
-
 @dataclass
 class ArtifactJudge:
     profile: Any  # TargetProfile
@@ -121,14 +107,17 @@ class ArtifactJudge:
     cache_parts: dict[str, Any] = field(default_factory=dict)  # the build's inputs, for every export key
     evaluate_key: str | None = None  # the spec file's sha256: evaluate() through an artifact is replayed only with it
     cache_log: list[dict[str, Any]] = field(default_factory=list)  # per export: file, key, hit
+    lane: Any = None  # ExportLane (steps/lane.py): fp32 baselines and second exports run there
+    deferred: list[tuple] = field(default_factory=list)  # (entry, lane job, workdir, cache key) to compare
+    paused: list[tuple] = field(default_factory=list)  # runtime servers an export stopped, started after its run
 
     def export(self, config: Any, ctx: ExportContext, check_reproducible: bool = False,
                pause_runtimes: bool = True) -> tuple[ExportResult, ReproducibilityCheck | None]:
         """Export ``config`` into ``ctx.workdir``, through the build cache when there is one: a
-        stored export (same model bytes, inputs, settings, toolchain and edgepack source) is
-        copied in instead, with the reproducibility result recorded when it was made. An export
-        that runs stops the other runtimes' idle servers for its duration (ready_runtimes)
-        unless ``pause_runtimes`` is False."""
+        stored export (same model bytes, inputs, settings, toolchain and edgepack source) is copied
+        in instead, with its reproducibility result. An export run here stops the other runtimes'
+        idle servers (ready_runtimes) unless ``pause_runtimes`` is False; one queued on the lane
+        (steps/lane.py) is waited for."""
         export = exporter_registry()[config.format].module.export
 
         def check(result: ExportResult) -> ReproducibilityCheck | None:
@@ -138,11 +127,9 @@ class ArtifactJudge:
             return package.check_reproducible(export, config, ctx, result.files)
 
         if self.cache is None:
-            stopped = self.ready_runtimes(config, pause_runtimes)
-            result = export(config, isolated(ctx))
-            forkserver.start_servers(stopped)
+            result = self._export_now(export, config, ctx, pause_runtimes)
             return result, check(result)
-        key = self.cache.key({**self.cache_parts, "kind": "export", "config": config.model_dump(mode="json")})
+        key = self.export_key(config)
         with self.cache.claim("export", key) as slot:
             if slot.entry is not None:
                 record = slot.entry.record
@@ -152,12 +139,10 @@ class ArtifactJudge:
                     shutil.copyfile(source, files[-1])
                 result = ExportResult(files=files, runtime=record["runtime"], details=record["details"],
                                       notes=list(record["notes"]))
-                stored = record.get("reproducible")
+                stored = record.get("reproducible") or self.stored_reproducibility(key)
                 repro = ReproducibilityCheck.model_validate(stored) if stored else check(result)
             else:
-                stopped = self.ready_runtimes(config, pause_runtimes)
-                result = export(config, isolated(ctx))
-                forkserver.start_servers(stopped)
+                result = self._export_now(export, config, ctx, pause_runtimes)
                 repro = check(result)
                 if all(Path(f).parent.resolve() == Path(ctx.workdir).resolve() for f in result.files):
                     slot.store(result.files, {"runtime": result.runtime, "details": result.details,
@@ -169,15 +154,40 @@ class ArtifactJudge:
             self.say(f"{config.file_name}: cached export (key {key[:12]})")
         return result, repro
 
+    def export_key(self, config: Any) -> str:
+        return self.cache.key({**self.cache_parts, "kind": "export", "config": config.model_dump(mode="json")})
+
+    def is_cached(self, config: Any) -> bool:
+        return self.cache is not None and self.cache.get("export", self.export_key(config)) is not None
+
+    def stored_reproducibility(self, key: str) -> dict | None:
+        """The reproducibility result the lane found for the export stored under ``key``."""
+        entry = self.cache.get("reproducible", key)
+        return entry.record.get("reproducible") if entry is not None else None
+
+    def _export_now(self, export: Callable, config: Any, ctx: ExportContext, pause_runtimes: bool) -> ExportResult:
+        """The export itself: taken from the lane when it was queued there, else run here with
+        the runtime servers readied around it (ready_runtimes)."""
+        if self.lane is not None and self.lane.has(config.file_name):
+            return self.lane.result(config.file_name)
+        stopped = self.ready_runtimes(config, pause_runtimes)
+        try:
+            return export(config, isolated(ctx))
+        finally:  # with a lane, the artifact's timed run follows at once: they start after it
+            self.paused.extend(stopped)
+            if self.lane is None:
+                self.start_paused()
+
+    def start_paused(self) -> None:
+        forkserver.start_servers(self.paused)
+        self.paused.clear()
+
     def ready_runtimes(self, config: Any, pause_others: bool = True) -> list[tuple[str, int, dict[str, str], str]]:
         """Before an export: start the artifact's runtime server, so its import (10-16 s for
         ExecuTorch) overlaps the export, and (``pause_others``) stop the idle servers of the
         others, so the export has their memory; the caller starts those again once it is done.
         MobileNetV2 android-arm64: the ExecuTorch server (~310 MB PSS) otherwise idles through the
-        .tflite export, where the build's tree PSS peaks (2,153 MB before). The cost is importing
-        ExecuTorch again (4.5-4.8 s at load 2), started before the reproducibility export so that
-        it overlaps that and the validation: started only when the fp32 .pte baseline needed it,
-        the digits build waited for it (3 builds each: 55-64 s before, 70-81 s)."""
+        .tflite export, where the build's tree PSS peaks (2,153 MB before)."""
         runtime = None if config.device_only else RUNTIME_FOR_FORMAT[config.format]
         stopped = forkserver.stop_idle_servers(keep=runtime) if pause_others else []
         if runtime is not None:
@@ -187,8 +197,10 @@ class ArtifactJudge:
     def judge(self, config: Any) -> ArtifactEntry:
         """Export, validate and judge one artifact (with the fallback if the profile asks)."""
         fallback = self.profile.on_parity_failure == "fallback" and supports_fallback(config)
-        # With a fallback possible, the bytes are checked once, on the artifact that is kept.
-        entry, summary = self.export_validate(config, self.check_reproducible and not fallback)
+        # With a fallback possible, the bytes are checked once, on the artifact that is kept. With
+        # a lane, the second export runs there, after the artifact is judged (defer_reproducibility).
+        defer = self.lane is not None and self.check_reproducible and not fallback
+        entry, summary = self.export_validate(config, self.check_reproducible and not fallback and not defer)
         if entry.status == "parity-failed" and self.profile.on_parity_failure == "fallback":
             if fallback:
                 entry, summary = self.fallback(config, entry, summary)
@@ -204,6 +216,8 @@ class ArtifactJudge:
         elif entry.status == "budget-exceeded":
             self.findings.fail(f"{label}: budget exceeded: " + "; ".join(entry.budgets["failures"]),
                                EXIT_PARITY_OR_BUDGET)
+        if defer and entry.reproducible is None and entry.files and entry.status != "failed":
+            defer_reproducibility(self, entry)
         return entry
 
     def fallback(self, config: Any, failed: ArtifactEntry, failed_summary: str) -> tuple[ArtifactEntry, str]:
@@ -274,7 +288,7 @@ class ArtifactJudge:
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.move(source, target)
                 self.findings.warnings.extend(aside.findings.warnings)
-        tried = [_try_record(failed), _try_record(entry)]
+        tried = [try_record(failed), try_record(entry)]
         if refused:
             tried[1]["failures"].append(refused)
         static, shipped = headline(failed.parity), headline(entry.parity)
@@ -349,6 +363,7 @@ class ArtifactJudge:
         self.say(f"validating {label} in {result.runtime}")
         try:
             ran = run_artifact(self, RUNTIME_FOR_FORMAT[config.format], files)
+            self.start_paused()
         except RuntimeCheckError as exc:
             self.findings.fail(f"{label}: {exc.message}", EXIT_EXPORT_OR_RUNTIME, exc)
             for path in files:
@@ -378,7 +393,7 @@ class ArtifactJudge:
         if profile.gpu_check.enabled and config.format == "tflite" and config.precision in GPU_CHECK_PRECISIONS:
             job = GpuJob(main, native_inputs, self.reference.outputs, outputs, self.reference.output_names, io_specs,
                          self.score_outputs, sum((result.details.get("ops") or {}).values()) or None)
-            emulated_gpu = self.gpu_check(label, job, config.precision, cpu_passed=parity.passed)
+            emulated_gpu = judge_on_gpu(self, label, job, config.precision, cpu_passed=parity.passed)
         gpu_failed = emulated_gpu is not None and emulated_gpu.status == "failed" and emulated_gpu.parity is not None
 
         latency = latency_summary(bench["times_ms"])
@@ -416,28 +431,3 @@ class ArtifactJudge:
             parity=parity.to_dict(), latency=latency, size=size,
             accuracy=accuracy, budgets=budgets, reproducible=reproducible, emulated_gpu=emulated_gpu, **base,
         ), parity.summary() + (f"\n{gpu_summary(emulated_gpu)}" if gpu_failed else "")
-
-    def gpu_check(self, label: str, job: GpuJob, precision: str, cpu_passed: bool) -> EmulatedGpuCheck:
-        """The artifact on LiteRT's GPU accelerator over lavapipe (steps/gpu_check.py); what it
-        finds beyond a failed parity (ops left to the CPU, a skip) goes to the build's warnings."""
-        settings = self.profile.gpu_check
-        if not cpu_passed:
-            return EmulatedGpuCheck(status="skipped", precision=settings.precision,
-                                    reason="its parity in the CPU interpreter failed first")
-        self.say(f"checking {job.path.name} on a GPU code path (LiteRT's GPU accelerator on lavapipe)")
-        try:
-            record = check_on_gpu(job, precision=settings.precision,
-                                  tolerance=self.profile.tolerance_for(settings.tolerance_key(precision)).model_dump(),
-                                  threads=self.threads, timeout_s=self.timeout_s, required=settings.required,
-                                  say=self.say)
-        except RuntimeCheckError as exc:
-            if not self.keep_going:
-                raise
-            self.findings.fail(f"{label}: on LiteRT's GPU accelerator: {exc.message}", EXIT_EXPORT_OR_RUNTIME)
-            return EmulatedGpuCheck(status="failed", precision=settings.precision, reason=f"runtime error: {exc.message}")
-        if record.status == "skipped":
-            self.findings.warnings.append(f"{job.path.name}: {gpu_summary(record)}")
-        warning = fallback_warning(job.path.name, record)
-        if warning:
-            self.findings.warnings.append(warning)
-        return record

@@ -128,14 +128,34 @@ def _measure_side_by_side(judge: ArtifactJudge, runtime: str, path: Path, float_
                       f"{settings.runs} runs each, {judge.threads} threads"}
 
 
-def export_float_baseline(judge: ArtifactJudge, config: Any, scratch: Path) -> Path:
-    """An fp32 artifact of ``config``'s format, for the comparison only (never shipped)."""
+def _baseline(config: Any, scratch: Path) -> tuple[Any, Path]:
+    """The fp32 config of ``config``'s format exported for the comparison only (never shipped),
+    and the directory it goes to."""
     entry = exporter_registry()[config.format]
     baseline = entry.config.model_validate({"format": config.format, "precision": "fp32",
                                             "name": f"{config.name}-float-baseline"})
-    workdir = scratch / f"float-baseline-{config.format}"
+    return baseline, scratch / f"float-baseline-{config.format}"
+
+
+def prefetch_float_baselines(judge: ArtifactJudge, configs: list[Any], scratch: Path) -> None:
+    """Queue on the judge's lane (steps/lane.py) the fp32 baselines compare_with_float will
+    want: one per format with a quantized artifact run here and no fp32 artifact beside it, and
+    not in the build cache. compare_with_float then waits for them instead of exporting."""
+    fp32 = {c.format for c in configs if c.precision == "fp32" and not c.device_only}
+    for config in configs:
+        if config.precision == "fp32" or config.device_only or config.format in fp32:
+            continue
+        baseline, workdir = _baseline(config, scratch)
+        if not judge.lane.has(baseline.file_name) and not judge.is_cached(baseline):
+            judge.lane.submit(baseline.file_name, baseline, workdir)
+
+
+def export_float_baseline(judge: ArtifactJudge, config: Any, scratch: Path) -> Path:
+    """An fp32 artifact of ``config``'s format, for the comparison only (never shipped)."""
+    baseline, workdir = _baseline(config, scratch)
     workdir.mkdir(exist_ok=True)
-    judge.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency")
+    judge.say(f"exporting an fp32 {config.format} baseline to compare {config.file_name}'s latency"
+              + (" (in the second process)" if judge.lane is not None and judge.lane.has(baseline.file_name) else ""))
     # An fp32 export takes less memory than the int8 ones (no calibration); the idle servers it
     # would stop are the ones the comparisons right after run in.
     return judge.export(baseline, dataclasses.replace(judge.ctx, workdir=workdir), pause_runtimes=False)[0].files[0]
