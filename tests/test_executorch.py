@@ -448,3 +448,24 @@ def _rtn(weight: torch.Tensor) -> torch.Tensor:
     from edgepack.quant.gptq import rtn
 
     return rtn(weight, 32).dequantized()
+
+
+def test_provenance_chains_are_cut_to_the_ancestor_debug_handles_are_named_after():
+    """_root_provenance keeps what ExecuTorch reads from a node's provenance (its oldest ancestor,
+    which names its debug handle) and drops the nested chain every lowering pass would copy."""
+    from executorch.exir.debug_handle_utils import get_greatest_ancestor_node_identifier
+
+    from edgepack.export.executorch import _root_provenance
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),)).run_decompositions()
+    nodes = [n for n in program.graph_module.graph.nodes if n.meta.get("from_node")]
+    before = {n.name: get_greatest_ancestor_node_identifier(n) for n in nodes}
+
+    def depth(source) -> int:
+        return 1 + max((depth(s) for s in source.from_node), default=0)
+
+    assert nodes and max(depth(n.meta["from_node"][-1]) for n in nodes) > 1
+    _root_provenance(program.graph_module)
+    assert {n.name: get_greatest_ancestor_node_identifier(n) for n in nodes} == before
+    assert all(len(n.meta["from_node"]) == 1 and not n.meta["from_node"][0].from_node for n in nodes)
