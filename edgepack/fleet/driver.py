@@ -130,7 +130,9 @@ def run_fleet(matrix_path: str | os.PathLike, options: FleetOptions | None = Non
         if logs.is_dir():  # the last fleet's logs of this build: its litter first, then the logs
             sweep_dead_attempts(logs, out)
             shutil.rmtree(logs)
-        args = [build.spec_ref, "--target", build.target_ref, "--out", str(out), "--json",
+        # --jobs 1: a build stays in the CPUS_PER_BUILD it claims (a second export process would
+        # run beside another build's latency blocks, which only its own build stops it for).
+        args = [build.spec_ref, "--target", build.target_ref, "--out", str(out), "--json", "--jobs", "1",
                 *(f"--set={s}" for s in build.settings), *options.build_flags]
         jobs[build.key] = {"args": args, "out": str(out), "logs": str(logs), "cache": str(cache_root().resolve()),
                            "cwd": os.getcwd(), "timeout_s": options.timeout_s}
