@@ -145,3 +145,22 @@ def test_a_build_with_two_export_processes_ships_the_bytes_of_one(tmp_path, monk
         assert art.reproducible.reproducible and art.reproducible.method == LANE_REPRO_METHOD
     assert all(art.reproducible.method != LANE_REPRO_METHOD for art in one.manifest.artifacts)
     assert any(t["step"].startswith("checking the second exports") for t in two.manifest.timings)
+
+
+def test_a_lane_dies_with_its_build_even_while_stopped(tmp_path):
+    """A build killed while it times a runtime (the lane stopped) leaves no lane behind."""
+    import subprocess
+    import sys
+
+    probe = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+             f"from pathlib import Path; from test_lane import _ctx; from edgepack.steps.lane import ExportLane; "
+             f"from edgepack.measure import quiet_host; lane, _ = ExportLane.start(_ctx(Path({str(tmp_path)!r})), 2); "
+             f"q = quiet_host().__enter__(); time.sleep(3); print(lane.process.pid, flush=True); import os; "
+             f"os.kill(os.getpid(), 9)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    pid = int(done.stdout.split()[-1])
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or _state(pid) == "Z":
+            break
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", f"lane {pid} outlived its build"

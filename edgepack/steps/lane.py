@@ -112,11 +112,12 @@ class ExportLane:
         threads = _torch_threads()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        command = [sys.executable, "-c", f"from edgepack.steps.lane import serve; serve({child_read}, {child_write})"]
+        command = [sys.executable, "-c", _DIE_WITH_PARENT.format(parent=os.getpid())
+                   + f"from edgepack.steps.lane import serve; serve({child_read}, {child_write})"]
         try:
             process = subprocess.Popen(command, pass_fds=(child_read, child_write), env=env,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+                                       stderr=subprocess.DEVNULL, preexec_fn=_dies_with_parent())
         except OSError as exc:
             for fd in (parent_read, child_write, child_read, parent_write):
                 os.close(fd)
@@ -204,6 +205,24 @@ class _Duplex:
         for end in (self.reader, self.writer):
             with contextlib.suppress(OSError):
                 end.close()
+
+
+def _dies_with_parent() -> Any:
+    """Linux: a function for Popen's preexec_fn (the child, before exec) asking the kernel for
+    SIGKILL when the build dies (prctl PR_SET_PDEATHSIG), which ends the lane even while
+    quiet_host has it stopped and it can never read the end of its pipe. Only a C call runs in
+    the forked child (bound here, before the fork). None where there is no prctl."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
+# ...and a build that died before the kernel took the request is seen in the parent pid.
+_DIE_WITH_PARENT = "import os\nif os.getppid() != {parent}:\n    os._exit(0)\n"
 
 
 def serve(read_fd: int, write_fd: int) -> None:
