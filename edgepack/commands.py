@@ -40,7 +40,7 @@ def cmd_build(args, term: Terminal) -> int:
     targets = list(dict.fromkeys(args.target))
     profiles = [load_target(target, settings=args.set) for target in targets]
     for profile in profiles:
-        check_installed([a.format for a in profile.artifacts], profile.name)  # before loading the spec: a missing extra is named at once
+        check_installed(profile)  # before loading the spec: a missing extra is named at once
     startup_seconds = process_age_seconds()  # the build's wall time starts with the process
     started = time.perf_counter()
     spec = load_spec(args.spec)

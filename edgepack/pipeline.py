@@ -68,8 +68,8 @@ class BuildOptions:
     # step starts there, so no time falls between the steps of the manifest's timings
     clock_start: float | None = None
     # Export processes: 2 runs the fp32 baselines and the reproducibility re-exports in a second
-    # process beside the build (steps/lane.py); 1 runs every export in the build's own; None: 2
-    # where this process may use two or more CPUs.
+    # process beside the build (steps/lane.py); 1 runs every export in the build's own; None:
+    # measure.lane_jobs decides (2 from 4 CPUs).
     jobs: int | None = None
 
 
@@ -282,6 +282,7 @@ class _Builder:
         ref_lat.update({"threads": self.threads, "warmup": profile.latency.warmup})
         if ref_cache is not None:
             ref_lat["cache"] = ref_cache
+        host = host_info()
         manifest = Manifest(
             status="passed" if not self.findings.failures else "failed",
             failures=self.findings.failures,
@@ -304,7 +305,7 @@ class _Builder:
                               samples=len(parity_inputs), calibration_samples=len(parity_samples) - len(holdout),
                               holdout_samples=len(holdout)),
             toolchain=toolchain_versions(),
-            host={**host_info(), "matches_target": host_matches(profile.device, host_info())},
+            host={**host, "matches_target": host_matches(profile.device, host)},
             timings=self.timings,
             cache=cache_summary(self.options.cache, judge.cache_log, latency_log(ref_lat, artifacts)),
         )
@@ -389,7 +390,7 @@ def build(spec: ModelSpec, profile, profile_source: str | None = None,
     good bundle untouched. A build that raises leaves nothing behind.
     """
     options = options or BuildOptions()
-    check_installed([a.format for a in profile.artifacts], profile.name)
+    check_installed(profile)
     dest = bundle_path(options.out_dir, spec.name, profile.name)
     # where the profile came from, for the manifest: the file load_target read, else the object
     source = profile_source or getattr(profile, "_source", "") or f"python: TargetProfile {profile.name!r}"

@@ -105,6 +105,24 @@ def _call_spec_fn(fn: Callable[[], Any], where: str) -> Any:
         ) from exc
 
 
+def import_spec_module(module_name: str, path: Path) -> Any:
+    """Import the spec file ``path`` as module ``module_name`` (registered in sys.modules, so the
+    classes it defines pickle and unpickle by that name), with its folder on the path while it
+    runs so that it can import its siblings (models/_common.py). None: not a loadable file."""
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    folder = str(Path(path).resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 def load_spec(ref: str) -> ModelSpec:
     """Load a ModelSpec from ``path/to/spec.py`` (its ``spec()``), ``path/to/spec.py:function``
     or ``package.module:function``, and check it."""
@@ -122,17 +140,9 @@ def load_spec(ref: str) -> ModelSpec:
         stem = re.sub(r"\W", "_", path.stem)
         module_name = f"edgepack_spec_{stem}_{hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
         try:
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            if module_spec is None or module_spec.loader is None:
+            module = import_spec_module(module_name, path)
+            if module is None:
                 raise SpecError(f"{ref}: not a loadable Python file", "pass a .py file defining spec()")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = module
-            # Let a spec import siblings (models/_common.py) by putting its folder on the path.
-            sys.path.insert(0, str(path.resolve().parent))
-            try:
-                module_spec.loader.exec_module(module)
-            finally:
-                sys.path.remove(str(path.resolve().parent))
         except SyntaxError as exc:
             raise SpecError(
                 f"{ref}:{exc.lineno}:{exc.offset}: Python syntax error: {exc.msg}",

@@ -7,6 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 from .base import ArtifactConfig
 
@@ -58,13 +59,14 @@ def missing_for(formats: list[str]) -> dict[str, tuple[str, list[str]]]:
     return missing
 
 
-def check_installed(formats: list[str], target: str) -> None:
-    """Fail before any work when a format target ``target`` asks for has no exporter installed here."""
+def check_installed(profile: Any) -> None:
+    """Fail before any work when a format the profile (a TargetProfile: its name and artifacts)
+    asks for has no exporter installed here."""
     from ..errors import RuntimeUnavailable
 
-    missing = missing_for(formats)
+    missing = missing_for([a.format for a in profile.artifacts])
     if missing:
         named = "; ".join(f".{fmt} needs {', '.join(pkgs)}" for fmt, (_, pkgs) in missing.items())
         extras = ",".join(dict.fromkeys(extra for extra, _ in missing.values()))
-        raise RuntimeUnavailable(f"target {target}: {named}, not installed here",
+        raise RuntimeUnavailable(f"target {profile.name}: {named}, not installed here",
                                  f"pip install 'edgepack[{extras}]', or pick a target without those formats")

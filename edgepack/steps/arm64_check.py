@@ -129,10 +129,11 @@ def check_bundle(root: Path, manifest: Manifest, settings, *, say: Callable[[str
     with tempfile.TemporaryDirectory(prefix="edgepack-arm64-") as scratch:
         for art in chosen:
             golden = Golden.load(root, manifest, art)
-            stored = cache is not None and all(cache.get("arm64-run", run_key(cache, guest, kit, root, manifest, art, cpu))
-                                               for cpu in settings.cpus)  # replayed: one after the other, named
+            keys = {cpu: run_key(cache, guest, kit, root, manifest, art, cpu) for cpu in settings.cpus} if cache else {}
+            stored = bool(keys) and all(cache.get("arm64-run", key) for key in keys.values())  # replayed: in turn
             runs = _each_cpu(art.file, list(settings.cpus), say, lambda cpu, said: _run_kit(
-                guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), said, cache), not stored)
+                guest, kit, root, manifest, art, golden, cpu, settings, Path(scratch), said, cache, keys.get(cpu)),
+                not stored)
             failed = [r for r in runs if r.status == "failed"]
             record = EmulatedArm64Check(
                 status="failed" if failed else "passed", reason="; ".join(f"{r.cpu}: {r.reason}" for r in failed) or None,
@@ -206,15 +207,15 @@ def _read_report(path: Path) -> dict:
         return {}
 
 
-def _cached_emulation(cache: BuildCache | None, guest, kit: dict, root: Path, manifest: Manifest,
-                      art: ArtifactEntry, cpu: str, settings, scratch: Path, say: Callable[[str], None]
-                      ) -> tuple[dict, Path, float, dict | None]:
+def _cached_emulation(cache: BuildCache | None, guest, kit: dict, root: Path, art: ArtifactEntry, cpu: str,
+                      settings, scratch: Path, say: Callable[[str], None],
+                      key: str | None) -> tuple[dict, Path, float, dict | None]:
     """(the kit's report, its raw outputs, emulated seconds, the cache record or None): through the
-    build cache when there is one. Only a run that checked the artifact is stored."""
+    build cache when there is one, under ``key`` (run_key). Only a run that checked the artifact
+    is stored."""
     if cache is None:
         report, outputs, seconds = _emulate(guest, kit, root, art, cpu, settings, scratch, say)
         return _read_report(report), outputs, seconds, None
-    key = run_key(cache, guest, kit, root, manifest, art, cpu)
     with cache.claim("arm64-run", key) as slot:
         if slot.entry is None:
             report, outputs, seconds = _emulate(guest, kit, root, art, cpu, settings, scratch, say)
@@ -228,11 +229,12 @@ def _cached_emulation(cache: BuildCache | None, guest, kit: dict, root: Path, ma
 
 
 def _run_kit(guest, kit: dict, root: Path, manifest: Manifest, art: ArtifactEntry, golden: Golden, cpu: str,
-             settings, scratch: Path, say: Callable[[str], None], cache: BuildCache | None = None) -> EmulatedArm64Run:
-    """One CPU model's run (or its cached outputs), judged against the bundle's golden data with
-    the artifact's recorded thresholds."""
-    kit_report, outputs, seconds, cached = _cached_emulation(cache, guest, kit, root, manifest, art, cpu, settings,
-                                                             scratch, say)
+             settings, scratch: Path, say: Callable[[str], None], cache: BuildCache | None = None,
+             key: str | None = None) -> EmulatedArm64Run:
+    """One CPU model's run (or its cached outputs under ``key``, run_key's), judged against the
+    bundle's golden data with the artifact's recorded thresholds."""
+    kit_report, outputs, seconds, cached = _cached_emulation(cache, guest, kit, root, art, cpu, settings, scratch,
+                                                             say, key)
     entry = next(iter(kit_report.get("artifacts") or []), {})
     samples = len(golden.reference)
     specs = golden.out_specs

@@ -3,7 +3,7 @@ baselines the speed comparison times (needed only at its end) and the reproducib
 re-exports (needed only by the manifest), each from scratch. Both processes run torch at the
 build's thread count (2 for the Android and x86 profiles), so the lane pays where the host has
 CPUs for both: by default from 4 CPUs (measure.lane_jobs). On 2 cores it bought EfficientNet-Lite0
-android-arm64 3% (132.7 / 133.5 s against 136.3 s, alternating runs) for 1.4 GB more memory.
+android-arm64 6% (132.7 / 133.5 s against 136.3 / 147.3 s, alternating runs) for 1.4 GB more memory.
 
     lane = ExportLane.start(ctx, jobs=2)      # None when --jobs 1 (the default under 4 CPUs), or the model cannot be sent
     lane.submit("model.pte", config, workdir) # runs there: the exporter, RNGs seeded from ctx.seed
@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import pickle
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .. import errors, package
 from ..bundle import ReproducibilityCheck
@@ -43,6 +44,7 @@ from ..export import registry as exporter_registry
 from ..errors import EdgepackError, ExportError
 from ..export.base import ExportResult
 from ..measure import lane_jobs, register_background
+from ..spec import import_spec_module
 
 
 def _error_type(name: str) -> type[EdgepackError] | None:
@@ -52,19 +54,17 @@ def _error_type(name: str) -> type[EdgepackError] | None:
     return found if isinstance(found, type) and issubclass(found, EdgepackError) else None
 
 
+def baseline_formats(configs: list[Any]) -> set[str]:
+    """The formats whose quantized artifacts, run here, have no fp32 artifact beside them: the
+    speed comparison exports an fp32 baseline of each (steps/speed.py)."""
+    runnable = [c for c in configs if not c.device_only]
+    return {c.format for c in runnable if c.precision != "fp32"} - {c.format for c in runnable if c.precision == "fp32"}
+
+
 def lane_wanted(profile: Any, check_reproducible: bool) -> bool:
-    """Whether a build of ``profile`` has exports for a lane: second exports, or fp32 baselines
-    (a quantized artifact run here with no fp32 artifact of its format beside it)."""
-    runnable = [a for a in profile.artifacts if not a.device_only]
-    baselines = {a.format for a in runnable if a.precision != "fp32"} - {
-        a.format for a in runnable if a.precision == "fp32"}
-    return bool(runnable) and (check_reproducible or bool(baselines))
-
-
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
+    """Whether a build of ``profile`` has exports for a lane: second exports, or fp32 baselines."""
+    runnable = any(not a.device_only for a in profile.artifacts)
+    return runnable and (check_reproducible or bool(baseline_formats(list(profile.artifacts))))
 
 
 def _spec_modules() -> list[tuple[str, str]]:
@@ -74,22 +74,12 @@ def _spec_modules() -> list[tuple[str, str]]:
             if name.startswith("edgepack_spec_") and getattr(module, "__file__", None)]
 
 
-@dataclass
-class _Job:
-    name: str
-    workdir: Path
-    submitted: float
-    result: Any = None
-    done: bool = False
-
-
 class ExportLane:
     """The second export process of one build (see the module docstring)."""
 
     def __init__(self, process: subprocess.Popen, conn: "_Duplex") -> None:
         self.process, self.conn = process, conn
-        self.jobs: dict[str, _Job] = {}
-        self.order: list[str] = []
+        self.replies: dict[str, tuple | None] = {}  # job name -> its reply, None until it comes
         self.unregister = register_background(process.pid)
 
     @classmethod
@@ -109,7 +99,7 @@ class ExportLane:
         # The build's own torch thread count: calibration's sums depend on it (EfficientNet-Lite0's int8
         # .pte and .tflite differ in bytes between 1 and 2 threads), so a second export with another
         # would differ for that reason alone.
-        threads = _torch_threads()
+        threads = torch.get_num_threads()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         command = [sys.executable, "-c", _DIE_WITH_PARENT.format(parent=os.getpid())
@@ -132,16 +122,14 @@ class ExportLane:
         """Queue an export of ``config`` into ``workdir`` (created); jobs run in order."""
         Path(workdir).mkdir(parents=True, exist_ok=True)
         self.conn.send(("export", name, config.format, config.model_dump(mode="json"), str(workdir)))
-        self.jobs[name] = _Job(name, Path(workdir), time.perf_counter())
-        self.order.append(name)
+        self.replies[name] = None
 
     def has(self, name: str) -> bool:
-        return name in self.jobs
+        return name in self.replies
 
     def result(self, name: str) -> ExportResult:
         """Wait for job ``name``: its ExportResult, or the exporter's error raised here."""
-        job = self.jobs[name]
-        while not job.done:
+        while self.replies[name] is None:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
@@ -149,9 +137,8 @@ class ExportLane:
                 ended = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 raise ExportError(f"the second export process ended ({ended}) before {name} was exported",
                                   "run with --jobs 1 to export in the build's own process")
-            done = self.jobs[message[1]]
-            done.result, done.done = message, True
-        kind, _, *rest = job.result
+            self.replies[message[1]] = message
+        kind, _, *rest = self.replies[name]
         if kind == "error":
             error_type, text, hint = rest
             known = _error_type(error_type)
@@ -228,37 +215,23 @@ _DIE_WITH_PARENT = "import os\nif os.getppid() != {parent}:\n    os._exit(0)\n"
 def serve(read_fd: int, write_fd: int) -> None:
     """The lane's loop (in the second process): take the context, then export job after job."""
     import copy
-    import importlib.util
     import random
 
     import numpy as np
-    import torch
-
-    from ..export import registry
 
     conn = _Duplex(read_fd, write_fd)
     _, path, modules, threads, payload = conn.recv()
     sys.path[:] = path
     for name, file in modules:
-        module_spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        sys.path.insert(0, str(Path(file).resolve().parent))
-        try:
-            module_spec.loader.exec_module(module)
-        finally:
-            sys.path.remove(str(Path(file).resolve().parent))
+        import_spec_module(name, Path(file))
     ctx = pickle.loads(payload)
     torch.set_num_threads(threads)
-    exporters = registry()
+    exporters = exporter_registry()
     while True:
         try:
-            message = conn.recv()
-        except EOFError:
+            _, name, fmt, config_json, workdir = conn.recv()
+        except EOFError:  # the build closed the pipe
             return
-        if message[0] == "exit":
-            return
-        _, name, fmt, config_json, workdir = message
         try:
             exporter = exporters[fmt]
             config = exporter.config.model_validate(config_json)
@@ -286,8 +259,7 @@ def defer_reproducibility(judge: Any, entry: Any) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="edgepack-repro-"))
     name = f"again:{entry.file}"
     judge.lane.submit(name, config, workdir)
-    key = next((log["key"] for log in reversed(judge.cache_log) if log["file"] == entry.file), None)
-    judge.deferred.append((entry, name, workdir, key))
+    judge.deferred.append((entry, name, workdir, judge.export_key(config) if judge.cache is not None else None))
 
 
 def collect_reproducibility(judge: Any) -> dict[str, Any]:

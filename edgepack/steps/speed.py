@@ -23,6 +23,7 @@ from ..measure import latency_summary
 from ..runtimes.base import to_native
 from ..runtimes.session import RuntimeSession
 from .judge import ArtifactJudge
+from .lane import baseline_formats
 from .runs import latency_parts
 
 
@@ -141,9 +142,9 @@ def prefetch_float_baselines(judge: ArtifactJudge, configs: list[Any], scratch: 
     """Queue on the judge's lane (steps/lane.py) the fp32 baselines compare_with_float will
     want: one per format with a quantized artifact run here and no fp32 artifact beside it, and
     not in the build cache. compare_with_float then waits for them instead of exporting."""
-    fp32 = {c.format for c in configs if c.precision == "fp32" and not c.device_only}
+    wanted = baseline_formats(configs)
     for config in configs:
-        if config.precision == "fp32" or config.device_only or config.format in fp32:
+        if config.precision == "fp32" or config.device_only or config.format not in wanted:
             continue
         baseline, workdir = _baseline(config, scratch)
         if not judge.lane.has(baseline.file_name) and not judge.is_cached(baseline):
