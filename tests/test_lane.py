@@ -164,3 +164,25 @@ def test_a_lane_dies_with_its_build_even_while_stopped(tmp_path):
             break
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z", f"lane {pid} outlived its build"
+
+
+def test_a_second_export_that_failed_is_recorded_but_not_cached(tmp_path):
+    """The lane dying is not a fact about the artifact: the build records it, and the next build
+    (no lane) exports the artifact a second time itself instead of replaying the failure."""
+    judge = _judge(tmp_path)
+    judge.cache = BuildCache(tmp_path / "cache")
+    judge.lane = ExportLane.start(judge.ctx, jobs=2)[0]
+    try:
+        judge.lane.process.kill()  # before any job: its end is certain
+        judge.lane.process.wait()
+        entry = judge.judge(OnnxArtifact(precision="int8", name="model_int8"))
+        found = collect_reproducibility(judge)
+    finally:
+        judge.lane.close()
+    check = found["model_int8.onnx"]
+    assert not check.reproducible and check.detail.startswith("the second export failed: the second export process")
+    assert judge.stored_reproducibility(judge.export_key(OnnxArtifact(precision="int8", name="model_int8"))) is None
+    judge.lane, judge.cache_log = None, []
+    _, repro = judge.export(OnnxArtifact(precision="int8", name="model_int8"), judge.ctx, check_reproducible=True)
+    assert judge.cache_log[-1]["hit"] and repro.reproducible and repro.method != LANE_REPRO_METHOD
+    assert entry.status == "ok"

@@ -263,8 +263,9 @@ def defer_reproducibility(judge: Any, entry: Any) -> None:
 
 
 def collect_reproducibility(judge: Any) -> dict[str, Any]:
-    """file -> the lane's reproducibility result for every deferred artifact still shipped,
-    stored in the build cache beside its export."""
+    """file -> the lane's reproducibility result for every deferred artifact still shipped. A
+    comparison is stored in the build cache beside its export; a second export that failed (the
+    lane died, say) is not, so the next build exports it again rather than repeat the failure."""
     found: dict[str, ReproducibilityCheck] = {}
     for entry, name, workdir, key in judge.deferred:
         files = [judge.staged / item.path for item in entry.files]
@@ -273,14 +274,14 @@ def collect_reproducibility(judge: Any) -> dict[str, Any]:
             if entry.files and all(path.is_file() for path in files):
                 found[entry.file] = package.compare_exports(files, judge.staged, again.files, workdir,
                                                             package.LANE_REPRO_METHOD)
+                if key is not None:
+                    judge.cache.put("reproducible", key, [], {"reproducible": found[entry.file].model_dump(mode="json")})
         except EdgepackError as exc:
             found[entry.file] = ReproducibilityCheck(
                 reproducible=False, method=package.LANE_REPRO_METHOD, files=[item.path for item in entry.files],
                 detail=f"the second export failed: {exc.message}"[:400])
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        if key is not None and entry.file in found and judge.cache is not None:
-            judge.cache.put("reproducible", key, [], {"reproducible": found[entry.file].model_dump(mode="json")})
     judge.deferred.clear()
     return found
 
