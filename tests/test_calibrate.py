@@ -104,3 +104,82 @@ def test_shared_calibration_keys_a_model_with_int8_embedding_tables():
     with shared_calibration():
         prepare_corrected(model, samples[0], samples, Recipe())
         assert prepare_corrected(model, samples[0], samples, Recipe())[1]["calibration_shared"] is True
+
+
+class ChainedResidual(nn.Module):
+    """Two residual adds in a row, the second reading the first's output (as in EfficientNet's
+    and MobileNetV2's blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        x = x + self.b1(x)
+        x = x + self.b2(x)
+        return self.head(x)
+
+
+class PooledHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 4)
+
+    def forward(self, x):
+        return self.fc(nn.functional.max_pool2d(self.conv(x), 2).flatten(1))
+
+
+def test_a_tflite_recipe_is_annotated_by_xnnpack_rules_only_where_they_place_the_same_observers():
+    import copy
+
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from edgepack.quant.calibrate import resolve_annotation, same_observers
+    from edgepack.quant.quantizers import make_quantizer
+
+    torch.manual_seed(0)
+    model, example = ChainedResidual().eval(), (torch.randn(1, 3, 8, 8),)
+    litert = Recipe(quantizer="litert", calibration_samples=8)
+    assert resolve_annotation(model, example, litert).annotate_as == "xnnpack"
+    assert resolve_annotation(model, example, Recipe()) == Recipe()  # only a litert recipe changes
+    assert resolve_annotation(model, example, Recipe(quantizer="litert", dynamic=True)).annotate_as is None
+    # conv, max pool, flatten, linear (the digits CNN's shape): litert-torch observes the pooled value
+    # after the flatten, XNNPACK before it; different observers, so litert-torch's annotation stays
+    assert resolve_annotation(PooledHead().eval(), (torch.randn(1, 1, 8, 8),), litert).annotate_as is None
+
+    ours = prepare_pt2e(capture(model, example), make_quantizer(litert))
+    theirs = prepare_pt2e(capture(model, example), make_quantizer(Recipe()))
+    assert same_observers(ours, ours) and same_observers(ours, theirs)
+    assert not same_observers(theirs, ours)  # theirs reads the adds' inputs through observers; not the reverse
+    altered = copy.deepcopy(theirs)
+    altered.get_submodule("activation_post_process_3").quant_min = -127
+    assert not same_observers(ours, altered)
+
+
+def test_one_calibration_serves_the_pte_and_the_tflite():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from edgepack.quant.calibrate import prepare_corrected, shared_calibration
+    from edgepack.quant.recipe import XNNPACK_ANNOTATION_NOTE
+
+    torch.manual_seed(0)
+    model = ChainedResidual().eval()
+    samples = [(torch.randn(1, 3, 8, 8),) for _ in range(8)]
+    pte_recipe, tflite_recipe = Recipe(calibration_samples=8), Recipe(quantizer="litert", calibration_samples=8)
+    with shared_calibration():
+        pte, pte_record = prepare_corrected(model, samples[0], samples, pte_recipe)
+        tflite, tflite_record = prepare_corrected(model, samples[0], samples, tflite_recipe)
+    assert "calibration_shared" not in pte_record and tflite_record["calibration_shared"] is True
+    assert tflite_record["quantizer"].startswith("litert_torch") and pte_record["quantizer"].startswith("XNNPACK")
+    assert tflite_record["annotation"] == XNNPACK_ANNOTATION_NOTE and "annotation" not in pte_record
+    assert tflite_record["bias_correction"] == pte_record["bias_correction"]
+    alone, alone_record = prepare_corrected(model, samples[0], samples, tflite_recipe)  # outside a build
+    assert "calibration_shared" not in alone_record and alone_record["annotation"] == XNNPACK_ANNOTATION_NOTE
+    x = samples[5][0]
+    want = convert_pt2e(tflite)(x)  # convert_pt2e works in place: once per graph
+    assert torch.equal(convert_pt2e(pte)(x), want) and torch.equal(convert_pt2e(alone)(x), want)

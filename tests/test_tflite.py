@@ -175,6 +175,21 @@ def test_int8_static_parity(case, granularity, models, tmp_path_factory):
     assert delegation["delegated_ops"] == sum(result.details["ops"].values()), delegation
 
 
+def test_int8_chained_residual_adds_stay_integer(tmp_path_factory):
+    # litert-torch's own annotation leaves an add that reads another add's output float (a float ADD
+    # between DEQUANTIZE and QUANTIZE); XNNPACK's rules place the same observers and quantize that input
+    from test_calibrate import ChainedResidual
+
+    torch.manual_seed(0)
+    model, shapes = ChainedResidual().eval(), [(1, 3, 8, 8)]
+    result = _export(tmp_path_factory, model, shapes, precision="int8")
+    assert result.details["float_compute_ops"] == {}, result.details["ops"]
+    assert result.details["ops"]["ADD"] == 2 and result.details["ops"].get("DEQUANTIZE", 0) == 1
+    assert "XNNPACKQuantizer's rules" in result.details["quantization"]["annotation"]
+    stats, _ = _compare(model, shapes, result.files[0])
+    assert stats[0][1] >= 0.98, stats
+
+
 def test_int8_ai_edge_quantizer_is_full_integer(models, tmp_path_factory):
     result = _export(tmp_path_factory, models["two_io"], CASES["two_io"][1], precision="int8",
                      quantizer="ai-edge-quantizer", io="int8")

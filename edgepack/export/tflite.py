@@ -39,6 +39,7 @@ from pydantic import Field, model_validator
 
 from ..errors import EdgepackError, ExportError, NothingToQuantize, RuntimeUnavailable
 from ..quant.calibrate import prepare_corrected
+from ..quant.quantizers import make_quantizer
 from ..quant.recipe import RECIPE_OPTIONS, Int8Options, recipe_for, recipe_reason
 from .base import ArtifactConfig, ExportContext, ExportResult, complex_tensors_in, data_dependent_control_flow
 from .tflite_flatbuffer import describe, float_io, repair_bias_scales
@@ -201,8 +202,9 @@ def _pt2e_static(litert_torch, config: TFLiteArtifact, model, example_inputs, ca
     except ImportError as exc:
         raise RuntimeUnavailable(f"the PT2E quantizer needs torchao ({exc})", "pip install 'torchao==0.18.*'") from exc
     with _step("quantize (pt2e)", "try quantizer: ai-edge-quantizer, which quantizes the converted graph"):
-        prepared, record = prepare_corrected(model, example_inputs, calibration, recipe_for(config))
-        quantizer = prepared.meta.get("edgepack_quantizer")
+        recipe = recipe_for(config)
+        prepared, record = prepare_corrected(model, example_inputs, calibration, recipe)
+        quantizer = make_quantizer(recipe)  # litert-torch's convert takes its own quantizer
         graph = convert_pt2e(prepared, fold_quantize=False)
         move_exported_model_to_eval(graph)
         graph.training = False  # the flag litert-torch checks; the ops are already eval-mode ops

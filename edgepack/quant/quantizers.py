@@ -278,10 +278,11 @@ def x86_quantizer(recipe: Recipe) -> Any:
 
 
 def make_quantizer(recipe: Recipe) -> Any:
-    """The recipe's quantizer, configured: the one place a Recipe becomes a PT2E quantizer."""
+    """The quantizer that annotates the recipe's graph, configured: the one place a Recipe
+    becomes a PT2E quantizer (recipe.annotate_as, when set, names whose rules annotate)."""
     if recipe.quantizer == "x86":
         return x86_quantizer(recipe)
-    if recipe.quantizer == "litert":
+    if recipe.quantizer == "litert" and recipe.annotate_as is None:
         return litert_quantizer(per_channel=recipe.per_channel, dynamic=recipe.dynamic,
                                 activation_observer=recipe.activation_observer, fuse_clamp=recipe.fuse_clamp,
                                 float_layers=recipe.float_layers)

@@ -90,6 +90,11 @@ BIAS_CORRECTION_MAX_SAMPLES = 32
 # Whose PT2E quantizer annotates each format's graph ("x86": XNNPACK's annotation rules with
 # onnxruntime's x86 int8 types, for the QDQ ONNX; quantizers.py x86_quantizer).
 QUANTIZER_FOR_FORMAT = {"pte": "xnnpack", "tflite": "litert", "onnx": "x86"}
+# Why a .tflite may be annotated by XNNPACKQuantizer's rules (quant/calibrate.py resolve_annotation).
+XNNPACK_ANNOTATION_NOTE = (
+    "XNNPACKQuantizer's rules: they place the same observers as litert-torch's PT2EQuantizer on this model, and a "
+    "residual add that reads another add's output reads it in int8, where litert-torch's leaves it float (a float "
+    "ADD between DEQUANTIZE and QUANTIZE in the .tflite); the .pte's calibration serves both formats")
 # The options that change the numerics of the static recipe (granularity applies more widely).
 RECIPE_OPTIONS = ("activation_observer", "fuse_clamp", "float_layers", "bias_correction")
 
@@ -112,6 +117,10 @@ class Recipe:
     # 8, or 7 ([-63, 63], onnxruntime's reduce_range): x86 CPUs without VNNI add pairs of u8 x s8
     # products in int16 with saturation (VPMADDUBSW); 7-bit weights keep the pair sums in range.
     weight_bits: Literal[7, 8] = 8
+    # litert only: annotate with XNNPACKQuantizer's rules (quant/calibrate.py resolve_annotation
+    # sets it where they place exactly the observers litert-torch's quantizer places; the .tflite
+    # is still converted with litert-torch's). Then the .pte's calibration serves the .tflite too.
+    annotate_as: Literal["xnnpack"] | None = None
 
     def __post_init__(self) -> None:
         if self.activation_observer not in ACTIVATION_OBSERVERS:
@@ -239,6 +248,8 @@ def recipe_record(recipe: Recipe, used: int, reason: str | None = None) -> dict:
     record["bias_correction"] = bool(recipe.bias_correction and not recipe.dynamic)
     if recipe.quantizer == "litert":
         record["quantizer"] = "litert_torch PT2EQuantizer.get_symmetric_quantization_config"
+        if recipe.annotate_as == "xnnpack":
+            record["annotation"] = XNNPACK_ANNOTATION_NOTE
     elif recipe.quantizer == "x86":
         record["quantizer"] = "XNNPACKQuantizer annotation, onnxruntime x86 int8 types (quant/quantizers.py)"
         record["activations"] = "uint8 affine per-tensor, static (calibrated)"
