@@ -294,9 +294,10 @@ REPRO_METHOD = ("exported a second time in the same build into a temp dir, with 
                 "from the export context, and compared byte for byte; a static int8 export reuses the "
                 "first one's calibrated graph (one calibration per recipe per build), so the second run "
                 "repeats conversion, torch.export, lowering and serialisation, not calibration")
-LANE_REPRO_METHOD = ("exported a second time from scratch (calibration included) in a separate process "
-                     "started for the build (steps/lane.py) and sent the same model and inputs, with the RNGs "
-                     "seeded from the export context, while the build went on; compared byte for byte")
+LANE_REPRO_METHOD = ("exported a second time from scratch (calibration included, once per recipe as in the build) "
+                     "in a separate process started for the build (steps/lane.py) and sent the same model and "
+                     "inputs, with the RNGs seeded from the export context, while the build went on; compared "
+                     "byte for byte")
 
 
 def check_reproducible(export: Callable[[Any, Any], Any], config: Any, ctx: Any,

@@ -186,3 +186,27 @@ def test_a_second_export_that_failed_is_recorded_but_not_cached(tmp_path):
     _, repro = judge.export(OnnxArtifact(precision="int8", name="model_int8"), judge.ctx, check_reproducible=True)
     assert judge.cache_log[-1]["hit"] and repro.reproducible and repro.method != LANE_REPRO_METHOD
     assert entry.status == "ok"
+
+
+def test_the_lane_calibrates_once_for_the_pte_and_the_tflite(tmp_path):
+    # as in the build's own process (quant/calibrate.py shared_calibration): the .tflite's second
+    # export reuses the lane's own .pte calibration where both quantizers place the same observers
+    import torch
+
+    from edgepack.export.tflite import TFLiteArtifact
+    from test_calibrate import ChainedResidual
+
+    torch.manual_seed(0)
+    samples = [(torch.randn(1, 3, 8, 8),) for _ in range(8)]
+    ctx = ExportContext(model=ChainedResidual().eval(), example_inputs=samples[0], calibration=samples,
+                        input_names=["x"], output_names=["y"], workdir=tmp_path / "first")
+    lane, why = ExportLane.start(ctx, jobs=2)
+    assert lane is not None, why
+    try:
+        lane.submit("model.pte", ExecuTorchArtifact(precision="int8", calibration_samples=8), tmp_path / "pte")
+        lane.submit("model.tflite", TFLiteArtifact(precision="int8", calibration_samples=8), tmp_path / "tflite")
+        pte = lane.result("model.pte").details["quantization"]
+        tflite = lane.result("model.tflite").details["quantization"]
+    finally:
+        lane.close()
+    assert "calibration_shared" not in pte and tflite["calibration_shared"] is True

@@ -140,7 +140,9 @@ def rank_layers(config: Any, model: Any, example_inputs: tuple, calibration: Seq
     """Rank the model's layers for ``config``'s int8 recipe (analysis/diagnose.py, PT2E emulation).
 
     Layers already in config.float_layers are left out. A .pte config is diagnosed with the
-    XNNPACK quantizer, a .tflite one with litert-torch's, both with the config's own recipe.
+    XNNPACK quantizer, a .tflite one with litert-torch's (XNNPACK's rules where they place the
+    same observers, as its export does: quant/calibrate.py resolve_annotation), both with the
+    config's own recipe.
     """
     recipe = recipe_for(config)
     report = diagnose_pt2e(model, example_inputs, calibration, recipe, samples)

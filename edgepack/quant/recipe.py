@@ -50,6 +50,12 @@ runtime):
    scaled by a searched ratio, that minimises the int8 round-trip error on the calibration
    values); histogram is the stock choice.
 
+4. One annotation for both formats where it can be (``annotate_as``, calibrate.py
+   resolve_annotation): a .tflite recipe is annotated by XNNPACK's rules when they place the
+   same observers as litert-torch's quantizer on the model (the CNNs), so the .pte's calibration
+   serves it and residual adds stay int8 (litert-torch's rules leave an add that reads another
+   add's output float).
+
 Float layers: module names in ``float_layers`` are left unannotated, so their ops run in fp32
 (inside the XNNPACK delegate / as float TFLite ops) between dequantize and quantize. Note
 that an int8 consumer still quantizes a float layer's output.

@@ -16,7 +16,9 @@ name, so the model's classes resolve). It runs with the build's thread count and
 OpenMP wait policy, so two sets of threads on two cores do not spin against each other, and it
 is stopped (SIGSTOP) whenever the build runs an artifact in a runtime (measure.quiet_host), so
 no latency figure is taken while it works. A second export there starts from nothing
-(calibration included), in another process: a stronger check than repeating it in place.
+(calibration included, once per recipe as in the build: the .tflite reuses the lane's own .pte
+calibration where the build's does), in another process: a stronger check than repeating it in
+place.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ..export import registry as exporter_registry
 from ..errors import EdgepackError, ExportError
 from ..export.base import ExportResult
 from ..measure import lane_jobs, register_background
+from ..quant.calibrate import shared_calibration
 from ..spec import import_spec_module
 
 
@@ -214,11 +217,6 @@ _DIE_WITH_PARENT = "import os\nif os.getppid() != {parent}:\n    os._exit(0)\n"
 
 def serve(read_fd: int, write_fd: int) -> None:
     """The lane's loop (in the second process): take the context, then export job after job."""
-    import copy
-    import random
-
-    import numpy as np
-
     conn = _Duplex(read_fd, write_fd)
     _, path, modules, threads, payload = conn.recv()
     sys.path[:] = path
@@ -227,6 +225,16 @@ def serve(read_fd: int, write_fd: int) -> None:
     ctx = pickle.loads(payload)
     torch.set_num_threads(threads)
     exporters = exporter_registry()
+    with shared_calibration():  # one calibration per recipe, as in the build's own process
+        _export_jobs(conn, ctx, exporters)
+
+
+def _export_jobs(conn: "_Duplex", ctx: Any, exporters: dict) -> None:
+    import copy
+    import random
+
+    import numpy as np
+
     while True:
         try:
             _, name, fmt, config_json, workdir = conn.recv()
