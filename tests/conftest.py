@@ -29,7 +29,8 @@ os.environ.setdefault("EDGEPACK_ARM64_CHECK", "off")
 
 # A test that runs a whole build, itself or through a fixture, is marked `build`: `make test-fast`
 # (pytest -m "not build and not slow") leaves those out for a quick inner loop; CI runs everything.
-_BUILD_CALL = re.compile(r"\bbuild\(|[\"']build[\"']")
+# A test module's build helper is named `_build...` (test_arm64_check.py's `_build_digits`).
+_BUILD_CALL = re.compile(r"\bbuild\(|\b_build\w*\(|[\"']build[\"']")
 
 
 def _runs_a_build(function) -> bool:
@@ -56,6 +57,13 @@ SLOW = {
     "test_speed.py::test_the_policy_acts_on_the_measured_ratio",
     "test_fallback.py::test_fallback_keeps_a_few_layers_float_and_passes",
     "test_tiny_encoder.py::test_static_int8_pte_of_an_encoder_layer",
+    # 5-16 s each here (2026-12-06, quiet host): with them `make test-fast` took 5 min 25 s
+    "test_onnx_quant.py::test_int8_tiny_mobilenet_v2_quantizes_every_conv",
+    "test_onnx_quant.py::test_int8_calibrated_on_zeros_fails_thresholds",
+    "test_lane.py::test_the_lane_calibrates_once_for_the_pte_and_the_tflite",
+    "test_lane.py::test_the_lane_exports_the_bytes_the_build_process_does_and_reports_the_exporters_error",
+    "test_tflite.py::test_int8_dynamic_of_an_encoder_with_lookup_tables_loads",
+    "test_judge.py::test_a_static_int8_failure_ships_int8_dynamic_when_the_profile_says_so",
 }
 
 
