@@ -100,7 +100,7 @@ QUANTIZER_FOR_FORMAT = {"pte": "xnnpack", "tflite": "litert", "onnx": "x86"}
 XNNPACK_ANNOTATION_NOTE = (
     "XNNPACKQuantizer's rules: they place the same observers as litert-torch's PT2EQuantizer on this model, and a "
     "residual add that reads another add's output reads it in int8, where litert-torch's leaves it float (a float "
-    "ADD between DEQUANTIZE and QUANTIZE in the .tflite); the .pte's calibration serves both formats")
+    "ADD between DEQUANTIZE and QUANTIZE in the .tflite); in a build with a .pte, one calibration serves both")
 # The options that change the numerics of the static recipe (granularity applies more widely).
 RECIPE_OPTIONS = ("activation_observer", "fuse_clamp", "float_layers", "bias_correction")
 
