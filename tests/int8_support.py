@@ -1,6 +1,6 @@
 """Shared by the int8 recipe tests: the hostile test model's export context and runtime parity,
-a depthwise-separable net with uneven per-channel ranges, smooth test images, and SQNR in dB
-computed independently of edgepack (the oracle the recipe is judged by)."""
+a depthwise-separable net with uneven per-channel ranges, a net of chained residual adds, smooth
+test images, and SQNR in dB computed independently of edgepack (the oracle the recipe is judged by)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,24 @@ class SeparableNet(nn.Module):
         x = self.act(self.dw2(x))
         x = self.act(self.pw2(x))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ChainedResidual(nn.Module):
+    """Two residual adds in a row, the second reading the first's output (as in EfficientNet's
+    and MobileNetV2's blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        x = x + self.b1(x)
+        x = x + self.b2(x)
+        return self.head(x)
 
 
 def images(count: int, seed: int) -> list[tuple[torch.Tensor]]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from edgepack.quant.calibrate import calibration_batches, capture, prepare_calibrated, quantize
 from edgepack.quant.recipe import Recipe
-from int8_support import SeparableNet, images, sqnr
+from int8_support import ChainedResidual, SeparableNet, images, sqnr
 from test_tflite import DropoutHead, _inputs
 
 
@@ -104,24 +104,6 @@ def test_shared_calibration_keys_a_model_with_int8_embedding_tables():
     with shared_calibration():
         prepare_corrected(model, samples[0], samples, Recipe())
         assert prepare_corrected(model, samples[0], samples, Recipe())[1]["calibration_shared"] is True
-
-
-class ChainedResidual(nn.Module):
-    """Two residual adds in a row, the second reading the first's output (as in EfficientNet's
-    and MobileNetV2's blocks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.b1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.b2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.head = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        x = nn.functional.relu6(self.stem(x))
-        x = x + self.b1(x)
-        x = x + self.b2(x)
-        return self.head(x)
 
 
 class PooledHead(nn.Module):

@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgepack.cache import BuildCache
 from edgepack.errors import ExportError
 from edgepack.export.base import ExportContext
 from edgepack.export.executorch import ExecuTorchArtifact
 from edgepack.export.onnx import OnnxArtifact, export as onnx_export
+from edgepack.export.tflite import TFLiteArtifact
 from edgepack.measure import quiet_host
 from edgepack.package import LANE_REPRO_METHOD
 from edgepack.spec import load_spec
@@ -23,6 +25,7 @@ from edgepack.measure import lane_jobs
 from edgepack.steps.lane import ExportLane, collect_reproducibility, lane_wanted
 from edgepack.target import load_target
 
+from int8_support import ChainedResidual
 from test_judge import _judge
 
 TEST_MODELS = Path(__file__).resolve().parent / "models"
@@ -191,11 +194,6 @@ def test_a_second_export_that_failed_is_recorded_but_not_cached(tmp_path):
 def test_the_lane_calibrates_once_for_the_pte_and_the_tflite(tmp_path):
     # as in the build's own process (quant/calibrate.py shared_calibration): the .tflite's second
     # export reuses the lane's own .pte calibration where both quantizers place the same observers
-    import torch
-
-    from edgepack.export.tflite import TFLiteArtifact
-    from test_calibrate import ChainedResidual
-
     torch.manual_seed(0)
     samples = [(torch.randn(1, 3, 8, 8),) for _ in range(8)]
     ctx = ExportContext(model=ChainedResidual().eval(), example_inputs=samples[0], calibration=samples,

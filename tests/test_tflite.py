@@ -20,6 +20,7 @@ from edgepack.export.base import ExportContext  # noqa: E402
 from edgepack.export.tflite import TFLiteArtifact, export  # noqa: E402
 from edgepack.runtimes import litert  # noqa: E402
 from edgepack.runtimes.base import from_native, to_native  # noqa: E402
+from int8_support import ChainedResidual  # noqa: E402
 
 
 class TinyCNN(nn.Module):
@@ -178,8 +179,6 @@ def test_int8_static_parity(case, granularity, models, tmp_path_factory):
 def test_int8_chained_residual_adds_stay_integer(tmp_path_factory):
     # litert-torch's own annotation leaves an add that reads another add's output float (a float ADD
     # between DEQUANTIZE and QUANTIZE); XNNPACK's rules place the same observers and quantize that input
-    from test_calibrate import ChainedResidual
-
     torch.manual_seed(0)
     model, shapes = ChainedResidual().eval(), [(1, 3, 8, 8)]
     result = _export(tmp_path_factory, model, shapes, precision="int8")

@@ -3,7 +3,8 @@ baselines the speed comparison times (needed only at its end) and the reproducib
 re-exports (needed only by the manifest), each from scratch. Both processes run torch at the
 build's thread count (2 for the Android and x86 profiles), so the lane pays where the host has
 CPUs for both: by default from 4 CPUs (measure.lane_jobs). On 2 cores it bought EfficientNet-Lite0
-android-arm64 6% (132.7 / 133.5 s against 136.3 / 147.3 s, alternating runs) for 1.4 GB more memory.
+android-arm64 12% (105.6 / 106.6 s against 119.1 / 121.4 s, alternating runs, both processes
+calibrating once per recipe) for 1.3 GB more memory (tree PSS 3,367 against 2,071 MB).
 
     lane = ExportLane.start(ctx, jobs=2)      # None when --jobs 1 (the default under 4 CPUs), or the model cannot be sent
     lane.submit("model.pte", config, workdir) # runs there: the exporter, RNGs seeded from ctx.seed
